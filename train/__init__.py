@@ -1,0 +1,1 @@
+"""Training of the clothing classifier (needs the `train` extra: torch, torchvision)."""

@@ -1,0 +1,30 @@
+"""`fashion-train` / `python -m train`: parse flags, run training, print where the results are."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from worker.exceptions import FashionWorkerError
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train.train import main as train, parse_args
+
+    config = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        metrics = train(config)
+    except FashionWorkerError as exc:
+        print(f"fashion-train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fashion-train: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    accuracy = metrics["validation"]["accuracy"]
+    print(f"validation accuracy {accuracy:.4f} (best epoch {metrics['best_epoch']}); results in {config.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

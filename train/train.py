@@ -1,0 +1,362 @@
+"""Transfer learning for the clothing classifier, top to bottom.
+
+1. Load and check the ImageFolder splits.
+2. Build EfficientNet-Lite with ImageNet weights; freeze the stem and the first `--frozen-blocks` blocks.
+3. Run the frozen trunk once over `--views` augmented copies of every training image (and once over the
+   validation images through the worker's own preprocessing) and cache the activations: on a 2-core CPU
+   this is what makes training practical, since the early high-resolution blocks are most of the cost.
+   With `--frozen-blocks 0` nothing is cached and every epoch augments and runs the whole network.
+4. Train the remaining blocks and a new classifier: AdamW, warm-up then cosine LR, label smoothing,
+   class-balanced loss, early stopping on validation accuracy. `last.pt` after each epoch (`--resume`),
+   `best.pt` whenever validation accuracy improves.
+5. Evaluate the best checkpoint: metrics.json, confusion-matrix and training-curve PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from train import data, report
+from train.model import ARCHS, Classifier, ModelSpec, build
+from train.trunk import trunk_runner
+from worker.exceptions import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting, with its default. Saved inside each checkpoint."""
+
+    data: str = ""
+    out: str = "runs/latest"
+    arch: str = "efficientnet-lite2"
+    image_size: int = 0  # 0: the architecture's native size (224 / 240 / 260)
+    frozen_blocks: int = 11  # blocks run once and cached; 0 fine-tunes everything
+    views: int = 6  # augmented copies of each training image cached for the trained top
+    epochs: int = 15
+    patience: int = 4  # stop after this many epochs without a better validation accuracy
+    batch_size: int = 32
+    lr: float = 5e-4  # pretrained layers; the new classifier gets 10x
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    class_balance: float = 0.5  # loss weight per class = (1 / frequency) ** class_balance
+    dropout: float = 0.3
+    seed: int = 0
+    workers: int = 2
+    resume: bool = False
+    limit: int = 0  # use only N images of each split, spread over classes (smoke tests); 0: all
+
+
+def main(config: TrainConfig) -> dict:
+    seed_everything(config.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(config.data)
+    log.info("training on %s, writing to %s", device, out)
+
+    train_set, val_set = load_data(root, config.limit)
+    classes = train_set.classes
+    if not config.image_size:
+        config.image_size = ARCHS[config.arch][2] if config.arch in ARCHS else 0
+    spec = ModelSpec(config.arch, len(classes), config.image_size, config.dropout)
+    model = build(spec).to(device, memory_format=torch.channels_last)  # 1.4-2x faster convolutions on CPU
+    split = min(max(config.frozen_blocks, 0), model.num_blocks)
+    model.freeze_trunk(split)
+
+    fingerprint = data.fingerprint(train_set)
+    cache = out / "cache" / f"{config.arch}-{config.image_size}-b{split}-s{config.seed}-{fingerprint[:12]}"
+    val_x = cache_validation(model, val_set, split, config, device, cache)
+    val_y = torch.tensor(val_set.targets)
+    train_views = cache_training_views(model, train_set, split, config, device, cache) if split else None
+    train_y = torch.tensor(train_set.targets)
+
+    counts = data.class_counts(train_set)
+    weights = torch.tensor([(1.0 / max(c, 1)) ** config.class_balance for c in counts])
+    weights = (weights / (weights * torch.tensor(counts)).sum() * sum(counts)).to(device)
+
+    optimizer = make_optimizer(model, split, config)
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
+    state = {"epoch": 0, "best_val_acc": -1.0, "history": [], "stale": 0}
+    if config.resume and (out / "last.pt").exists():
+        state = resume(out / "last.pt", model, optimizer, scheduler)
+        log.info("resumed after epoch %d (best validation accuracy %.4f)", state["epoch"], state["best_val_acc"])
+
+    meta = {"classes": classes, "data_fingerprint": fingerprint, "class_counts": counts}
+    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        started = time.monotonic()
+        if train_views is not None:
+            batches = cached_batches(train_views[(epoch - 1) % len(train_views)], train_y, config.batch_size)
+        else:
+            batches = pixel_batches(train_set, config)
+        train_loss, train_acc = train_epoch(model, split, batches, optimizer, scheduler, weights, config,
+                                            device, f"epoch {epoch}/{config.epochs}", steps_per_epoch)
+        val_loss, val_acc, _ = evaluate(model, split, val_x, val_y, config, device)
+        state["epoch"] = epoch
+        state["history"].append({
+            "epoch": epoch, "train_loss": round(train_loss, 4), "train_acc": round(train_acc, 4),
+            "val_loss": round(val_loss, 4), "val_acc": round(val_acc, 4),
+            "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.monotonic() - started, 1),
+        })
+        log.info("epoch %d: train loss %.4f acc %.4f | validation loss %.4f acc %.4f | %.0fs",
+                 epoch, train_loss, train_acc, val_loss, val_acc, time.monotonic() - started)
+        improved = val_acc > state["best_val_acc"]
+        if improved:
+            state["best_val_acc"], state["stale"] = val_acc, 0
+            save_checkpoint(out / "best.pt", model, config, split, meta, state)
+        else:
+            state["stale"] += 1
+        save_checkpoint(out / "last.pt", model, config, split, meta, state, optimizer, scheduler)
+        report.plot_curves(out / "training_curves.png", state["history"])
+        if state["stale"] >= config.patience:
+            log.info("no better validation accuracy for %d epochs: stopping early", config.patience)
+            break
+
+    return finish(out, model, split, val_set, val_x, val_y, config, device, meta, state)
+
+
+def load_data(root: Path, limit: int):
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist")
+    train_set = data.load_split(root, "train")
+    val_set = data.load_split(root, "validation")
+    data.check_splits(train_set, val_set)
+    for dataset in (train_set, val_set):
+        if limit and limit < len(dataset):
+            keep = np.linspace(0, len(dataset) - 1, limit).round().astype(int)  # spread over classes
+            dataset.samples = [dataset.samples[i] for i in keep]
+            dataset.targets = [dataset.targets[i] for i in keep]
+            dataset.imgs = dataset.samples
+        data.check_images(dataset)
+    log.info("%d training and %d validation images in %d classes", len(train_set), len(val_set),
+             len(train_set.classes))
+    return train_set, val_set
+
+
+def run_trunk(model: Classifier, dataset, split: int, config: TrainConfig, device, desc: str) -> torch.Tensor:
+    """Frozen trunk over every item of `dataset` (pixels, label) → fp16 activations, in order."""
+    trunk = trunk_runner(model, split, device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=config.workers)
+    chunks = [trunk(pixels).half() for pixels, _ in tqdm(loader, desc=desc, unit="batch", leave=False)]
+    return torch.cat(chunks)
+
+
+def cache_validation(model, val_set, split, config, device, cache: Path) -> torch.Tensor:
+    path = cache / "validation.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    images = data.Decoded(val_set, lambda b: data.worker_pixels(b, config.image_size))
+    activations = run_trunk(model, images, split, config, device, "caching validation")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(activations, path)
+    return activations
+
+
+def cache_training_views(model, train_set, split, config, device, cache: Path) -> list[torch.Tensor]:
+    """`config.views` augmented passes of the frozen trunk over the training set, each cached on disk."""
+    transform = data.train_transform(config.image_size)
+    images = data.Decoded(train_set, lambda b: data.training_pixels(b, transform))
+    views = []
+    for view in range(config.views):
+        path = cache / f"train-view{view}.pt"
+        if path.exists():
+            views.append(torch.load(path, weights_only=True))
+            continue
+        torch.manual_seed(config.seed * 1000 + view)  # each view's augmentation is repeatable
+        activations = run_trunk(model, images, split, config, device, f"caching view {view + 1}/{config.views}")
+        torch.save(activations, path)
+        views.append(activations)
+        log.info("cached training view %d/%d %s", view + 1, config.views, tuple(activations.shape))
+    return views
+
+
+def cached_batches(features: torch.Tensor, labels: torch.Tensor, batch_size: int):
+    order = torch.randperm(len(labels))
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        yield features[index].float().contiguous(memory_format=torch.channels_last), labels[index]
+
+
+def pixel_batches(train_set, config: TrainConfig):
+    transform = data.train_transform(config.image_size)
+    images = data.Decoded(train_set, lambda b: data.training_pixels(b, transform))
+    yield from torch.utils.data.DataLoader(images, batch_size=config.batch_size, shuffle=True,
+                                           num_workers=config.workers, drop_last=False)
+
+
+def make_optimizer(model: Classifier, split: int, config: TrainConfig) -> torch.optim.Optimizer:
+    head = list(model.net._fc.parameters())
+    head_ids = {id(p) for p in head}
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    return torch.optim.AdamW(
+        [{"params": body, "lr": config.lr}, {"params": head, "lr": config.lr * 10}],
+        weight_decay=config.weight_decay,
+    )
+
+
+def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
+    warmup = max(1, int(config.warmup_epochs * steps_per_epoch))
+    total = max(warmup + 1, config.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / (total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_epoch(model, split, batches, optimizer, scheduler, weights, config, device, desc, total):
+    model.train()
+    for module in model.frozen_modules(split):
+        module.eval()  # frozen BN keeps its ImageNet statistics
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(batches, desc=desc, total=total, unit="batch", leave=False)
+    for x, y in bar:
+        x, y = x.to(device), y.to(device)
+        logits = model.top(x, split)
+        loss = F.cross_entropy(logits, y, weight=weights, label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    return loss_sum / seen, correct / seen
+
+
+@torch.inference_mode()
+def evaluate(model, split, features, labels, config, device) -> tuple[float, float, np.ndarray]:
+    """Validation loss, accuracy and probabilities from cached (or pixel) validation inputs."""
+    model.eval()
+    probabilities, loss_sum = [], 0.0
+    for start in range(0, len(labels), 64):
+        x = features[start:start + 64].float().to(device).contiguous(memory_format=torch.channels_last)
+        y = labels[start:start + 64].to(device)
+        logits = model.top(x, split)
+        loss_sum += F.cross_entropy(logits, y, label_smoothing=config.label_smoothing, reduction="sum").item()
+        probabilities.append(logits.softmax(1).cpu())
+    probs = torch.cat(probabilities).numpy()
+    return loss_sum / len(labels), float((probs.argmax(1) == labels.numpy()).mean()), probs
+
+
+def finish(out, model, split, val_set, val_x, val_y, config, device, meta, state) -> dict:
+    """Score the best checkpoint through both preprocessing paths; write metrics.json and PNGs."""
+    best = torch.load(out / "best.pt", map_location=device, weights_only=False)
+    model.load_state_dict(best["model"])
+    _, _, probs = evaluate(model, split, val_x, val_y, config, device)
+    metrics = report.classification_metrics(val_y.numpy(), probs, meta["classes"])
+    tv_images = data.Decoded(val_set, lambda b: data.torchvision_pixels(b, config.image_size))
+    tv_x = run_trunk(model, tv_images, split, config, device, "torchvision path")
+    _, tv_acc, _ = evaluate(model, split, tv_x, val_y, config, device)
+    metrics = {
+        "validation": metrics,
+        "validation_accuracy_torchvision_preprocessing": round(tv_acc, 4),
+        "best_epoch": best["epoch"],
+        "epochs_run": state["epoch"],
+        "history": state["history"],
+        "config": asdict(config),
+        "data_fingerprint": meta["data_fingerprint"],
+        "class_counts": meta["class_counts"],
+    }
+    best["metrics"] = metrics
+    torch.save(best, out / "best.pt")
+    report.write_json(out / "metrics.json", metrics)
+    report.plot_confusion(out / "confusion_matrix.png", metrics["validation"], "validation (worker preprocessing)")
+    report.plot_curves(out / "training_curves.png", state["history"])
+    log.info("best epoch %d: validation accuracy %.4f (worker preprocessing), %.4f (torchvision)",
+             best["epoch"], metrics["validation"]["accuracy"], tv_acc)
+    return metrics
+
+
+def save_checkpoint(path: Path, model, config, split, meta, state, optimizer=None, scheduler=None) -> None:
+    """A checkpoint carries everything export needs: config, class order, weights, data fingerprint."""
+    payload = {
+        "config": {**asdict(config), "frozen_blocks": split},
+        "spec": asdict(model.spec),
+        "classes": meta["classes"],
+        "data_fingerprint": meta["data_fingerprint"],
+        "model": model.state_dict(),
+        "epoch": state["epoch"],
+        "best_val_acc": state["best_val_acc"],
+        "history": state["history"],
+        "stale": state["stale"],
+    }
+    if optimizer is not None:
+        payload["optimizer"] = optimizer.state_dict()
+        payload["scheduler"] = scheduler.state_dict()
+        payload["rng"] = torch.get_rng_state()
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def resume(path: Path, model, optimizer, scheduler) -> dict:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    torch.set_rng_state(checkpoint["rng"])
+    return {key: checkpoint[key] for key in ("epoch", "best_val_acc", "history", "stale")}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="fashion-train",
+        description="Train the clothing classifier by transfer learning from ImageNet EfficientNet-Lite.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="example: fashion-train --data ../shared/data/clothing-dataset-small --out runs/lite2",
+    )
+    parser.add_argument("--data", required=True, help="folder with train/ and validation/ ImageFolders")
+    parser.add_argument("--out", default=defaults.out, help="run folder: checkpoints, metrics, PNGs")
+    parser.add_argument("--arch", default=defaults.arch, choices=list(ARCHS))
+    parser.add_argument("--image-size", type=int, default=defaults.image_size,
+                        help="input side in pixels; 0 = the architecture's native size")
+    parser.add_argument("--frozen-blocks", type=int, default=defaults.frozen_blocks,
+                        help="leading blocks kept frozen and cached; 0 fine-tunes the whole network")
+    parser.add_argument("--views", type=int, default=defaults.views,
+                        help="augmented copies of each training image cached through the frozen blocks")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--patience", type=int, default=defaults.patience,
+                        help="early stopping: epochs without a better validation accuracy")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="pretrained layers (classifier: 10x)")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
+    parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    parser.add_argument("--class-balance", type=float, default=defaults.class_balance,
+                        help="loss weight per class = (1/frequency)^this; 0 = unweighted")
+    parser.add_argument("--dropout", type=float, default=defaults.dropout)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--workers", type=int, default=defaults.workers, help="image-decoding processes")
+    parser.add_argument("--limit", type=int, default=defaults.limit,
+                        help="use only N images of each split, spread over classes (smoke tests); 0 = all")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    args = parser.parse_args(argv)
+    if args.views < 1:
+        parser.error(f"--views must be at least 1, got {args.views}")
+    return TrainConfig(**vars(args))

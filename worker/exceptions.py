@@ -1,0 +1,31 @@
+"""The errors fashion-worker raises on purpose. The CLI turns each into one line without a traceback."""
+
+from __future__ import annotations
+
+
+class FashionWorkerError(Exception):
+    """Base class: a problem the user can fix, reported as one line."""
+
+
+class ConfigError(FashionWorkerError):
+    """The configuration file or a flag has a bad value."""
+
+
+class ModelError(FashionWorkerError):
+    """The model file is missing, unreadable or does not honour the ONNX contract."""
+
+
+class ImageRejected(FashionWorkerError):
+    """One input file cannot be classified; it becomes a `failed` row, the worker carries on."""
+
+
+class StoreError(FashionWorkerError):
+    """The database cannot be opened, migrated or written."""
+
+
+class InboxLocked(FashionWorkerError):
+    """Another worker already processes this inbox into this database."""
+
+
+class DataError(FashionWorkerError):
+    """Training data is missing, empty, inconsistent or corrupt."""
