@@ -29,3 +29,10 @@ class InboxLocked(FashionWorkerError):
 
 class DataError(FashionWorkerError):
     """Training data is missing, empty, inconsistent or corrupt."""
+
+
+class FileSkipped(FashionWorkerError):
+    """An inbox entry that is not a regular image file (FIFO, socket, device, symlink, folder…).
+
+    It is logged once and left where it is; no result row is written for it.
+    """

@@ -1,0 +1,95 @@
+"""Shared fixtures: real temp folders, real image files, and a tiny real ONNX model with the contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from PIL import Image
+
+LABELS = ["red", "green", "blue"]
+
+
+def make_model(
+    path: Path,
+    labels: list[str] | None = None,
+    size: tuple[int, int] = (32, 32),
+    *,
+    metadata: dict[str, str] | None = None,
+    input_dtype: int = TensorProto.UINT8,
+) -> Path:
+    """Write a small ONNX model honouring the worker's contract.
+
+    It averages each colour channel and scores class i by channel i, so a red image is "red" with high
+    confidence: real onnxruntime inference with predictable answers, built without torch.
+    """
+    labels = labels or LABELS
+    height, width = size
+    n = len(labels)
+    weight = np.zeros((3, n), dtype=np.float32)
+    for i in range(n):
+        weight[i % 3, i] = 0.1
+    nodes = [
+        helper.make_node("Cast", ["images"], ["pixels"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["pixels", "axes"], ["mean"], keepdims=0),
+        helper.make_node("MatMul", ["mean", "weight"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("images", input_dtype, ["N", height, width, 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", n])],
+        initializer=[
+            helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2]),
+            helper.make_tensor("weight", TensorProto.FLOAT, weight.shape, weight.flatten().tolist()),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    props = {
+        "labels": json.dumps(labels),
+        "input_size": json.dumps([height, width]),
+        "resize": "squash",
+        "name": "tiny-test-model",
+        "version": "1",
+        "val_accuracy": "1.0",
+        "data_fingerprint": "test",
+    }
+    props.update(metadata or {})
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def write_image(path: Path, color: tuple[int, int, int] = (255, 0, 0), size: tuple[int, int] = (64, 48),
+                fmt: str | None = None, noise_seed: int | None = None) -> Path:
+    """A real image file. `noise_seed` makes the bytes distinct while the dominant colour stays."""
+    array = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    array[:] = color
+    if noise_seed is not None:
+        rng = np.random.default_rng(noise_seed)
+        array = np.clip(array.astype(int) + rng.integers(-20, 20, array.shape), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def tiny_model(tmp_path: Path) -> Path:
+    return make_model(tmp_path / "models" / "tiny.onnx")
+
+
+@pytest.fixture
+def inbox(tmp_path: Path) -> Path:
+    path = tmp_path / "inbox"
+    path.mkdir()
+    return path

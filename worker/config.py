@@ -1,0 +1,198 @@
+"""Settings: typed dataclasses, loaded from config.toml, overridden by flags.
+
+Every default lives here, once; `config.toml` at the repo root repeats them as documentation and a test
+checks that the two agree. Relative paths resolve against the folder of the config file (or the current
+folder when there is none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from worker.exceptions import ConfigError
+
+ON_SUCCESS = ("move", "leave", "delete")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass
+class InboxConfig:
+    path: str = "inbox"  # the folder sellers' images are dropped into
+    recursive: bool = True  # also process images in subfolders
+    polling: bool = False  # poll instead of inotify (NFS, SMB); chosen automatically if inotify fails
+    poll_interval_s: float = 1.0  # polling mode: how often the folder is listed
+    settle_s: float = 2.0  # polling mode and rescans: size and mtime unchanged this long = complete
+    rescan_interval_s: float = 300.0  # full rescan catching anything the watcher missed; 0 = never
+    ignore: list[str] = field(
+        default_factory=lambda: [".*", "*.part", "*.tmp", "*.crdownload", "*.filepart", "~*"]
+    )  # temporary names, processed only once renamed to a final name
+
+
+@dataclass
+class FilesConfig:
+    on_success: str = "move"  # move | leave | delete, done only after the result row is committed
+    processed_dir: str = "processed"  # where classified files go (on_success = "move")
+    failed_dir: str = "failed"  # where files that cannot be classified go
+    max_file_bytes: int = 64 * 1024 * 1024  # larger files fail without being read
+    max_pixels: int = 64_000_000  # decompression-bomb guard: width x height above this fails
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # ONNX model file; empty = the default model shipped inside the worker package
+    providers: list[str] = field(default_factory=lambda: ["auto"])  # auto = TensorRT, CUDA, then CPU
+    intra_op_threads: int = 0  # threads inside one operator; 0 = one per core
+    inter_op_threads: int = 1  # operators run in parallel; 1 suits these sequential CNNs
+    optimized_cache: str = ""  # file to cache the graph-optimised model in; empty = no cache
+
+
+@dataclass
+class BatchConfig:
+    max_batch: int = 16  # images per inference call at most
+    max_wait_ms: int = 20  # a batch is run when its oldest image has waited this long
+    max_queue: int = 1024  # ready files held in memory; beyond, the next rescan picks them up
+    decode_threads: int = 2  # threads decoding and resizing images in parallel with inference
+
+
+@dataclass
+class DatabaseConfig:
+    url: str = "sqlite:///data/results.db"  # any SQLAlchemy URL; relative SQLite paths resolve as above
+    busy_timeout_ms: int = 30_000  # SQLite: how long a writer waits for a lock before retrying
+
+
+@dataclass
+class ServiceConfig:
+    log_level: str = "INFO"  # DEBUG | INFO | WARNING | ERROR
+    lock: bool = True  # refuse to start a second worker on the same inbox and database
+    metrics_port: int = 0  # Prometheus metrics and /healthz on 127.0.0.1:PORT; 0 = off
+    metrics_host: str = "127.0.0.1"
+    worker_id: str = ""  # name in results and heartbeats; empty = HOST:PID
+
+
+@dataclass
+class Config:
+    inbox: InboxConfig = field(default_factory=InboxConfig)
+    files: FilesConfig = field(default_factory=FilesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    base_dir: Path = field(default_factory=Path.cwd)  # relative paths resolve against this
+
+    # Resolved paths -------------------------------------------------------------------------------
+    def resolve(self, value: str) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    @property
+    def inbox_path(self) -> Path:
+        return self.resolve(self.inbox.path)
+
+    @property
+    def processed_path(self) -> Path:
+        return self.resolve(self.files.processed_dir)
+
+    @property
+    def failed_path(self) -> Path:
+        return self.resolve(self.files.failed_dir)
+
+    @property
+    def model_path(self) -> Path | None:
+        return self.resolve(self.model.path) if self.model.path else None
+
+    @property
+    def database_url(self) -> str:
+        """The URL with a relative SQLite file path made absolute against base_dir."""
+        url = self.database.url
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+            return prefix + str(self.resolve(url[len(prefix):]))
+        return url
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "base_dir"}
+
+
+def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read `path` (TOML) if given, then apply `overrides` {"section.key": value}; validate."""
+    config = Config(base_dir=Path.cwd())
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        config.base_dir = path.resolve().parent
+        apply(config, raw, source=str(path))
+    for dotted, value in (overrides or {}).items():
+        section, key = dotted.split(".", 1)
+        apply(config, {section: {key: value}}, source="command line")
+    validate(config)
+    return config
+
+
+def apply(config: Config, raw: dict[str, Any], source: str) -> None:
+    """Copy values from a parsed TOML dict into `config`, naming any unknown key or wrong type."""
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{section}]; valid: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        target = getattr(config, section)
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(
+                    f"{source}: unknown key {section}.{key}; valid: {', '.join(fields)}"
+                )
+            setattr(target, key, _coerce(f"{section}.{key}", getattr(target, key), value, source))
+
+
+def _coerce(name: str, default: Any, value: Any, source: str) -> Any:
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{source}: {name} must be {expected.__name__}, got {value!r}")
+
+
+def validate(config: Config) -> None:
+    checks = [
+        (config.files.on_success in ON_SUCCESS,
+         f"files.on_success must be one of {', '.join(ON_SUCCESS)}, got {config.files.on_success!r}"),
+        (config.service.log_level.upper() in LOG_LEVELS,
+         f"service.log_level must be one of {', '.join(LOG_LEVELS)}, got {config.service.log_level!r}"),
+        (config.batch.max_batch >= 1, f"batch.max_batch must be at least 1, got {config.batch.max_batch}"),
+        (config.batch.max_wait_ms >= 0, f"batch.max_wait_ms must be >= 0, got {config.batch.max_wait_ms}"),
+        (config.batch.max_queue >= config.batch.max_batch,
+         f"batch.max_queue ({config.batch.max_queue}) must be >= batch.max_batch ({config.batch.max_batch})"),
+        (config.batch.decode_threads >= 1,
+         f"batch.decode_threads must be at least 1, got {config.batch.decode_threads}"),
+        (config.files.max_pixels > 0, f"files.max_pixels must be positive, got {config.files.max_pixels}"),
+        (config.files.max_file_bytes > 0,
+         f"files.max_file_bytes must be positive, got {config.files.max_file_bytes}"),
+        (config.inbox.settle_s >= 0, f"inbox.settle_s must be >= 0, got {config.inbox.settle_s}"),
+        (config.inbox.poll_interval_s > 0,
+         f"inbox.poll_interval_s must be positive, got {config.inbox.poll_interval_s}"),
+        (config.inbox.rescan_interval_s >= 0,
+         f"inbox.rescan_interval_s must be >= 0, got {config.inbox.rescan_interval_s}"),
+        (0 <= config.service.metrics_port <= 65535,
+         f"service.metrics_port must be 0..65535, got {config.service.metrics_port}"),
+        (config.model.intra_op_threads >= 0,
+         f"model.intra_op_threads must be >= 0, got {config.model.intra_op_threads}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    config.service.log_level = config.service.log_level.upper()
