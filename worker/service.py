@@ -1,0 +1,542 @@
+"""Install and uninstall the worker as a hardened systemd service.
+
+`install_service` turns a config file into a running service in one call: it creates the service user
+and the uploaders' group, the inbox (setgid, group-writable for the uploaders), the processed and failed
+folders, renders the unit with the real paths (the sandbox's writable paths come from the config), checks
+it with `systemd-analyze verify`, installs it, reloads systemd and enables and starts it.
+
+Every action is a `Step` in a `ServicePlan`: `dry_run=True` returns the plan without doing anything (the
+CLI prints `plan.script()`), and `root=` performs only the file actions under another root folder (tests
+render and inspect a real unit there without touching the host; user, group and systemctl commands are
+listed but not run).
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import pwd
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from worker import config as config_mod
+from worker.exceptions import FashionWorkerError
+
+log = logging.getLogger(__name__)
+
+UNIT_NAME = "fashion-worker"
+DEFAULT_USER = "fashion-worker"
+DEFAULT_UPLOADERS = "uploaders"
+DEFAULT_CONFIG = Path("/etc/fashion-worker/config.toml")
+DEFAULT_DATA = Path("/srv/fashion-worker")
+STATE_DIR = Path("/var/lib")  # StateDirectory= lives under it
+SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
+HOME_PREFIXES = (Path("/home"), Path("/root"), Path("/run/user"))
+NETWORKS = ("none", "loopback", "remote")
+
+# The address families and IP rules of each network mode (see docs/operations.md):
+# none     - no network at all: PrivateNetwork=yes (own loopback only), Unix sockets only.
+# loopback - the metrics endpoint on the host's 127.0.0.1: host network, IP limited to localhost.
+# remote   - a remote database: host network; narrow IPAddressAllow= to the database's address.
+_NETWORK_BLOCKS = {
+    "none": (
+        "# No network: the worker needs none with a local SQLite database. See docs/operations.md for\n"
+        "# the drop-ins that open loopback (metrics) or a remote database.\n"
+        "PrivateNetwork=yes\n"
+        "IPAddressDeny=any\n"
+        "RestrictAddressFamilies=AF_UNIX\n"
+    ),
+    "loopback": (
+        "# Metrics endpoint: host network, but IP traffic limited to localhost.\n"
+        "PrivateNetwork=no\n"
+        "IPAddressDeny=any\n"
+        "IPAddressAllow=localhost\n"
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6\n"
+    ),
+    "remote": (
+        "# Remote database: host network. Narrow IPAddressAllow= to the database server's address\n"
+        "# (e.g. IPAddressAllow=10.0.0.5/32) with `systemctl edit`; DNS needs the resolver's address too.\n"
+        "PrivateNetwork=no\n"
+        "IPAddressDeny=\n"
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6\n"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class UnitSettings:
+    """Everything that varies between installations of the unit."""
+
+    executable: Path  # the venv's fashion-worker script
+    config: Path
+    user: str = DEFAULT_USER
+    group: str = DEFAULT_USER
+    uploaders_group: str | None = DEFAULT_UPLOADERS  # None = no SupplementaryGroups=
+    read_write_paths: tuple[Path, ...] = ()
+    state_directory: str = UNIT_NAME  # /var/lib/<this>, owned by the user, for the SQLite database
+    network: str = "none"  # none | loopback | remote
+    protect_home: str = "yes"  # "read-only" when the venv, config or data live under /home or /root
+    memory_max: str = "4G"
+    watchdog_sec: int = 60
+    timeout_start_sec: int = 300  # loading and warming up a model on a slow CPU
+    timeout_stop_sec: int = 30  # the worker finishes its batch and exits within a few seconds
+    extra_args: tuple[str, ...] = ()  # appended to `run --config CONFIG`, e.g. ("--inbox", "/x")
+    description: str = "fashion-worker: classifies clothing photos dropped into an inbox"
+
+
+def _quote(path: Path | str) -> str:
+    """A path or argument for a unit file: quoted when it has spaces; % escaped as %%."""
+    text = str(path).replace("%", "%%")
+    if any(c in text for c in " \t\"'\\"):
+        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
+def render_unit(settings: UnitSettings) -> str:
+    """The text of the systemd unit for `settings`."""
+    s = settings
+    if s.network not in NETWORKS:
+        raise FashionWorkerError(f"network must be one of {', '.join(NETWORKS)}, got {s.network!r}")
+    if s.protect_home not in ("yes", "read-only", "tmpfs"):
+        raise FashionWorkerError(f"protect_home must be yes, read-only or tmpfs, got {s.protect_home!r}")
+    command = " ".join(_quote(a) for a in (s.executable, "run", "--config", s.config, *s.extra_args))
+    rw = " ".join(_quote(p) for p in s.read_write_paths)
+    supplementary = f"SupplementaryGroups={s.uploaders_group}\n" if s.uploaders_group else ""
+    after = "local-fs.target"
+    if s.network == "remote":
+        after += " network-online.target\nWants=network-online.target"
+    return f"""\
+# Rendered by `fashion-worker install-service`; edit with `systemctl edit {UNIT_NAME}` (a drop-in)
+# rather than here, so a re-install keeps your changes. See docs/operations.md.
+[Unit]
+Description={s.description}
+After={after}
+StartLimitIntervalSec=600
+StartLimitBurst=5
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStart={command}
+WatchdogSec={s.watchdog_sec}
+Restart=on-failure
+RestartSec=5
+# Exit 2 = a configuration or usage mistake: restarting cannot fix it.
+RestartPreventExitStatus=2
+TimeoutStartSec={s.timeout_start_sec}
+TimeoutStopSec={s.timeout_stop_sec}
+KillMode=mixed
+StandardOutput=journal
+StandardError=journal
+SyslogIdentifier={UNIT_NAME}
+
+# Identity: a dedicated system user; the uploaders' group gives access to the inbox.
+User={s.user}
+Group={s.group}
+{supplementary}UMask=0027
+
+# Files: the whole system read-only, the inbox/processed/failed folders writable, the database
+# in /var/lib/{s.state_directory} (StateDirectory=, owned by the user).
+ProtectSystem=strict
+ProtectHome={s.protect_home}
+ReadWritePaths={rw}
+StateDirectory={s.state_directory}
+StateDirectoryMode=0750
+PrivateTmp=yes
+PrivateDevices=yes
+PrivateMounts=yes
+PrivateIPC=yes
+RemoveIPC=yes
+
+# Network.
+{_NETWORK_BLOCKS[s.network]}
+# Privileges and kernel.
+NoNewPrivileges=yes
+CapabilityBoundingSet=
+AmbientCapabilities=
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+# onnxruntime's CPU provider, numpy and CPython do not JIT: checked by tests/test_service.py.
+MemoryDenyWriteExecute=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+ProtectProc=invisible
+ProcSubset=pid
+DevicePolicy=closed
+KeyringMode=private
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+
+# Resources.
+MemoryMax={s.memory_max}
+TasksMax=256
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+# Plan -----------------------------------------------------------------------------------------------
+@dataclass
+class Step:
+    """One action: a command (argv) run on the host, or a file action done by `apply` under a root."""
+
+    description: str
+    argv: list[str] | None = None
+    apply: Callable[[Path], None] | None = None
+    host_only: bool = False  # acts on the host's users or systemd: not done when root != "/"
+
+    def shell(self) -> str:
+        return shlex.join(self.argv) if self.argv else f"# {self.description}"
+
+
+@dataclass
+class ServicePlan:
+    """What install_service / uninstall_service does (or did), in order."""
+
+    unit_name: str
+    unit_path: Path
+    unit_text: str | None = None
+    config_path: Path | None = None
+    steps: list[Step] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def script(self) -> str:
+        """The plan as a commented shell-like script (what `--dry-run` prints)."""
+        lines = [f"# WARNING: {w}" for w in self.warnings]
+        for step in self.steps:
+            lines.append(f"# {step.description}")
+            if step.argv:
+                lines.append(shlex.join(step.argv))
+        return "\n".join(lines) + "\n"
+
+
+def _under(path: Path, prefix: Path) -> bool:
+    try:
+        path.relative_to(prefix)
+    except ValueError:
+        return False
+    return True
+
+
+def _rooted(root: Path, path: Path) -> Path:
+    return root / path.relative_to("/") if path.is_absolute() else root / path
+
+
+def _lookup_ids(user: str, group: str, root: Path) -> tuple[int, int] | None:
+    """(uid, gid) when acting on the host and both exist; None under a test root (no chown)."""
+    if root != Path("/"):
+        return None
+    try:
+        return pwd.getpwnam(user).pw_uid, grp.getgrnam(group).gr_gid
+    except KeyError:
+        return None
+
+
+def _make_dir(path: Path, mode: int, user: str, group: str) -> Callable[[Path], None]:
+    def apply(root: Path) -> None:
+        target = _rooted(root, path)
+        target.mkdir(parents=True, exist_ok=True)
+        ids = _lookup_ids(user, group, root)
+        if ids is not None:
+            os.chown(target, *ids)
+        os.chmod(target, mode)  # after chown, which clears setgid
+
+    return apply
+
+
+def _write_file(path: Path, text: str, mode: int = 0o644) -> Callable[[Path], None]:
+    def apply(root: Path) -> None:
+        target = _rooted(root, path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+
+    return apply
+
+
+def _remove_file(path: Path) -> Callable[[Path], None]:
+    def apply(root: Path) -> None:
+        _rooted(root, path).unlink(missing_ok=True)
+
+    return apply
+
+
+def default_config_text(data_dir: Path = DEFAULT_DATA, state_dir: Path = STATE_DIR / UNIT_NAME) -> str:
+    """A minimal config for a system install; every other setting keeps its default (see config.toml)."""
+    return f"""\
+# fashion-worker settings for the systemd service (written by `fashion-worker install-service`).
+# Every setting and its default is documented in the repository's config.toml.
+
+[inbox]
+path = "{data_dir / 'inbox'}"
+
+[files]
+processed_dir = "{data_dir / 'processed'}"
+failed_dir = "{data_dir / 'failed'}"
+
+[database]
+url = "sqlite:///{state_dir / 'results.db'}"
+
+[service]
+metrics_port = 0  # e.g. 9464 to serve /metrics and /healthz on 127.0.0.1 (the unit then allows loopback)
+"""
+
+
+def default_unit_settings() -> UnitSettings:
+    """The settings of the reference unit committed as systemd/fashion-worker.service."""
+    return UnitSettings(
+        executable=Path("/opt/fashion-worker/.venv/bin/fashion-worker"),
+        config=DEFAULT_CONFIG,
+        read_write_paths=tuple(DEFAULT_DATA / name for name in ("inbox", "processed", "failed")),
+    )
+
+
+def _venv_executable(venv: Path | None) -> Path:
+    if venv is None:
+        venv = Path(sys.prefix)
+    return Path(os.path.abspath(venv)) / "bin" / "fashion-worker"
+
+
+def install_service(
+    config: Path | str | None = None,
+    *,
+    venv: Path | str | None = None,
+    user: str = DEFAULT_USER,
+    uploaders_group: str = DEFAULT_UPLOADERS,
+    inbox: Path | str | None = None,
+    memory_max: str = "4G",
+    network: str | None = None,
+    unit_name: str = UNIT_NAME,
+    root: Path | str = "/",
+    start: bool = True,
+    dry_run: bool = False,
+    runner: Callable[[Sequence[str]], None] | None = None,
+) -> ServicePlan:
+    """Install, enable and start the worker as a systemd service; returns the plan it carried out.
+
+    config: the config file the service runs with (default /etc/fashion-worker/config.toml, written with
+        system paths if it does not exist). Its inbox, processed, failed, database and model-cache paths
+        become the sandbox's writable paths.
+    venv: the virtual environment holding fashion-worker (default: the running one, sys.prefix).
+    inbox: overrides the config's inbox (passed to the service as `--inbox`).
+    network: "none" | "loopback" | "remote"; default from the config (metrics_port set -> loopback,
+        non-SQLite database -> remote, else none).
+    root: "/" acts on this host (needs root and a running systemd); another folder only writes the unit,
+        the config and the folders under it (host commands are listed, not run): for tests.
+    start: enable --now (True) or only enable.
+    dry_run: do nothing; the returned plan's `script()` lists every action.
+    runner: runs a host command (default: subprocess, raising FashionWorkerError on failure).
+    """
+    root = Path(root)
+    on_host = root == Path("/")
+    config_path = Path(os.path.abspath(config if config is not None else DEFAULT_CONFIG))
+    executable = _venv_executable(Path(venv) if venv is not None else None)
+    unit_dir = SYSTEM_UNIT_DIR
+    plan = ServicePlan(unit_name, unit_dir / f"{unit_name}.service", config_path=config_path)
+
+    # The config is an input, read where it is; only a missing one is written (under root).
+    write_config = not config_path.exists()
+    if write_config:
+        cfg = config_mod.Config(base_dir=config_path.parent)
+        text = default_config_text()
+        config_mod.apply(cfg, tomllib.loads(text), source=str(config_path))
+        config_mod.validate(cfg)
+    else:
+        cfg = config_mod.load(config_path)
+    inbox_path = Path(os.path.abspath(inbox)) if inbox is not None else cfg.inbox_path
+    processed, failed = cfg.processed_path, cfg.failed_path
+    group = user
+
+    writable = [inbox_path, processed, failed]
+    state_dir = STATE_DIR / UNIT_NAME
+    db_url = cfg.database_url
+    db_dir: Path | None = None
+    if db_url.startswith("sqlite:///") and ":memory:" not in db_url:
+        db_dir = Path(db_url[len("sqlite:///"):]).parent
+        if not _under(db_dir, state_dir):
+            writable.append(db_dir)
+    if cfg.model.optimized_cache:
+        writable.append(cfg.resolve(cfg.model.optimized_cache).parent)
+    writable = list(dict.fromkeys(Path(os.path.normpath(p)) for p in writable))
+
+    if network is None:
+        if not db_url.startswith("sqlite"):
+            network = "remote"
+        elif cfg.service.metrics_port:
+            network = "loopback"
+        else:
+            network = "none"
+
+    readable = [executable, config_path, *([cfg.model_path] if cfg.model_path else [])]
+    if on_host and executable.exists():
+        readable.append((executable.parent / "python").resolve())  # the venv's interpreter
+    home_paths = [p for p in readable + writable if any(_under(p, h) for h in HOME_PREFIXES)]
+    protect_home = "yes"
+    if home_paths:
+        protect_home = "read-only"
+        plan.warnings.append(
+            "under /home, /root or /run/user: " + ", ".join(map(str, home_paths))
+            + "; the unit uses ProtectHome=read-only, and the service user must be able to traverse "
+            "those folders (install under /opt and /srv instead)")
+
+    extra_args = ("--inbox", str(inbox_path)) if inbox is not None else ()
+    settings = UnitSettings(
+        executable=executable, config=config_path, user=user, group=group,
+        uploaders_group=uploaders_group, read_write_paths=tuple(writable), network=network,
+        protect_home=protect_home, memory_max=memory_max, extra_args=extra_args)
+    plan.unit_text = render_unit(settings)
+
+    # Users and groups.
+    nologin = "/usr/sbin/nologin" if Path("/usr/sbin/nologin").exists() else "/bin/false"
+    if not _group_exists(uploaders_group) or not on_host:
+        plan.steps.append(Step(f"create the uploaders' group {uploaders_group}",
+                               ["groupadd", "--system", uploaders_group], host_only=True))
+    if not _user_exists(user) or not on_host:
+        plan.steps.append(Step(
+            f"create the system user {user}",
+            ["useradd", "--system", "--user-group", "--home-dir", str(state_dir), "--no-create-home",
+             "--shell", nologin, "--comment", "fashion-worker service", user], host_only=True))
+    plan.steps.append(Step(f"let {user} read what uploaders drop (group {uploaders_group})",
+                           ["usermod", "--append", "--groups", uploaders_group, user], host_only=True))
+
+    # Files and folders.
+    if write_config:
+        plan.steps.append(Step(f"write the default config {config_path}",
+                               apply=_write_file(config_path, default_config_text())))
+    plan.steps.append(Step(f"inbox {inbox_path}: owner {user}, group {uploaders_group}, mode 2775 "
+                           "(setgid, group-writable)",
+                           apply=_make_dir(inbox_path, 0o2775, user, uploaders_group)))
+    for folder in (processed, failed):
+        if folder != inbox_path:
+            plan.steps.append(Step(f"{folder}: owner {user}, group {uploaders_group}, mode 2750",
+                                   apply=_make_dir(folder, 0o2750, user, uploaders_group)))
+    for folder in writable:
+        if folder not in (inbox_path, processed, failed):
+            plan.steps.append(Step(f"{folder}: owner {user}, mode 0750",
+                                   apply=_make_dir(folder, 0o750, user, group)))
+    plan.steps.append(Step(f"write the unit {plan.unit_path}",
+                           apply=_write_file(plan.unit_path, plan.unit_text)))
+    if shutil.which("systemd-analyze"):
+        plan.steps.append(Step("check the unit",
+                               ["systemd-analyze", "verify", str(_rooted(root, plan.unit_path))]))
+    plan.steps.append(Step("reload systemd", ["systemctl", "daemon-reload"], host_only=True))
+    enable = ["systemctl", "enable", *(["--now"] if start else []), f"{unit_name}.service"]
+    plan.steps.append(Step("enable" + (" and start" if start else "") + " the service", enable,
+                           host_only=True))
+
+    if not dry_run:
+        if on_host:
+            _require_host()
+        _carry_out(plan, root, runner)
+    return plan
+
+
+def uninstall_service(
+    *,
+    user: str = DEFAULT_USER,
+    remove_user: bool = False,
+    unit_name: str = UNIT_NAME,
+    root: Path | str = "/",
+    dry_run: bool = False,
+    runner: Callable[[Sequence[str]], None] | None = None,
+) -> ServicePlan:
+    """Stop, disable and remove the unit. Data (inbox, processed, failed, database, config) is kept;
+    remove_user=True also deletes the service user (its files stay, owned by its old uid)."""
+    root = Path(root)
+    on_host = root == Path("/")
+    plan = ServicePlan(unit_name, SYSTEM_UNIT_DIR / f"{unit_name}.service")
+    plan.steps.append(Step("stop and disable the service",
+                           ["systemctl", "disable", "--now", f"{unit_name}.service"], host_only=True))
+    plan.steps.append(Step(f"remove the unit {plan.unit_path}", apply=_remove_file(plan.unit_path)))
+    plan.steps.append(Step("reload systemd", ["systemctl", "daemon-reload"], host_only=True))
+    if remove_user:
+        plan.steps.append(Step(f"delete the user {user}", ["userdel", user], host_only=True))
+    plan.warnings.append("the inbox, processed and failed folders, the database and the config are kept")
+    if not dry_run:
+        if on_host:
+            _require_host()
+        _carry_out(plan, root, runner, ignore_failures=("systemctl disable",))
+    return plan
+
+
+# Helpers --------------------------------------------------------------------------------------------
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _require_host() -> None:
+    if os.geteuid() != 0:
+        raise FashionWorkerError("installing a system service needs root: run it with sudo")
+    if not Path("/run/systemd/system").is_dir():
+        raise FashionWorkerError(
+            "systemd is not running on this machine (no /run/systemd/system); run `fashion-worker run` "
+            "under your own supervisor instead, or use --dry-run to see the steps")
+
+
+def run_command(argv: Sequence[str]) -> None:
+    """Run a host command; a failure becomes one clear FashionWorkerError line."""
+    log.info("running %s", shlex.join(argv))
+    try:
+        done = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise FashionWorkerError(f"`{argv[0]}` not found; is this a systemd-based Linux?") from None
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip().splitlines()
+        raise FashionWorkerError(
+            f"`{shlex.join(argv)}` failed (exit {done.returncode})" + (f": {detail[-1]}" if detail else ""))
+
+
+def _carry_out(plan: ServicePlan, root: Path, runner: Callable[[Sequence[str]], None] | None,
+               ignore_failures: tuple[str, ...] = ()) -> None:
+    runner = runner or run_command
+    on_host = root == Path("/")
+    for warning in plan.warnings:
+        log.warning("%s", warning)
+    for step in plan.steps:
+        if step.host_only and not on_host:
+            log.debug("not on the host root, skipping: %s", step.description)
+            continue
+        log.info("%s", step.description)
+        if step.apply is not None:
+            step.apply(root)
+        if step.argv is not None:
+            try:
+                runner(step.argv)
+            except FashionWorkerError:
+                if not shlex.join(step.argv).startswith(ignore_failures):
+                    raise
+                log.info("ignored: %s failed (probably not installed)", shlex.join(step.argv))
+
+
+if __name__ == "__main__":  # python -m worker.service > systemd/fashion-worker.service
+    sys.stdout.write(render_unit(default_unit_settings()))
