@@ -9,7 +9,8 @@ from worker.exceptions import FashionWorkerError
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.train import main as train, parse_args
+    from train.train import main as train
+    from train.train import parse_args
 
     config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

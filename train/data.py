@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -95,9 +96,11 @@ def worker_pixels(data: bytes, size: int) -> torch.Tensor:
 
 def torchvision_pixels(data: bytes, size: int) -> torch.Tensor:
     """Bytes → tensor through torchvision's own decode and resize, to compare with the worker's path."""
-    from torchvision.io import ImageReadMode, decode_image
+    with warnings.catch_warnings():  # torchvision.io decoding is deprecated in favour of torchcodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_image
 
-    tensor = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        tensor = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     return v2.functional.resize(tensor, [size, size], antialias=True).float()
 
 

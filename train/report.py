@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def classification_metrics(
         "per_class": per_class,
         "confusion_matrix": confusion.tolist(),
         "classes": classes,
-        "n": int(len(labels)),
+        "n": len(labels),
     }
 
 
@@ -46,7 +47,7 @@ def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bi
     correct = probabilities.argmax(1) == labels
     edges = np.linspace(0.0, 1.0, bins + 1)
     ece = 0.0
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
+    for low, high in itertools.pairwise(edges):
         inside = (confidence > low) & (confidence <= high)
         if inside.any():
             ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())

@@ -333,25 +333,26 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     )
     parser.add_argument("--data", required=True, help="folder with train/ and validation/ ImageFolders")
     parser.add_argument("--out", default=defaults.out, help="run folder: checkpoints, metrics, PNGs")
-    parser.add_argument("--arch", default=defaults.arch, choices=list(ARCHS))
+    parser.add_argument("--arch", default=defaults.arch, choices=list(ARCHS), help="pretrained backbone")
     parser.add_argument("--image-size", type=int, default=defaults.image_size,
                         help="input side in pixels; 0 = the architecture's native size")
     parser.add_argument("--frozen-blocks", type=int, default=defaults.frozen_blocks,
                         help="leading blocks kept frozen and cached; 0 fine-tunes the whole network")
     parser.add_argument("--views", type=int, default=defaults.views,
                         help="augmented copies of each training image cached through the frozen blocks")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="most epochs to run")
     parser.add_argument("--patience", type=int, default=defaults.patience,
                         help="early stopping: epochs without a better validation accuracy")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="pretrained layers (classifier: 10x)")
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
-    parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
+    parser.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs,
+                        help="linear LR warm-up before the cosine decay")
+    parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing, help="loss smoothing")
     parser.add_argument("--class-balance", type=float, default=defaults.class_balance,
                         help="loss weight per class = (1/frequency)^this; 0 = unweighted")
-    parser.add_argument("--dropout", type=float, default=defaults.dropout)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--dropout", type=float, default=defaults.dropout, help="before the classifier")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="makes runs repeatable")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="image-decoding processes")
     parser.add_argument("--limit", type=int, default=defaults.limit,
                         help="use only N images of each split, spread over classes (smoke tests); 0 = all")

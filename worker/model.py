@@ -155,7 +155,7 @@ class Model:
         return [self.prediction(row) for row in self.probabilities(images)]
 
     def prediction(self, probs: np.ndarray) -> Prediction:
-        order = np.argsort(probs)[::-1][:3]
+        order = np.argsort(-probs, kind="stable")[:3]  # ties keep label order: deterministic output
         top3 = [(self.info.labels[i], round(float(probs[i]), 6)) for i in order]
         return Prediction(top3[0][0], top3[0][1], top3)
 

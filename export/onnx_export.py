@@ -1,0 +1,236 @@
+"""Checkpoint → ONNX model honouring the worker's contract, checked before it is written.
+
+1. Rebuild the network from the checkpoint alone (its config, spec and class order).
+2. Export uint8 NHWC `images` → softmax `probabilities`, normalisation inside the graph.
+3. Parity: onnxruntime vs PyTorch on real validation images decoded by the worker's own path; a model
+   whose probabilities differ by more than `tolerance` is refused, nothing is written.
+4. Validation accuracy of the ONNX model through the worker's path (decode → resize → onnxruntime),
+   stored in the model's metadata together with labels, input size, resize policy, name, version,
+   training-data fingerprint and cost.
+5. Optionally an int8 model (static QDQ quantisation calibrated on training images), scored and timed
+   against fp32 the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from export.flops import count_macs
+from train.model import Classifier, ExportWrapper, ModelSpec
+from worker.exceptions import DataError, ModelError
+from worker.model import Model
+from worker.preprocess import load_pixels
+
+log = logging.getLogger(__name__)
+MAX_PIXELS = 100_000_000
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = ""
+    out: str = "model.onnx"
+    data: str = ""  # dataset with train/ and validation/; empty: the path recorded in the checkpoint
+    name: str = ""  # model name in the metadata; empty: fashion-<arch>
+    version: str = "1.0.0"
+    int8: bool = False  # also write <out>.int8.onnx and compare it with fp32
+    calibration_images: int = 300  # training images that calibrate the int8 ranges
+    parity_images: int = 64  # validation images the parity check runs on
+    tolerance: float = 1e-4  # max |p_onnx - p_torch| accepted
+    opset: int = 17
+
+
+def main(config: ExportConfig) -> dict:
+    checkpoint = load_checkpoint(Path(config.checkpoint))
+    model = rebuild(checkpoint)
+    spec: ModelSpec = model.spec
+    data_root = Path(config.data or checkpoint["config"]["data"])
+    val_files, val_labels = list_split(data_root / "validation", checkpoint["classes"])
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        export_graph(model, spec.image_size, raw, config.opset)
+        parity = check_parity(model, raw, val_files[: config.parity_images], spec.image_size, config.tolerance)
+        macs = count_macs(ExportWrapper(model), torch.zeros(1, spec.image_size, spec.image_size, 3, dtype=torch.uint8))
+        params = sum(p.numel() for p in model.parameters())
+        metadata = {
+            "labels": json.dumps(checkpoint["classes"]),
+            "input_size": json.dumps([spec.image_size, spec.image_size]),
+            "resize": "squash",
+            "name": config.name or f"fashion-{spec.arch}",
+            "version": config.version,
+            "architecture": spec.arch,
+            "data_fingerprint": checkpoint["data_fingerprint"],
+            "macs_per_image": str(macs),
+            "parameters": str(params),
+            "precision": "fp32",
+            "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "training": json.dumps({k: checkpoint["config"][k] for k in
+                                    ("arch", "frozen_blocks", "views", "epochs", "lr", "seed")}),
+        }
+        write_metadata(raw, {**metadata, "val_accuracy": "pending"})
+        fp32 = evaluate(raw, val_files, val_labels)
+        metadata["val_accuracy"] = f"{fp32['accuracy']:.4f}"
+        write_metadata(raw, metadata)
+        raw.replace(out)
+    report = {"model": str(out), "parity_max_abs_diff": parity, "macs_per_image": macs,
+              "parameters": params, "fp32": fp32}
+    log.info("wrote %s: validation accuracy %.4f through the worker path, parity %.2e, %.2f GMACs",
+             out, fp32["accuracy"], parity, macs / 1e9)
+
+    if config.int8:
+        train_files, _ = list_split(data_root / "train", checkpoint["classes"])
+        int8_path = out.with_suffix(".int8.onnx")
+        quantize(out, int8_path, calibration_set(train_files, config.calibration_images), spec.image_size)
+        write_metadata(int8_path, {**metadata, "precision": "int8", "val_accuracy": "pending"})
+        int8 = evaluate(int8_path, val_files, val_labels)
+        write_metadata(int8_path, {**metadata, "precision": "int8", "val_accuracy": f"{int8['accuracy']:.4f}"})
+        speed = {"fp32": throughput(out), "int8": throughput(int8_path)}
+        report["int8"] = {"model": str(int8_path), **int8, "images_per_s": speed}
+        report["int8"]["accuracy_drop_points"] = round(100 * (fp32["accuracy"] - int8["accuracy"]), 2)
+        report["int8"]["speedup"] = round(speed["int8"] / speed["fp32"], 2)
+        log.info("int8: validation accuracy %.4f (fp32 %.4f), %.1f vs %.1f images/s", int8["accuracy"],
+                 fp32["accuracy"], speed["int8"], speed["fp32"])
+    return report
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ModelError(f"checkpoint {path} cannot be read: {exc}") from None
+    missing = [k for k in ("config", "spec", "classes", "model", "data_fingerprint") if k not in checkpoint]
+    if missing:
+        raise ModelError(f"{path} is not a fashion-train checkpoint (missing {', '.join(missing)})")
+    return checkpoint
+
+
+def rebuild(checkpoint: dict) -> Classifier:
+    model = Classifier(ModelSpec(**checkpoint["spec"]), pretrained=False)
+    model.load_state_dict(checkpoint["model"])
+    return model.eval()
+
+
+def export_graph(model: Classifier, size: int, path: Path, opset: int) -> None:
+    wrapper = ExportWrapper(model).eval()
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper, (example,), str(path), input_names=["images"], output_names=["probabilities"],
+            dynamic_axes={"images": {0: "N"}, "probabilities": {0: "N"}}, opset_version=opset, dynamo=False,
+        )
+    onnx.checker.check_model(str(path))
+
+
+def write_metadata(path: Path, metadata: dict[str, str]) -> None:
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    proto.doc_string = "fashion-worker clothing classifier: uint8 NHWC RGB images -> probabilities"
+    onnx.save(proto, str(path))
+
+
+def list_split(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    """(files, labels) of an ImageFolder split in the checkpoint's class order."""
+    if not folder.is_dir():
+        raise DataError(f"no image folder at {folder}; pass --data DIR with train/ and validation/")
+    files, labels = [], []
+    for index, name in enumerate(classes):
+        for path in sorted((folder / name).glob("*")):
+            if path.suffix.lower() in EXTENSIONS:
+                files.append(path)
+                labels.append(index)
+    if not files:
+        raise DataError(f"{folder} has no images in the checkpoint's classes {classes}")
+    return files, labels
+
+
+def pixels(files: list[Path], size: int) -> np.ndarray:
+    return np.stack([load_pixels(f.read_bytes(), (size, size), max_pixels=MAX_PIXELS) for f in files])
+
+
+@torch.inference_mode()
+def check_parity(model: Classifier, path: Path, files: list[Path], size: int, tolerance: float) -> float:
+    """Max |onnxruntime - torch| over real images; raises ModelError above `tolerance`."""
+    batch = pixels(files, size)
+    expected = ExportWrapper(model)(torch.from_numpy(batch)).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (actual,) = session.run(["probabilities"], {"images": batch})
+    diff = float(np.abs(actual - expected).max())
+    if not diff <= tolerance:
+        raise ModelError(f"ONNX and PyTorch disagree: max probability difference {diff:.2e} > {tolerance:.0e}; "
+                         "model not written")
+    return diff
+
+
+def evaluate(path: Path, files: list[Path], labels: list[int], batch: int = 32) -> dict:
+    """Accuracy of the ONNX file through the worker's own model loader and preprocessing."""
+    model = Model(path)
+    correct, probabilities = 0, []
+    for start in range(0, len(files), batch):
+        probs = model.probabilities(pixels(files[start:start + batch], model.input_size[0]))
+        probabilities.append(probs)
+        correct += int((probs.argmax(1) == np.array(labels[start:start + batch])).sum())
+    probs = np.concatenate(probabilities)
+    recall = {}
+    for index, label in enumerate(model.info.labels):
+        mask = np.array(labels) == index
+        recall[label] = round(float((probs[mask].argmax(1) == index).mean()), 4) if mask.any() else None
+    return {"accuracy": round(correct / len(files), 4), "n": len(files), "recall": recall}
+
+
+def calibration_set(files: list[Path], count: int) -> list[Path]:
+    rng = np.random.default_rng(0)
+    chosen = rng.choice(len(files), size=min(count, len(files)), replace=False)
+    return [files[i] for i in sorted(chosen)]
+
+
+def quantize(fp32: Path, int8: Path, calibration: list[Path], size: int) -> None:
+    """Static QDQ int8 (per-channel weights, uint8 activations) calibrated on training images."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([pixels(calibration[i:i + 16], size) for i in range(0, len(calibration), 16)])
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"images": batch}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
+def throughput(path: Path, batch: int = 16, repeats: int = 5) -> float:
+    """Images/s of onnxruntime on one pre-decoded batch (CPU, all cores): a quick comparison figure."""
+    model = Model(path)
+    h, w = model.input_size
+    images = np.random.default_rng(0).integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
+    model.probabilities(images)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        model.probabilities(images)
+    return round(batch * repeats / (time.perf_counter() - started), 1)

@@ -1,0 +1,105 @@
+"""Export: a tiny trained checkpoint becomes an ONNX model that honours the worker's contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch", reason="export needs the train extra (torch)")
+
+from test_train import make_dataset, tiny_config  # noqa: E402
+
+from export import onnx_export  # noqa: E402
+from train import train as training  # noqa: E402
+from train.model import ExportWrapper  # noqa: E402
+from worker.exceptions import ModelError  # noqa: E402
+from worker.model import Model  # noqa: E402
+from worker.preprocess import load_pixels  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    data = make_dataset(root / "data")
+    training.main(tiny_config(data, root / "run"))
+    return root / "run" / "best.pt", data
+
+
+@pytest.mark.timeout(300)
+def test_export_honours_the_contract_and_agrees_with_pytorch(checkpoint, tmp_path):
+    best, data = checkpoint
+    out = tmp_path / "model.onnx"
+    report = onnx_export.main(onnx_export.ExportConfig(checkpoint=str(best), out=str(out)))
+    assert report["parity_max_abs_diff"] <= 1e-4
+
+    proto = onnx.load(str(out))
+    (images,) = proto.graph.input
+    assert images.name == "images"
+    assert images.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = images.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [64, 64, 3]
+    assert [o.name for o in proto.graph.output] == ["probabilities"]
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["labels"]) == ["hat", "shoes", "skirt"]
+    assert json.loads(meta["input_size"]) == [64, 64]
+    assert meta["resize"] == "squash"
+    assert meta["name"] == "fashion-efficientnet-lite0" and meta["version"] == "1.0.0"
+    assert float(meta["val_accuracy"]) == report["fp32"]["accuracy"]
+    assert meta["data_fingerprint"] == torch.load(best, weights_only=False)["data_fingerprint"]
+    assert int(meta["macs_per_image"]) > 0
+
+    model = Model(out)  # the worker's own loader accepts it
+    files = sorted((data / "validation").rglob("*.jpg"))
+    batch = np.stack([load_pixels(f.read_bytes(), (64, 64), max_pixels=10**8) for f in files])
+    probs = model.probabilities(batch)
+    assert probs.dtype == np.float32 and probs.shape == (len(files), 3)
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert model.probabilities(batch[:1]).shape == (1, 3)  # N is dynamic
+
+    network = onnx_export.rebuild(torch.load(best, weights_only=False))
+    with torch.inference_mode():
+        expected = ExportWrapper(network)(torch.from_numpy(batch)).numpy()
+    assert np.abs(probs - expected).max() <= 1e-4
+
+
+@pytest.mark.timeout(300)
+def test_int8_model_is_written_scored_and_timed(checkpoint, tmp_path):
+    best, _ = checkpoint
+    out = tmp_path / "model.onnx"
+    report = onnx_export.main(onnx_export.ExportConfig(checkpoint=str(best), out=str(out), int8=True,
+                                                       calibration_images=8))
+    int8 = Model(tmp_path / "model.int8.onnx")
+    assert int8.info.metadata["precision"] == "int8"
+    assert int8.info.labels == ["hat", "shoes", "skirt"]
+    assert 0.0 <= report["int8"]["accuracy"] <= 1.0
+    assert report["int8"]["images_per_s"]["int8"] > 0 and report["int8"]["images_per_s"]["fp32"] > 0
+    quantized = onnx.load(str(tmp_path / "model.int8.onnx"))
+    assert any(node.op_type == "QuantizeLinear" for node in quantized.graph.node)
+
+
+def test_failed_parity_writes_nothing(checkpoint, tmp_path):
+    best, _ = checkpoint
+    out = tmp_path / "model.onnx"
+    # A negative tolerance cannot be met: this is how a parity failure looks to the user.
+    with pytest.raises(ModelError, match="ONNX and PyTorch disagree"):
+        onnx_export.main(onnx_export.ExportConfig(checkpoint=str(best), out=str(out), tolerance=-1.0))
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "export", str(tmp_path / "none.pt"), "--out",
+                             str(tmp_path / "m.onnx")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"fashion-export: error: checkpoint {tmp_path / 'none.pt'} does not exist"
+
+
+def test_help_shows_defaults_and_example():
+    result = subprocess.run([sys.executable, "-m", "export", "--help"], capture_output=True, text=True)
+    assert "(default: 0.0001)" in result.stdout
+    assert "example: fashion-export runs/lite2/best.pt" in result.stdout

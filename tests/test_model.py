@@ -1,0 +1,81 @@
+"""Model loading: the contract is checked and every violation is named in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import LABELS, make_model
+from onnx import TensorProto
+
+from worker.exceptions import ModelError
+from worker.model import DEFAULT_MODEL, Model, choose_providers
+
+
+def test_contract_model_loads_and_predicts(tiny_model):
+    model = Model(tiny_model)
+    assert model.info.labels == LABELS
+    assert model.input_size == (32, 32)
+    assert model.info.resize == "squash" and model.info.name == "tiny-test-model"
+    assert len(model.info.model_id) == 64
+    assert model.providers == ["CPUExecutionProvider"]
+    batch = np.zeros((3, 32, 32, 3), dtype=np.uint8)
+    for i in range(3):
+        batch[i, ..., i] = 255
+    predictions = model.predict(batch)
+    assert [p.category for p in predictions] == LABELS
+    assert predictions[0].top3[0] == ("red", predictions[0].confidence)
+    assert [label for label, _ in predictions[0].top3] == ["red", "green", "blue"]
+    model.warm_up(batch=2)
+
+
+def test_missing_model_file(tmp_path):
+    with pytest.raises(ModelError, match=r"model file .*missing.onnx does not exist"):
+        Model(tmp_path / "missing.onnx")
+
+
+def test_truncated_model_file(tiny_model, tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(tiny_model.read_bytes()[:100])
+    with pytest.raises(ModelError, match="cannot be loaded"):
+        Model(broken)
+
+
+def test_wrong_input_type_is_named(tmp_path):
+    path = make_model(tmp_path / "float.onnx", input_dtype=TensorProto.FLOAT)
+    with pytest.raises(ModelError, match=r"input 'images' is tensor\(float\).*needs tensor\(uint8\)"):
+        Model(path)
+
+
+def test_missing_metadata_is_named(tmp_path):
+    path = make_model(tmp_path / "m.onnx", metadata={"labels": ""})
+    with pytest.raises(ModelError, match="not valid JSON"):
+        Model(path)
+
+
+def test_labels_must_match_outputs(tmp_path):
+    path = make_model(tmp_path / "m.onnx", metadata={"labels": json.dumps(["a", "b"])})
+    with pytest.raises(ModelError, match=r"output 'probabilities' is .*expected \[N, 2\]"):
+        Model(path)
+
+
+def test_unknown_resize_policy_is_named(tmp_path):
+    path = make_model(tmp_path / "m.onnx", metadata={"resize": "letterbox"})
+    with pytest.raises(ModelError, match="resize policy 'letterbox' is not supported; supported: squash"):
+        Model(path)
+
+
+def test_unavailable_provider_names_the_available_ones():
+    with pytest.raises(ModelError, match=r"NoSuchExecutionProvider not available; available: .*CPUExecutionProvider"):
+        choose_providers(["NoSuchExecutionProvider"])
+    assert choose_providers(["auto"])[-1] == "CPUExecutionProvider"
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="the trained default model has not been exported yet")
+def test_shipped_default_model_honours_the_contract():
+    model = Model(None)
+    assert model.info.labels == ["dress", "hat", "longsleeve", "outwear", "pants", "shirt", "shoes",
+                                 "shorts", "skirt", "t-shirt"]
+    assert float(model.info.metadata["val_accuracy"]) >= 0.92
+    assert model.probabilities(np.zeros((2, *model.input_size, 3), dtype=np.uint8)).shape == (2, 10)

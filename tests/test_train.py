@@ -1,0 +1,139 @@
+"""Training end to end on a tiny synthetic ImageFolder, and its refusals of bad data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="training needs the train extra (torch)")
+
+from conftest import write_image  # noqa: E402
+
+from train import train as training  # noqa: E402
+from train.model import ARCHS, ModelSpec, build, weights_path  # noqa: E402
+from worker.exceptions import DataError  # noqa: E402
+
+COLORS = {"hat": (200, 30, 30), "shoes": (30, 200, 30), "skirt": (30, 30, 200)}
+
+
+def make_dataset(root: Path, per_class: int = 6) -> Path:
+    for split in ("train", "validation"):
+        for index, (name, color) in enumerate(COLORS.items()):
+            for i in range(per_class if split == "train" else 2):
+                write_image(root / split / name / f"{i}.jpg", color, (48, 64), noise_seed=index * 100 + i)
+    return root
+
+
+def tiny_config(data: Path, out: Path, **overrides) -> training.TrainConfig:
+    settings = dict(data=str(data), out=str(out), arch="efficientnet-lite0", image_size=64, frozen_blocks=8,
+                    views=1, epochs=1, batch_size=8, workers=0)
+    settings.update(overrides)
+    return training.TrainConfig(**settings)
+
+
+def test_pretrained_weights_come_from_the_pip_packages():
+    for arch in ARCHS:
+        path = Path(weights_path(arch))
+        assert path.is_file() and "site-packages" in str(path)
+    model = build(ModelSpec("efficientnet-lite0", 3, 64))
+    state = torch.load(weights_path("efficientnet-lite0"), map_location="cpu", weights_only=True)
+    # every pretrained tensor but the 1000-class head is loaded as shipped
+    for key, value in state.items():
+        if not key.startswith("_fc."):
+            assert torch.equal(model.net.state_dict()[key], value), key
+    assert model.net._fc.out_features == 3
+
+
+def test_unknown_architecture_names_the_choices():
+    with pytest.raises(ValueError, match="efficientnet-lite0, efficientnet-lite1, efficientnet-lite2"):
+        weights_path("resnet50")
+
+
+def test_trunk_and_top_compose_to_the_whole_network():
+    model = build(ModelSpec("efficientnet-lite0", 3, 64)).eval()
+    pixels = torch.rand(2, 3, 64, 64) * 255
+    with torch.inference_mode():
+        whole = model(pixels)
+        for split in (0, 5, model.num_blocks):
+            assert torch.allclose(model.top(model.trunk(pixels, split), split), whole, atol=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_one_short_epoch_writes_checkpoint_metrics_and_pngs(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    metrics = training.main(tiny_config(data, out))
+    for name in ("best.pt", "last.pt", "metrics.json", "confusion_matrix.png", "training_curves.png"):
+        assert (out / name).is_file(), name
+    assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["validation"]["n"] == 6
+    assert set(saved["validation"]["per_class"]) == set(COLORS)
+    assert 0.0 <= saved["validation"]["ece"] <= 1.0
+    assert len(saved["validation"]["confusion_matrix"]) == 3
+    assert metrics["validation"]["accuracy"] == saved["validation"]["accuracy"]
+    checkpoint = torch.load(out / "best.pt", weights_only=False)
+    assert checkpoint["classes"] == sorted(COLORS)
+    assert checkpoint["config"]["arch"] == "efficientnet-lite0"
+    assert checkpoint["spec"]["image_size"] == 64
+    assert len(checkpoint["data_fingerprint"]) == 64
+
+
+@pytest.mark.timeout(300)
+def test_seed_makes_runs_repeatable_and_resume_continues(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    first = training.main(tiny_config(data, tmp_path / "a", epochs=2))
+    second = training.main(tiny_config(data, tmp_path / "b", epochs=2))
+    assert first["history"] == [{**h, "seconds": s["seconds"]} for h, s in zip(second["history"],
+                                                                                first["history"], strict=True)]
+    resumed = training.main(tiny_config(data, tmp_path / "a", epochs=3, resume=True))
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    assert resumed["history"][:2] == first["history"]
+
+
+def test_missing_data_folder(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        training.main(tiny_config(tmp_path / "nope", tmp_path / "run"))
+
+
+def test_empty_data_folder(tmp_path):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "validation").mkdir()
+    with pytest.raises(DataError, match="train"):
+        training.main(tiny_config(tmp_path / "data", tmp_path / "run"))
+
+
+def test_validation_classes_must_match_train(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    write_image(data / "validation" / "scarf" / "0.jpg")
+    with pytest.raises(DataError, match=r"only in validation \['scarf'\]"):
+        training.main(tiny_config(data, tmp_path / "run"))
+
+
+def test_corrupt_image_is_named(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    bad = data / "train" / "hat" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    with pytest.raises(DataError, match=r"broken\.jpg"):
+        training.main(tiny_config(data, tmp_path / "run"))
+
+
+@pytest.mark.timeout(120)
+def test_cli_reports_bad_data_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "train", "--data", str(tmp_path / "nope"), "--out",
+                             str(tmp_path / "run")], capture_output=True, text=True)
+    assert result.returncode == 2
+    expected = f"fashion-train: error: data folder {tmp_path / 'nope'} does not exist"
+    assert result.stderr.strip().splitlines()[-1] == expected
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_help_shows_defaults_and_example():
+    result = subprocess.run([sys.executable, "-m", "train", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "(default: efficientnet-lite2)" in result.stdout
+    assert "example: fashion-train --data" in result.stdout
