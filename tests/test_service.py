@@ -107,7 +107,8 @@ def test_install_renders_the_unit_with_the_real_paths_and_creates_the_folders(si
     # Host commands are listed (not run under a test root), in a sensible order.
     script = plan.script()
     assert "useradd --system --user-group" in script
-    assert script.index("daemon-reload") < script.index("systemctl enable --now fashion-worker.service")
+    assert script.index("daemon-reload") < script.index("systemctl enable fashion-worker.service")
+    assert script.index("systemctl enable") < script.index("systemctl restart fashion-worker.service")
 
 
 def test_dry_run_only_describes(site):
@@ -117,7 +118,7 @@ def test_dry_run_only_describes(site):
     script = plan.script()
     assert "groupadd --system uploaders" in script
     assert f"inbox {data}/inbox: owner fashion-worker, group uploaders, mode 2775" in script
-    assert "systemctl enable --now fashion-worker.service" in script
+    assert "systemctl restart fashion-worker.service" in script
 
 
 def test_a_missing_config_is_written_with_system_paths(tmp_path):
@@ -128,7 +129,8 @@ def test_a_missing_config_is_written_with_system_paths(tmp_path):
     assert "sqlite:////var/lib/fashion-worker/results.db" in written
     assert (root / "srv/fashion-worker/inbox").is_dir()
     assert "ReadWritePaths=/srv/fashion-worker/inbox /srv/fashion-worker/processed " in plan.unit_text
-    assert "systemctl enable fashion-worker.service" in plan.script()  # start=False: no --now
+    assert "systemctl enable fashion-worker.service" in plan.script()
+    assert "systemctl restart" not in plan.script()  # start=False: enabled for the next boot only
 
 
 def test_network_mode_follows_the_config(tmp_path):

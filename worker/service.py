@@ -149,6 +149,10 @@ ProtectHome={s.protect_home}
 ReadWritePaths={rw}
 StateDirectory={s.state_directory}
 StateDirectoryMode=0750
+# /run/{s.state_directory}: the inbox lock when the database is not a local SQLite file.
+RuntimeDirectory={s.state_directory}
+RuntimeDirectoryMode=0750
+Environment=XDG_RUNTIME_DIR=%t/{s.state_directory}
 PrivateTmp=yes
 PrivateDevices=yes
 PrivateMounts=yes
@@ -341,7 +345,7 @@ def install_service(
         non-SQLite database -> remote, else none).
     root: "/" acts on this host (needs root and a running systemd); another folder only writes the unit,
         the config and the folders under it (host commands are listed, not run): for tests.
-    start: enable --now (True) or only enable.
+    start: enable, then start or restart (True), or only enable.
     dry_run: do nothing; the returned plan's `script()` lists every action.
     runner: runs a host command (default: subprocess, raising FashionWorkerError on failure).
     """
@@ -438,9 +442,11 @@ def install_service(
         plan.steps.append(Step("check the unit",
                                ["systemd-analyze", "verify", str(_rooted(root, plan.unit_path))]))
     plan.steps.append(Step("reload systemd", ["systemctl", "daemon-reload"], host_only=True))
-    enable = ["systemctl", "enable", *(["--now"] if start else []), f"{unit_name}.service"]
-    plan.steps.append(Step("enable" + (" and start" if start else "") + " the service", enable,
+    plan.steps.append(Step("enable the service at boot", ["systemctl", "enable", f"{unit_name}.service"],
                            host_only=True))
+    if start:  # restart = start, or apply a changed unit/config when re-installing over a running one
+        plan.steps.append(Step("start (or restart) the service",
+                               ["systemctl", "restart", f"{unit_name}.service"], host_only=True))
 
     if not dry_run:
         if on_host:
