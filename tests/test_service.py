@@ -7,14 +7,19 @@ systemd: install_service(root=tmp) writes the unit and folders under tmp and lis
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 import shutil
+import signal
+import socket
 import stat
 import subprocess
 import sys
 import textwrap
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -322,3 +327,82 @@ def test_inference_stack_runs_under_memory_deny_write_execute(tmp_path):
     assert "predictions ['red', 'green', 'blue']" in done.stdout
     assert "inotify events True" in done.stdout
     print("\n" + done.stdout)
+
+
+# The worker as systemd runs it ------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _http(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@pytest.mark.timeout(120)
+def test_the_worker_under_a_service_manager_environment(tmp_path):
+    """`fashion-worker run --config` with what systemd gives a Type=notify unit with WatchdogSec=: a real
+    notify socket, WATCHDOG_USEC, stderr as the JOURNAL_STREAM; then SIGTERM as `systemctl stop` sends."""
+    from conftest import make_model, write_image
+
+    model = make_model(tmp_path / "model.onnx")
+    inbox = tmp_path / "inbox"
+    for i in range(4):
+        write_image(inbox / f"red-{i}.png", (255, 0, 0), noise_seed=i)
+    port = _free_port()
+    config = write_config(
+        tmp_path / "config.toml", inbox={"path": str(inbox)}, model={"path": str(model)},
+        database={"url": f"sqlite:///{tmp_path / 'data/results.db'}"}, service={"metrics_port": port})
+
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(60)
+    read_fd, write_fd = os.pipe()
+    st = os.fstat(write_fd)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "1000000",
+           "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+    env.pop("WATCHDOG_PID", None)
+    worker = subprocess.Popen([str(VENV / "bin/fashion-worker"), "run", "--config", str(config)],
+                              stderr=write_fd, env=env, cwd=tmp_path)
+    os.close(write_fd)
+    messages: list[str] = []
+    try:
+        def receive_until(predicate) -> str:
+            while True:
+                message = notify.recv(4096).decode()
+                messages.append(message)
+                if predicate(message):
+                    return message
+
+        ready = receive_until(lambda m: "READY=1" in m)
+        assert "STATUS=" in ready
+        assert _http(port, "/healthz")[0] == 200
+        # WATCHDOG=1 keeps coming (every 0.5 s here) and STATUS= reports the work done.
+        receive_until(lambda m: "4 processed" in m)
+        receive_until(lambda m: m == "WATCHDOG=1\n")
+        code, body = _http(port, "/metrics")
+        assert code == 200
+        assert 'fashion_worker_images_processed_total{status="ok"} 4.0' in body.decode()
+        health = json.loads(_http(port, "/healthz")[1])
+        assert health["status"] == "ok" and health["model"]["name"] == "tiny-test-model"
+
+        worker.send_signal(signal.SIGTERM)
+        receive_until(lambda m: "STOPPING=1" in m)
+        assert worker.wait(60) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        notify.close()
+    with os.fdopen(read_fd) as reader:
+        log_lines = reader.read().splitlines()
+    assert log_lines, "the worker logged nothing"
+    # journald format: a syslog priority prefix, no timestamp of our own.
+    assert all(re.match(r"<[0-7]>[\w.]+: ", line) for line in log_lines), log_lines
+    assert not any(re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", line) for line in log_lines)
+    assert sum(m.count("WATCHDOG=1") for m in messages) >= 1
