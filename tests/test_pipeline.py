@@ -1,0 +1,305 @@
+"""worker/pipeline.py: batching, decoding, duplicates, crash recovery and fault handling.
+
+Everything is real: image files in a temp inbox, a SQLite file through worker.store, onnxruntime on a
+generated model. The watcher is replaced by direct `submit()` calls (what its callback does), so each test
+controls exactly which paths arrive and when.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_model, write_image
+
+from worker import config as config_mod
+from worker.config import Config
+from worker.model import Model
+from worker.pipeline import Pipeline, ReadyQueue, classify_files
+from worker.store import ResultRecord, Store
+
+
+# Helpers -------------------------------------------------------------------------------------------------
+def make_config(tmp_path: Path, **overrides: object) -> Config:
+    values = {"inbox.path": str(tmp_path / "inbox"), "files.processed_dir": str(tmp_path / "processed"),
+              "files.failed_dir": str(tmp_path / "failed"), "database.url": f"sqlite:///{tmp_path}/db.sqlite",
+              "model.path": str(tmp_path / "model.onnx")}
+    values.update(overrides)
+    cfg = config_mod.load(None, values)
+    cfg.inbox_path.mkdir(parents=True, exist_ok=True)
+    if not Path(cfg.model.path).exists():
+        make_model(Path(cfg.model.path))
+    return cfg
+
+
+class Harness:
+    """A pipeline over a real store and model, driven like the daemon's loop."""
+
+    def __init__(self, cfg: Config, store: Store | None = None, **kwargs: object) -> None:
+        self.cfg = cfg
+        self.store = store or Store(cfg.database_url)
+        self.model = Model(cfg.model_path)
+        self.pipeline = Pipeline(cfg, self.model, self.store, worker_id="test", **kwargs)
+        self.pipeline.start()
+
+    def submit_all(self) -> int:
+        return sum(self.pipeline.submit(p) for p in sorted(self.cfg.inbox_path.rglob("*")) if not p.is_dir())
+
+    def drain(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.pipeline.busy():
+            assert time.monotonic() < deadline, "pipeline did not go idle"
+            self.pipeline.process_next(0.5, until_idle=True)
+
+    def rows(self, where: str = "1") -> list[tuple]:
+        with sqlite3.connect(self.store.path) as db:
+            return db.execute(
+                f"SELECT file, status, category, duplicate_of, location, error FROM results WHERE {where} "
+                "ORDER BY id").fetchall()
+
+    def close(self) -> None:
+        self.pipeline.stop()
+        self.store.close()
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Config:
+    return make_config(tmp_path)
+
+
+@pytest.fixture
+def harness(cfg: Config):
+    h = Harness(cfg)
+    yield h
+    h.close()
+
+
+# The ready queue -----------------------------------------------------------------------------------------
+def test_queue_forms_full_batches_at_once_and_partial_ones_after_max_wait() -> None:
+    queue = ReadyQueue(max_queue=10)
+    for i in range(5):
+        assert queue.put(Path(f"/in/{i}"))
+    start = time.monotonic()
+    assert [q.path.name for q in queue.take(max_batch=3, max_wait_s=60)] == ["0", "1", "2"]
+    assert time.monotonic() - start < 30  # a full batch does not wait for max_wait
+    batch = queue.take(max_batch=3, max_wait_s=0.05)  # two left: they go once the oldest waited 50 ms
+    assert [q.path.name for q in batch] == ["3", "4"]
+    assert time.monotonic() - batch[0].queued_at >= 0.05
+
+
+def test_queue_refuses_paths_queued_or_in_flight_until_released() -> None:
+    queue = ReadyQueue(max_queue=10)
+    assert queue.put(Path("/in/a"))
+    assert not queue.put(Path("/in/a"))
+    (item,) = queue.take(max_batch=4, max_wait_s=0)
+    assert not queue.put(Path("/in/a"))  # in flight
+    assert queue.pending == 1 and queue.depth == 0
+    queue.release([item.path])
+    assert queue.put(Path("/in/a"))
+
+
+def test_queue_is_bounded_and_reports_overflow_once_drained() -> None:
+    queue = ReadyQueue(max_queue=3)
+    accepted = [queue.put(Path(f"/in/{i}")) for i in range(5)]
+    assert accepted == [True, True, True, False, False]
+    assert (queue.depth, queue.dropped, queue.overflowed) == (3, 2, True)
+    assert not queue.take_overflow(low_water=1)  # still 3 waiting
+    queue.take(max_batch=2, max_wait_s=0)
+    assert queue.take_overflow(low_water=1)
+    assert not queue.take_overflow(low_water=1)  # reported once
+
+
+def test_queue_take_returns_empty_on_wake_and_close() -> None:
+    queue = ReadyQueue(max_queue=3)
+    result: list[list] = []
+    thread = threading.Thread(target=lambda: result.append(queue.take(2, 0.01)))
+    thread.start()
+    time.sleep(0.05)
+    queue.wake()
+    thread.join(timeout=5)
+    assert result == [[]]
+    queue.close()
+    assert queue.take(2, 0.01) == []
+    assert not queue.put(Path("/in/x"))
+
+
+# Processing ----------------------------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_mixed_batch_good_bad_and_odd_files(harness: Harness, cfg: Config,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    inbox = cfg.inbox_path
+    write_image(inbox / "red.jpg", (255, 0, 0))
+    write_image(inbox / "sub" / "green shirt.png", (0, 255, 0))
+    write_image(inbox / "blue.webp", (0, 0, 255), fmt="WEBP")
+    big = write_image(inbox.parent / "big.jpg", (255, 0, 0), size=(400, 300), noise_seed=3).read_bytes()
+    (inbox / "corrupt.jpg").write_bytes(big[: len(big) // 2])
+    (inbox / "empty.jpg").write_bytes(b"")
+    (inbox / "notes.jpg").write_text("not an image\n")
+    os.mkfifo(inbox / "pipe.jpg")
+    (inbox / "link.jpg").symlink_to("/etc/passwd")
+    assert harness.submit_all() == 8
+    harness.drain()
+    rows = {r[0]: r for r in harness.rows()}
+    assert {f: (r[1], r[2]) for f, r in rows.items()} == {
+        "red.jpg": ("ok", "red"),
+        "sub/green shirt.png": ("ok", "green"),
+        "blue.webp": ("ok", "blue"),
+        "corrupt.jpg": ("failed", None),
+        "empty.jpg": ("failed", None),
+        "notes.jpg": ("failed", None),
+    }
+    assert rows["empty.jpg"][5] == "empty file (0 bytes)"
+    assert "not a supported image" in rows["notes.jpg"][5]
+    assert "corrupt or truncated JPEG" in rows["corrupt.jpg"][5]
+    # Files went where their rows say; the FIFO and the symlink were left alone, without rows.
+    assert rows["sub/green shirt.png"][4] == str(cfg.processed_path / "sub" / "green shirt.png")
+    assert rows["notes.jpg"][4] == str(cfg.failed_path / "notes.jpg")
+    for row in rows.values():
+        assert Path(row[4]).is_file()
+    assert sorted(p.name for p in inbox.rglob("*") if not p.is_dir() or p.is_symlink()) == ["link.jpg", "pipe.jpg"]
+    assert harness.pipeline.counters.skipped == 2
+    # Skips are logged once per file, however often the file is reported again.
+    harness.pipeline.submit(inbox / "pipe.jpg")
+    harness.drain()
+    assert sum("skipping pipe.jpg" in m for m in caplog.messages) == 1
+    assert harness.pipeline.counters.rows == 6
+
+
+@pytest.mark.timeout(60)
+def test_same_content_is_recorded_as_duplicate_without_inference(harness: Harness, cfg: Config) -> None:
+    inbox = cfg.inbox_path
+    write_image(inbox / "a.jpg", (255, 0, 0), noise_seed=1)
+    data = (inbox / "a.jpg").read_bytes()
+    (inbox / "a-copy.jpg").write_bytes(data)  # same bytes in the same batch: inferred once
+    harness.submit_all()
+    harness.drain()
+    assert harness.pipeline.counters.inferred == 1
+    (inbox / "again.jpg").write_bytes(data)  # same bytes later: copied from the first row
+    harness.submit_all()
+    harness.drain()
+    assert harness.pipeline.counters.inferred == 1
+    rows = harness.rows()
+    first_id = 1
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
+        ("a-copy.jpg", "ok", "red", None), ("a.jpg", "ok", "red", first_id), ("again.jpg", "ok", "red", first_id)
+    ]  # submitted in name order: a-copy.jpg comes first
+    assert harness.pipeline.counters.duplicates == 2
+    assert sorted(p.name for p in cfg.processed_path.iterdir()) == ["a-copy.jpg", "a.jpg", "again.jpg"]
+
+
+@pytest.mark.timeout(60)
+def test_drop_committed_before_a_crash_is_only_moved(harness: Harness, cfg: Config) -> None:
+    path = write_image(cfg.inbox_path / "x.jpg", (0, 0, 255))
+    from worker.files import sha256_hex
+
+    info = harness.model.info
+    # What a worker killed between its commit and the move leaves behind: a row pointing into the inbox.
+    harness.store.add_results([ResultRecord(
+        file="x.jpg", location=str(path), status="ok", model_id=info.model_id, model_name=info.name,
+        worker="crashed", sha256=sha256_hex(path.read_bytes()), category="blue", confidence=0.9)])
+    harness.submit_all()
+    harness.drain()
+    assert harness.rows() == [("x.jpg", "ok", "blue", None, str(cfg.processed_path / "x.jpg"), None)]
+    assert harness.pipeline.counters.recovered == 1 and harness.pipeline.counters.inferred == 0
+    assert not path.exists()
+
+
+@pytest.mark.timeout(60)
+def test_move_failure_keeps_the_file_and_retries_without_a_second_row(
+    harness: Harness, cfg: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    # processed/ cannot be created: a plain file is in its place (works as root too, unlike chmod).
+    cfg.processed_path.write_text("in the way")
+    path = write_image(cfg.inbox_path / "a.jpg", (255, 0, 0))
+    harness.submit_all()
+    harness.pipeline.process_next(5)
+    assert path.exists()
+    assert [r[:2] for r in harness.rows()] == [("a.jpg", "ok")]
+    assert any("cannot dispose of a.jpg" in m and "retrying in 1 s" in m for m in caplog.messages)
+    assert harness.pipeline.busy()  # a retry is scheduled
+    cfg.processed_path.unlink()  # the fault clears
+    harness.drain()
+    assert not path.exists()
+    assert harness.rows() == [("a.jpg", "ok", "red", None, str(cfg.processed_path / "a.jpg"), None)]
+    assert harness.pipeline.counters.disposition_errors == 1
+
+
+@pytest.mark.timeout(60)
+def test_commit_failure_keeps_files_in_the_inbox_and_retries(cfg: Config, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    store = Store(cfg.database_url, busy_timeout_ms=50, retry_s=0.2)
+    h = Harness(cfg, store=store)
+    try:
+        paths = [write_image(cfg.inbox_path / f"{i}.jpg", (0, 255, 0), noise_seed=i) for i in range(3)]
+        other = sqlite3.connect(store.path, isolation_level=None, timeout=0)
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the database
+        h.submit_all()
+        h.pipeline.process_next(5)
+        assert all(p.exists() for p in paths)
+        assert any("cannot record 3 results" in m for m in caplog.messages)
+        other.execute("ROLLBACK")
+        other.close()
+        h.drain()
+        assert sorted(r[0] for r in h.rows()) == ["0.jpg", "1.jpg", "2.jpg"]
+        assert not any(p.exists() for p in paths)
+        assert h.pipeline.counters.commit_errors >= 1
+    finally:
+        h.close()
+
+
+@pytest.mark.timeout(60)
+def test_overflowing_queue_drops_paths_and_rescans_them_later(cfg: Config) -> None:
+    cfg.batch.max_queue, cfg.batch.max_batch = 4, 2
+    for i in range(20):
+        write_image(cfg.inbox_path / f"{i:02}.png", (255, 0, 0), size=(8, 8), noise_seed=i)
+    rescans = []
+    h: Harness
+
+    def rescan() -> None:
+        rescans.append(1)
+        h.submit_all()
+
+    h = Harness(cfg, rescan=rescan)
+    try:
+        accepted = h.submit_all()  # 4, plus any the batcher took meanwhile; the rest stays in the inbox
+        assert accepted < 20 and h.pipeline.queue.dropped == 20 - accepted
+        h.drain()
+        assert len(h.rows()) == 20 and len({r[0] for r in h.rows()}) == 20
+        assert rescans and not any(cfg.inbox_path.iterdir())
+    finally:
+        h.close()
+
+
+@pytest.mark.timeout(60)
+def test_leave_and_delete_dispositions(tmp_path: Path) -> None:
+    for action in ("leave", "delete"):
+        cfg = make_config(tmp_path / action, **{"files.on_success": action})
+        h = Harness(cfg)
+        try:
+            path = write_image(cfg.inbox_path / "a.jpg", (255, 0, 0))
+            h.submit_all()
+            h.drain()
+            assert path.exists() is (action == "leave")
+            assert not cfg.processed_path.exists()
+            assert h.rows()[0][4] == (str(path) if action == "leave" else "")
+            if action == "leave":
+                assert not h.pipeline.submit(path)  # a file left in place is not read again
+        finally:
+            h.close()
+
+
+def test_classify_files_keeps_order_and_reports_bad_files(tmp_path: Path, tiny_model: Path) -> None:
+    good = write_image(tmp_path / "g.png", (0, 255, 0))
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("nope")
+    results = list(classify_files(Model(tiny_model), [good, bad, tmp_path / "missing.jpg", good],
+                                  max_file_bytes=1 << 20, max_pixels=10**6, batch_size=2))
+    assert [(r["file"], r["status"], r.get("category")) for r in results] == [
+        (str(good), "ok", "green"), (str(bad), "failed", None), (str(tmp_path / "missing.jpg"), "failed", None),
+        (str(good), "ok", "green"),
+    ]
+    assert results[2]["error"] == "file no longer exists"

@@ -1,0 +1,315 @@
+"""`fashion-worker`: the command line, thin over the library (parse, call, print).
+
+Every subcommand takes the global flags --config, --inbox, --db, --model and --log-level. A user's
+mistake (FashionWorkerError) prints `fashion-worker: error: <message>` on stderr and exits 2, without a
+traceback; argparse reports bad flags its own way (also exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from worker import config as config_mod
+from worker.config import LOG_LEVELS, Config
+from worker.exceptions import FashionWorkerError, StoreError
+
+PROG = "fashion-worker"
+DEFAULT_CONFIG = Path("config.toml")
+
+log = logging.getLogger(__name__)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the epilog's line breaks and shows each option's default."""
+
+
+# Config -----------------------------------------------------------------------------------------------
+def database_url(value: str) -> str:
+    """--db takes a SQLAlchemy URL or a plain file path (a SQLite database, relative to the current folder)."""
+    if "://" in value:
+        return value
+    return "sqlite:///" + os.path.abspath(os.path.expanduser(value))
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """config.toml (--config, else ./config.toml if it exists, else defaults) with the flags applied.
+
+    Paths given as flags are relative to the current folder; those in the file to the file's folder.
+    """
+    path = args.config
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    overrides: dict[str, Any] = {}
+    if args.inbox is not None:
+        overrides["inbox.path"] = os.path.abspath(os.path.expanduser(args.inbox))
+    if args.db is not None:
+        overrides["database.url"] = database_url(args.db)
+    if args.model is not None:
+        overrides["model.path"] = os.path.abspath(os.path.expanduser(args.model))
+    if args.log_level is not None:
+        overrides["service.log_level"] = args.log_level
+    for key, value in getattr(args, "extra_overrides", {}).items():
+        overrides[key] = value
+    return config_mod.load(path, overrides)
+
+
+def setup(args: argparse.Namespace) -> Config:
+    from worker.logs import setup_logging
+
+    cfg = load_config(args)
+    setup_logging(cfg.service.log_level)
+    return cfg
+
+
+def open_existing_store(cfg: Config) -> Any:
+    """The results database for reading; a missing SQLite file is an error rather than created empty."""
+    from worker.lock import sqlite_file
+    from worker.store import Store
+
+    url = cfg.database_url
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        raise StoreError(f"database {path} does not exist (nothing recorded yet, or a wrong --db/--config)")
+    return Store(url, busy_timeout_ms=cfg.database.busy_timeout_ms)
+
+
+# Commands ---------------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from worker.daemon import Worker
+
+    if args.polling:
+        args.extra_overrides = {"inbox.polling": True}
+    cfg = setup(args)
+    return Worker(cfg).run(once=args.once)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from worker.daemon import make_model
+    from worker.pipeline import classify_files
+
+    cfg = setup(args)
+    model = make_model(cfg)
+    failed = 0
+    for result in classify_files(model, [Path(f) for f in args.files], max_file_bytes=cfg.files.max_file_bytes,
+                                 max_pixels=cfg.files.max_pixels, batch_size=cfg.batch.max_batch):
+        failed += result["status"] != "ok"
+        print(json.dumps(result, ensure_ascii=False), flush=True)
+    return 1 if failed else 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from worker.output import render
+    from worker.query import SUMMARY_COLUMNS, ResultFilter, results
+
+    cfg = setup(args)
+    flt = ResultFilter(
+        category=args.category, status=args.status, min_confidence=args.min_confidence,
+        max_confidence=args.max_confidence, since=args.since, until=args.until, file=args.file,
+        limit=args.limit,
+    )
+    store = open_existing_store(cfg)
+    try:
+        rows = results(store, flt)
+    finally:
+        store.close()
+    columns = SUMMARY_COLUMNS if args.format == "table" else None
+    sys.stdout.write(render(rows, args.format, columns))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from worker.output import render_stats
+    from worker.query import stats
+
+    cfg = setup(args)
+    store = open_existing_store(cfg)
+    try:
+        data = stats(store)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+    else:
+        sys.stdout.write(render_stats(data))
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from worker.daemon import run_checks
+
+    failures = 0
+    for check in run_checks(lambda: setup(args), config_source=_config_source(args)):
+        failures += not check.ok
+        print(check.line(), flush=True)
+    return 1 if failures else 0
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    from worker.service import install_service
+
+    plan = install_service(
+        args.config, venv=args.venv, user=args.user, uploaders_group=args.uploaders_group, inbox=args.inbox,
+        memory_max=args.memory_max, network=args.network, start=not args.no_start, dry_run=args.dry_run,
+    )
+    _print_plan(plan, args.dry_run, "installed")
+    return 0
+
+
+def cmd_uninstall_service(args: argparse.Namespace) -> int:
+    from worker.service import uninstall_service
+
+    plan = uninstall_service(user=args.user, remove_user=args.remove_user, dry_run=args.dry_run)
+    _print_plan(plan, args.dry_run, "uninstalled")
+    return 0
+
+
+def _print_plan(plan: Any, dry_run: bool, done: str) -> None:
+    if dry_run:
+        sys.stdout.write(plan.script())
+        return
+    for warning in plan.warnings:
+        print(f"warning: {warning}")
+    print(f"{plan.unit_name}: {done} ({plan.unit_path})")
+
+
+def _config_source(args: argparse.Namespace) -> str:
+    if args.config is not None:
+        return str(args.config)
+    return str(DEFAULT_CONFIG.resolve()) if DEFAULT_CONFIG.is_file() else "built-in defaults"
+
+
+# Parser -----------------------------------------------------------------------------------------------
+def _level(value: str) -> str:
+    upper = value.upper()
+    if upper not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"invalid level {value!r}; valid: {', '.join(LOG_LEVELS)}")
+    return upper
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("global options")
+    group.add_argument("--config", type=Path, default=None, metavar="FILE",
+                       help="config file (default: ./config.toml if it exists, else built-in defaults)")
+    group.add_argument("--inbox", default=None, metavar="DIR", help="inbox folder (overrides inbox.path)")
+    group.add_argument("--db", default=None, metavar="URL|FILE",
+                       help="SQLAlchemy URL or SQLite file (overrides database.url)")
+    group.add_argument("--model", default=None, metavar="FILE",
+                       help="ONNX model (overrides model.path; default: the shipped model)")
+    group.add_argument("--log-level", type=_level, default=None, metavar="LEVEL",
+                       help=f"{' | '.join(LOG_LEVELS)} (overrides service.log_level; default INFO)")
+    return common
+
+
+COMMANDS: list[tuple[str, str, str]] = [
+    ("run", "Watch the inbox and classify new images (the daemon).",
+     "examples:\n  fashion-worker run\n  fashion-worker run --once --inbox ./inbox --db data/results.db\n"
+     "  fashion-worker run --polling   # NFS/SMB inbox"),
+    ("classify", "Classify image files and print JSON lines (no database).",
+     "examples:\n  fashion-worker classify photo.jpg shoes/*.png\n"
+     "  fashion-worker classify --model my.onnx a.jpg | jq .category\n\n"
+     "exit status: 0 when every file was classified, 1 when any failed"),
+    ("results", "Query recorded results.",
+     "examples:\n  fashion-worker results --category dress --min-confidence 0.9\n"
+     "  fashion-worker results --status failed --since 1h --format json\n"
+     "  fashion-worker results --file '*.png' --since 2025-01-31 --format csv --limit 0"),
+    ("stats", "Counts per category and status, throughput, last activity, workers.",
+     "examples:\n  fashion-worker stats\n  fashion-worker stats --json"),
+    ("doctor", "Check the config, model, providers, folders, database and inotify limits.",
+     "examples:\n  fashion-worker doctor\n  fashion-worker doctor --config /etc/fashion-worker/config.toml\n\n"
+     "prints one line per check (OK or FAIL); exit status 1 when any check fails"),
+    ("install-service", "Install, enable and start the systemd service (as root).",
+     "examples:\n  sudo fashion-worker install-service --dry-run\n"
+     "  sudo fashion-worker install-service --config /etc/fashion-worker/config.toml"),
+    ("uninstall-service", "Stop, disable and remove the systemd service (data is kept).",
+     "examples:\n  sudo fashion-worker uninstall-service\n  sudo fashion-worker uninstall-service --remove-user"),
+]
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run, "classify": cmd_classify, "results": cmd_results, "stats": cmd_stats,
+    "doctor": cmd_doctor, "install-service": cmd_install_service, "uninstall-service": cmd_uninstall_service,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=_Formatter,
+        description="Classify clothing photos dropped into an inbox folder and record the results.",
+        epilog="examples:\n  fashion-worker run\n  fashion-worker results --since 1h\n"
+               "  fashion-worker COMMAND --help",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = _common()
+    sub = {name: commands.add_parser(name, help=text, description=text, epilog=epilog, parents=[common],
+                                     formatter_class=_Formatter)
+           for name, text, epilog in COMMANDS}
+    for name, command in sub.items():
+        command.set_defaults(handler=HANDLERS[name])
+
+    run = sub["run"]
+    run.add_argument("--once", action="store_true",
+                     help="process what is in the inbox, wait until it is all recorded and moved, then exit")
+    run.add_argument("--polling", action="store_true",
+                     help="poll the inbox instead of inotify (NFS, SMB); overrides inbox.polling")
+
+    sub["classify"].add_argument("files", nargs="+", metavar="FILE", help="image files to classify")
+
+    res = sub["results"]
+    res.add_argument("--category", help="only this category (exact label)")
+    res.add_argument("--status", choices=("ok", "failed"), help="only this status")
+    res.add_argument("--min-confidence", type=float, metavar="P", help="confidence at least P (0..1)")
+    res.add_argument("--max-confidence", type=float, metavar="P", help="confidence at most P (0..1)")
+    res.add_argument("--since", metavar="TIME",
+                     help="processed at or after TIME: ISO 8601 (2025-01-31T12:00) or ago (90s, 30m, 1h, 7d)")
+    res.add_argument("--until", metavar="TIME", help="processed before TIME (same forms as --since)")
+    res.add_argument("--file", metavar="PATTERN",
+                     help="file name: a substring, or a glob with * and ? (case-insensitive)")
+    res.add_argument("--limit", type=int, default=100, help="newest N rows; 0 = all")
+    res.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format")
+
+    sub["stats"].add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    inst = sub["install-service"]
+    inst.add_argument("--venv", default=None, help="virtual environment holding fashion-worker "
+                                                   "(default: the running one)")
+    inst.add_argument("--user", default="fashion-worker", help="service user (created if missing)")
+    inst.add_argument("--uploaders-group", default="uploaders",
+                      help="group whose members may drop files into the inbox")
+    inst.add_argument("--memory-max", default="4G", help="MemoryMax= of the unit")
+    inst.add_argument("--network", choices=("none", "loopback", "remote"), default=None,
+                      help="network access (default: from the config: remote database -> remote, "
+                           "metrics port -> loopback, else none)")
+    inst.add_argument("--no-start", action="store_true", help="enable the service without starting it")
+    inst.add_argument("--dry-run", action="store_true", help="print what would be done, do nothing")
+
+    uninst = sub["uninstall-service"]
+    uninst.add_argument("--user", default="fashion-worker", help="service user")
+    uninst.add_argument("--remove-user", action="store_true", help="also delete the service user")
+    uninst.add_argument("--dry-run", action="store_true", help="print what would be done, do nothing")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except FashionWorkerError as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `fashion-worker results | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

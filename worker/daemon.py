@@ -1,0 +1,406 @@
+"""The worker process: start up, loop over batches, shut down cleanly.
+
+    Worker(config).run()            the daemon (`fashion-worker run`)
+    Worker(config).run(once=True)   process what is in the inbox now, then return (`run --once`)
+
+`run` is a short loop of named steps inside try/finally:
+
+- `start_up`: create the folders, take the inbox lock, open the database (migrating it), load and warm up
+  the model, start the metrics endpoint (if a port is set), start the pipeline, start the watcher and
+  scan what is already in the inbox, then tell systemd READY=1.
+- the loop: `work` blocks until a decoded batch is ready (an idle worker sleeps in a condition wait: no
+  polling), processes it, and `housekeeping` sends WATCHDOG=1 and STATUS= on systemd's watchdog interval
+  and a heartbeat to the database every HEARTBEAT_S seconds.
+- `shut_down`: STOPPING=1, stop the watcher and the pipeline (unprocessed files stay in the inbox), record
+  the stop, close the database, release the lock.
+
+Signals: the first SIGTERM or SIGINT lets the batch in progress finish (it is committed and its files
+disposed of), then the loop ends and `run` returns 0. A second signal exits at once with 128 + signal
+(130 for SIGINT, 143 for SIGTERM); whatever was committed but not yet moved is moved by the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import onnxruntime as ort
+
+from worker.config import Config
+from worker.exceptions import ConfigError, FashionWorkerError, InboxLocked, StoreError
+from worker.lock import InboxLock, sqlite_file
+from worker.metrics import Metrics
+from worker.model import Model
+from worker.notify import Notifier
+from worker.pipeline import Pipeline
+from worker.store import Store
+from worker.watch import InboxWatcher
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 10.0  # database heartbeat (workers table) and the longest the main loop sleeps
+ONCE_MAX_ATTEMPTS = 3  # run --once: give up on a file after this many failed commits or moves
+ONCE_SETTLE_POLL_S = 0.1  # run --once, while the watcher holds files that are settling
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def layout_problems(config: Config) -> list[str]:
+    """Folder settings that would make the worker feed on its own output; [] when the layout is sound."""
+    inbox = Path(os.path.abspath(config.inbox_path))
+    problems = []
+    folders = (("files.processed_dir", config.processed_path), ("files.failed_dir", config.failed_path))
+    for name, path in folders:
+        if name == "files.processed_dir" and config.files.on_success != "move":
+            continue
+        resolved = Path(os.path.abspath(path))
+        if resolved == inbox or inbox in resolved.parents:
+            problems.append(f"{name} ({resolved}) must not be the inbox or inside it ({inbox}): "
+                            "the worker would pick its own output up again")
+    return problems
+
+
+def make_model(config: Config) -> Model:
+    """The model the config names (or the shipped default), with its execution providers and threads."""
+    cache = config.resolve(config.model.optimized_cache) if config.model.optimized_cache else None
+    return Model(
+        config.model_path,
+        providers=config.model.providers,
+        intra_op_threads=config.model.intra_op_threads,
+        inter_op_threads=config.model.inter_op_threads,
+        optimized_cache=cache,
+    )
+
+
+class Worker:
+    """One worker process over one inbox and one database."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.host = socket.gethostname()
+        self.worker_id = config.service.worker_id or f"{self.host}:{os.getpid()}"
+        self.notifier = Notifier.from_environment()
+        self.metrics = Metrics()
+        self.lock: InboxLock | None = None
+        self.store: Store | None = None
+        self.model: Model | None = None
+        self.pipeline: Pipeline | None = None
+        self.watcher: InboxWatcher | None = None
+        self.stop_requested = False
+        self._signals = 0
+        self._watchdog_s = self.notifier.watchdog_interval()
+        self._next_watchdog = 0.0
+        self._next_heartbeat = 0.0
+        self._started_at = time.monotonic()
+
+    # The whole run ------------------------------------------------------------------------------------
+    def run(self, once: bool = False) -> int:
+        """Run until stopped (or, with `once`, until the inbox as it is now is done); the exit code."""
+        previous = self._install_signal_handlers()
+        try:
+            self.start_up(once=once)
+            if once:
+                return self.drain()
+            while not self.stop_requested:
+                self.work()
+                self.housekeeping()
+            return 0
+        finally:
+            self.shut_down()
+            self._restore_signal_handlers(previous)
+
+    def start_up(self, once: bool = False) -> None:
+        config = self.config
+        self.make_folders()
+        if config.service.lock:
+            self.lock = InboxLock(config.inbox_path, config.database_url)
+            self.lock.acquire()
+        self.store = Store(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms)
+        self.model = make_model(config)
+        self.model.warm_up()
+        info = self.model.info
+        self.metrics.set_model(info.model_id, info.name, info.version)
+        if config.service.metrics_port:
+            try:
+                self.metrics.start_server(config.service.metrics_host, config.service.metrics_port)
+            except OSError as exc:
+                raise ConfigError(f"cannot serve metrics on {config.service.metrics_host}:"
+                                  f"{config.service.metrics_port}: {exc.strerror or exc}") from None
+        self.pipeline = Pipeline(
+            config, self.model, self.store, worker_id=self.worker_id, metrics=self.metrics,
+            rescan=self._rescan, max_attempts=ONCE_MAX_ATTEMPTS if once else None,
+        )
+        self.pipeline.start()
+        self.watcher = InboxWatcher(config, self.pipeline.submit)
+        # The watcher also runs in --once mode: files still being written, or closed less than
+        # inbox.settle_s ago, are reported by it once complete.
+        self.watcher.start()  # starts the observer, then scans what is already there
+        log.info("worker %s %s inbox %s (%s); model %s %s; database %s",
+                 self.worker_id, "processing" if once else "watching", config.inbox_path,
+                 self.watcher.mode, info.name, info.version, self.store.url)
+        self._heartbeat()
+        self.metrics.set_ready(True)
+        self.metrics.heartbeat()
+        self.notifier.ready(self.pipeline.status_line())
+        self._next_watchdog = time.monotonic()
+
+    def make_folders(self) -> None:
+        config = self.config
+        problems = layout_problems(config)
+        if problems:
+            raise ConfigError(problems[0])
+        folders = [config.inbox_path, config.failed_path]
+        if config.files.on_success == "move":
+            folders.append(config.processed_path)
+        for folder in folders:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot create folder {folder}: {exc.strerror or exc}") from None
+
+    def work(self) -> int:
+        """Wait for the next decoded batch (blocking, at most until housekeeping is due) and process it."""
+        assert self.pipeline is not None
+        return self.pipeline.process_next(timeout=self._until_housekeeping())
+
+    def drain(self) -> int:
+        """run --once: process until nothing is queued, in flight, waiting for a retry or settling."""
+        assert self.pipeline is not None and self.watcher is not None
+        pipeline = self.pipeline
+        while not self.stop_requested:
+            if pipeline.busy():
+                pipeline.process_next(self._until_housekeeping(), until_idle=True)
+            elif self._watcher_pending():  # files being written or settling: wait for their report
+                pipeline.process_next(min(ONCE_SETTLE_POLL_S, self._until_housekeeping()))
+            else:  # looks done: a last scan closes the gap between a report and its submit
+                accepted = pipeline.accepted
+                self.watcher.scan()
+                if pipeline.accepted == accepted and not pipeline.busy() and not self._watcher_pending():
+                    break
+            self.housekeeping()
+        counters = self.pipeline.counters
+        log.info("done: %d results recorded (%d failed, %d duplicates), %d moved after a crash, %d skipped",
+                 counters.rows, counters.failed, counters.duplicates, counters.recovered, counters.skipped)
+        if counters.given_up:
+            log.error("%d files stay in the inbox: their results could not be recorded or they could not "
+                      "be moved (see the errors above)", counters.given_up)
+            return 1
+        return 0
+
+    def housekeeping(self) -> None:
+        """Cheap unless due: WATCHDOG=1 + STATUS= (systemd), the database heartbeat, metrics."""
+        assert self.pipeline is not None
+        now = time.monotonic()
+        self.metrics.heartbeat()
+        self.metrics.set_queue_depth(self.pipeline.queue_depth)
+        if self._watchdog_s is not None and now >= self._next_watchdog:
+            self.notifier.watchdog()
+            self.notifier.status(self.pipeline.status_line())
+            self._next_watchdog = now + self._watchdog_s
+        if now >= self._next_heartbeat:
+            self._heartbeat()
+
+    def shut_down(self) -> None:
+        """Stop everything that start_up started, in reverse order; safe after a partial start-up."""
+        self.metrics.set_ready(False)
+        status = self.pipeline.status_line() if self.pipeline is not None else "stopping"
+        self.notifier.stopping(status)
+        if self.watcher is not None:
+            with _logged("stopping the watcher"):
+                self.watcher.stop()
+        if self.pipeline is not None:
+            with _logged("stopping the pipeline"):
+                self.pipeline.stop()
+        if self.store is not None:
+            with _logged("recording the stop"):
+                self._heartbeat(stopped=True)
+            self.store.close()
+        self.metrics.stop()
+        if self.lock is not None:
+            self.lock.release()
+        self.notifier.close()
+        if self.pipeline is not None and self.pipeline.counters.rows:
+            log.info("stopped after %d results", self.pipeline.counters.rows)
+
+    def request_stop(self) -> None:
+        """Finish the batch in progress, then leave the loop (what SIGTERM does; also for tests)."""
+        self.stop_requested = True
+        if self.pipeline is not None:
+            self.pipeline.wake()
+
+    # Helpers -------------------------------------------------------------------------------------------
+    def _rescan(self) -> int:
+        """The pipeline asks for a rescan after its queue overflowed and drained."""
+        return self.watcher.scan() if self.watcher is not None else 0
+
+    def _watcher_pending(self) -> int:
+        """Files the watcher has seen but not reported yet (being written, or settling)."""
+        watcher = self.watcher
+        if watcher is None:
+            return 0
+        pending = getattr(watcher, "pending", None)
+        if pending is None:  # watch.py has no public counter (yet): its candidate table is that count
+            pending = len(getattr(watcher, "_candidates", ()))
+        return int(pending() if callable(pending) else pending)
+
+    def _until_housekeeping(self) -> float:
+        due = self._next_heartbeat
+        if self._watchdog_s is not None:
+            due = min(due, self._next_watchdog)
+        return max(0.0, due - time.monotonic())
+
+    def _heartbeat(self, stopped: bool = False) -> None:
+        self._next_heartbeat = time.monotonic() + HEARTBEAT_S
+        if self.store is None:
+            return
+        processed = self.pipeline.counters.rows if self.pipeline is not None else 0
+        try:
+            self.store.heartbeat(self.worker_id, self.host, os.getpid(), processed, stopped=stopped)
+        except StoreError as exc:
+            log.warning("cannot record the heartbeat: %s", exc)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals > 1:
+            log.warning("%s again: exiting now", name)
+            os._exit(128 + signum)
+        log.info("%s: finishing the current batch, then stopping (send it again to exit at once)", name)
+        self.request_stop()
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # signal handlers can only be set from the main thread (tests call run in threads)
+        return {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+
+    def _restore_signal_handlers(self, previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _logged(what: str) -> Any:
+    try:
+        yield
+    except Exception:
+        log.exception("error while %s", what)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Pre-flight checks (`fashion-worker doctor`): what start_up needs, checked without starting
+# ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'OK' if self.ok else 'FAIL':<4}  {self.name}: {self.detail}"
+
+
+def run_checks(load_config: Callable[[], Config], config_source: str = "") -> Iterator[Check]:
+    """Yield one Check per item: config, folders, model, providers, database, lock, inotify limits.
+
+    `load_config` is called once; when it raises, the config check fails and nothing else is checked.
+    """
+    try:
+        config = load_config()
+    except FashionWorkerError as exc:
+        yield Check("config", False, " ".join(str(exc).split()))
+        return
+    yield Check("config", True, config_source or "loaded")
+    problems = layout_problems(config)
+    yield Check("folders", not problems, problems[0] if problems else "inbox, processed and failed are distinct")
+    folders = [("inbox", config.inbox_path), ("failed", config.failed_path)]
+    if config.files.on_success == "move":
+        folders.insert(1, ("processed", config.processed_path))
+    for name, folder in folders:
+        yield _check_folder(name, folder)
+    model: Model | None = None
+    try:
+        model = make_model(config)
+    except FashionWorkerError as exc:
+        yield Check("model", False, " ".join(str(exc).split()))
+    if model is not None:
+        info = model.info
+        yield Check("model", True, f"{info.path} ({info.name} {info.version}, {len(info.labels)} labels, "
+                                   f"input {info.input_size[0]}x{info.input_size[1]}, id {info.model_id[:12]})")
+        available = ", ".join(ort.get_available_providers())
+        yield Check("providers", True, f"using {', '.join(model.providers)} (available: {available})")
+    yield _check_database(config)
+    yield _check_lock(config)
+    yield _check_inotify(config)
+
+
+def _check_folder(name: str, folder: Path) -> Check:
+    if folder.is_dir():
+        if os.access(folder, os.W_OK | os.X_OK):
+            return Check(name, True, f"{folder} exists and is writable")
+        return Check(name, False, f"{folder} is not writable by uid {os.geteuid()}")
+    if folder.exists():
+        return Check(name, False, f"{folder} exists but is not a folder")
+    parent = next((p for p in folder.parents if p.exists()), None)
+    if parent is not None and parent.is_dir() and os.access(parent, os.W_OK | os.X_OK):
+        return Check(name, True, f"{folder} does not exist yet; the worker creates it")
+    return Check(name, False, f"{folder} does not exist and cannot be created ({parent} is not writable)")
+
+
+def _check_database(config: Config) -> Check:
+    url = config.database_url
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        check = _check_folder("database", path.parent)
+        if not check.ok:
+            return check
+        return Check("database", True, f"{path} does not exist yet; the worker creates it")
+    try:
+        store = Store(url, busy_timeout_ms=config.database.busy_timeout_ms)
+    except FashionWorkerError as exc:
+        return Check("database", False, " ".join(str(exc).split()))
+    try:
+        return Check("database", True, f"{store.url} opens, schema version {store.schema_version}")
+    finally:
+        store.close()
+
+
+def _check_lock(config: Config) -> Check:
+    if not config.service.lock:
+        return Check("lock", True, "disabled (service.lock = false)")
+    lock = InboxLock(config.inbox_path, config.database_url)
+    try:
+        lock.acquire()
+    except InboxLocked as exc:
+        return Check("lock", True, f"a worker is running: {exc}")
+    except FashionWorkerError as exc:
+        return Check("lock", False, " ".join(str(exc).split()))
+    lock.release()
+    return Check("lock", True, f"free ({lock.path})")
+
+
+def _check_inotify(config: Config) -> Check:
+    if config.inbox.polling:
+        return Check("inotify", True, "not used (inbox.polling = true)")
+    limits = {}
+    for key in ("max_user_watches", "max_user_instances"):
+        try:
+            limits[key] = int(Path(f"/proc/sys/fs/inotify/{key}").read_text())
+        except (OSError, ValueError):
+            return Check("inotify", True, "no inotify here; the worker polls the inbox")
+    folders = 1
+    if config.inbox.recursive and config.inbox_path.is_dir():
+        folders += sum(len(dirs) for _, dirs, _ in os.walk(config.inbox_path))
+    detail = (f"max_user_watches {limits['max_user_watches']}, max_user_instances "
+              f"{limits['max_user_instances']}; the inbox needs {folders} watch(es)")
+    if folders >= limits["max_user_watches"]:
+        return Check("inotify", False, detail + "; raise fs.inotify.max_user_watches (or use polling)")
+    return Check("inotify", True, detail)

@@ -1,0 +1,738 @@
+"""From ready paths to committed rows: dynamic batching, parallel decoding, one transaction per batch.
+
+    watcher ─submit(path)─▶ ReadyQueue ─feeder thread─▶ decode pool ─▶ hand-off ─▶ process (caller's thread)
+                            bounded, de-duplicated     read, sha256,    ≤ 1 batch    duplicates, inference,
+                            Triton-style batching      decode, resize   waiting      add_results, dispose,
+                                                                                     set_locations
+
+- **Batching** (as Triton's dynamic batcher): a batch leaves the queue as soon as it holds `max_batch`
+  paths, or when its oldest path has waited `max_wait_ms`; a single drop is answered quickly and a burst
+  runs in full batches.
+- **Overlap**: the feeder thread forms batch k+1 and hands it to the decode pool (Pillow releases the GIL)
+  while the caller's thread runs batch k through onnxruntime (which releases it too).
+- **Bounded memory**: at most `max_queue` paths wait, plus three batches of decoded pixels (one in
+  inference, one handed off, one decoding). A path that finds the queue full is dropped and the queue
+  remembers it: once the backlog has drained, a rescan of the inbox picks the files up again. Nothing
+  is lost, since files stay in the inbox until their row is committed.
+- **Per batch**: content already classified under this model (`Store.first_by_content`) is not run
+  through the model again: the new drop gets a row copying the first result (the store sets
+  `duplicate_of`). A drop whose row was committed before a crash, but which was never moved
+  (`Store.find_drop`), is only moved. All other files of the batch are inferred in one call, recorded in
+  ONE `add_results` transaction, then disposed of (moved, left or deleted: only after the commit), then
+  their new locations recorded in ONE `set_locations` call.
+- **Faults**: a file that cannot be decoded becomes a `failed` row and goes to `failed/`; one bad file
+  never fails its batch. A FIFO, socket, symlink… (`FileSkipped`) is logged once and left alone. When the
+  commit fails (the store already retried), the batch's files stay in the inbox and are retried after a
+  back-off during which no new batch is formed. When a move fails (e.g. `processed/` not writable) the
+  file stays in the inbox and is retried after a back-off; its row is not written twice, since the
+  retry finds it with `find_drop`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worker.config import Config
+from worker.disposition import dispose
+from worker.exceptions import FileSkipped, ImageRejected, StoreError
+from worker.files import read_image_file, relative_name, sha256_hex
+from worker.model import Model, Prediction
+from worker.preprocess import load_pixels
+from worker.store import ResultRecord, Store, StoredResult
+
+log = logging.getLogger(__name__)
+
+#: Back-off after a failed commit or move: first delay, doubled per failure, capped.
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 30.0
+#: `location` of a row whose file was deleted (files.on_success = "delete"), or vanished before its move.
+DELETED = ""
+GONE = ""
+#: How many (path, inode, mtime) keys of skipped entries are remembered to log each only once.
+SKIP_MEMORY = 10_000
+#: How many files left in place after processing (on_success = "leave") are remembered, so that rescans
+#: do not read them again while they are unchanged (a forgotten one is found by Store.find_drop anyway).
+LEFT_MEMORY = 100_000
+
+
+# ------------------------------------------------------------------------------------------------------
+# The ready queue
+# ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QueuedFile:
+    path: Path
+    queued_at: float  # time.monotonic() when it was found ready
+
+
+class ReadyQueue:
+    """A bounded FIFO of ready paths that forms batches the way Triton's dynamic batcher does.
+
+    A path is refused while it is already queued or in flight (taken but not yet `release`d), so the
+    watcher, the rescan and retries may report the same file any number of times. A path refused because
+    the queue is full sets `overflowed`, which the pipeline turns into a rescan once the backlog drains.
+    """
+
+    def __init__(self, max_queue: int) -> None:
+        self.max_queue = max_queue
+        self._cond = threading.Condition(threading.RLock())  # RLock: wake() may run in a signal handler
+        self._items: deque[QueuedFile] = deque()
+        self._known: set[Path] = set()  # queued or in flight
+        self._closed = False
+        self._wakeups = 0
+        self._paused_until = 0.0
+        self.overflowed = False
+        self.dropped = 0
+
+    def put(self, path: Path) -> bool:
+        """Queue `path`; False when it is already queued or in flight, the queue is full, or closed."""
+        with self._cond:
+            if self._closed or path in self._known:
+                return False
+            if len(self._items) >= self.max_queue:
+                self.overflowed = True
+                self.dropped += 1
+                return False
+            self._items.append(QueuedFile(path, time.monotonic()))
+            self._known.add(path)
+            self._cond.notify_all()
+            return True
+
+    def take(self, max_batch: int, max_wait_s: float) -> list[QueuedFile]:
+        """Block until a batch is due and return it; [] when closed or woken by `wake()`.
+
+        A batch is due when `max_batch` paths wait, or when the oldest has waited `max_wait_s`.
+        """
+        with self._cond:
+            wakeups = self._wakeups
+            while True:
+                if self._closed or self._wakeups != wakeups:
+                    return []
+                now = time.monotonic()
+                if now < self._paused_until:
+                    self._cond.wait(self._paused_until - now)
+                    continue
+                if not self._items:
+                    self._cond.wait()
+                    continue
+                due = self._items[0].queued_at + max_wait_s
+                if len(self._items) >= max_batch or now >= due:
+                    count = min(max_batch, len(self._items))
+                    return [self._items.popleft() for _ in range(count)]
+                self._cond.wait(due - now)
+
+    def release(self, paths: Iterable[Path]) -> None:
+        """Paths taken earlier are done (or given back): they may be queued again."""
+        with self._cond:
+            for path in paths:
+                self._known.discard(path)
+            self._cond.notify_all()
+
+    def pause(self, seconds: float) -> None:
+        """Form no batch for `seconds` (back-off while the database refuses writes)."""
+        with self._cond:
+            self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
+    def take_overflow(self, low_water: int) -> bool:
+        """True (once) when paths were dropped and the queue is now down to `low_water` or less."""
+        with self._cond:
+            if self.overflowed and len(self._items) <= low_water:
+                self.overflowed = False
+                return True
+            return False
+
+    def wake(self) -> None:
+        """Make a blocked `take` return [] now (safe from a signal handler: the lock is re-entrant)."""
+        with self._cond:
+            self._wakeups += 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def depth(self) -> int:
+        """Paths waiting (not yet taken)."""
+        return len(self._items)
+
+    @property
+    def pending(self) -> int:
+        """Paths queued or in flight."""
+        return len(self._known)
+
+
+# ------------------------------------------------------------------------------------------------------
+# One file through the pipeline
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """A queued file after reading and decoding (done in the decode pool)."""
+
+    item: QueuedFile
+    file: str = ""  # name relative to the inbox, as dropped
+    sha256: str | None = None
+    size_bytes: int | None = None
+    pixels: np.ndarray | None = None
+    error: str | None = None  # set: the file becomes a failed row
+    skipped: str | None = None  # set: logged once and left alone, no row
+    gone: bool = False  # vanished before it was read (moved away, or already disposed of)
+    skip_key: tuple[Any, ...] | None = None
+    decode_ms: float = 0.0
+    # Filled in by `process`:
+    row_id: int | None = None  # an existing row for this very drop (crash between commit and move)
+    same_as: StoredResult | None = None  # the first row with the same content under this model
+    prediction: Prediction | None = None
+
+    @property
+    def outcome(self) -> str:
+        """ok or failed: the row's status, and which folder the file goes to."""
+        if self.same_as is not None:
+            return self.same_as.status
+        return "failed" if self.error is not None else "ok"
+
+
+@dataclass
+class Counters:
+    """What the pipeline has done since start (for stats, STATUS= lines and metrics)."""
+
+    batches: int = 0
+    rows: int = 0  # result rows committed
+    ok: int = 0
+    failed: int = 0
+    duplicates: int = 0  # rows copying an earlier result of the same content
+    inferred: int = 0  # images run through the model
+    recovered: int = 0  # drops committed before a crash and only moved now
+    skipped: int = 0  # FIFOs, symlinks… (each logged once)
+    commit_errors: int = 0
+    disposition_errors: int = 0
+    given_up: int = 0  # --once: files left in the inbox after repeated commit or move failures
+    last_batch_at: datetime | None = None
+
+
+@dataclass
+class _Retry:
+    attempts: int = 0
+    due: float = 0.0  # time.monotonic()
+
+
+# ------------------------------------------------------------------------------------------------------
+# The pipeline
+# ------------------------------------------------------------------------------------------------------
+class Pipeline:
+    """Queue → decode pool → model → store → disposition, driven by `process_next()` from one thread.
+
+    `submit(path)` is the watcher's callback (any thread). `start()` starts the feeder thread;
+    `process_next(timeout)` waits for the next decoded batch and processes it in the calling thread;
+    `stop()` ends the feeder and the pool, leaving unprocessed files in the inbox.
+    `max_attempts`: give up on a file after this many failed commits or moves (None = retry forever;
+    `run --once` uses a small number so that it ends).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        model: Model,
+        store: Store,
+        *,
+        worker_id: str,
+        metrics: Any | None = None,
+        rescan: Callable[[], object] | None = None,
+        max_attempts: int | None = None,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.store = store
+        self.worker_id = worker_id
+        self.metrics = metrics
+        self.rescan = rescan
+        self.max_attempts = max_attempts
+        self.inbox = Path(os.path.realpath(config.inbox_path))  # as the watcher reports paths
+        self.queue = ReadyQueue(config.batch.max_queue)
+        self.counters = Counters()
+        self._max_batch = config.batch.max_batch
+        self._max_wait_s = config.batch.max_wait_ms / 1000
+        self._low_water = min(config.batch.max_queue // 2, 2 * config.batch.max_batch)
+        self._pool = ThreadPoolExecutor(config.batch.decode_threads, thread_name_prefix="decode")
+        self._cond = threading.Condition(threading.RLock())  # guards the hand-off and the state below
+        self._handoff: deque[tuple[list[QueuedFile], list[Future[Prepared]]]] = deque()
+        self._stopping = False
+        self._wakeups = 0
+        self._rescanning = False
+        self._retries: dict[Path, _Retry] = {}
+        self._given_up: set[Path] = set()
+        self._left: OrderedDict[Path, tuple[int, int, int]] = OrderedDict()  # done, left in place
+        self.accepted = 0  # paths queued by submit()
+        self._skips_logged: set[tuple[Any, ...]] = set()
+        self._recent: deque[tuple[float, int]] = deque()  # (monotonic, rows) per batch, last minute
+        self._feeder: threading.Thread | None = None
+        self._commit_failures = 0
+
+    # Input -------------------------------------------------------------------------------------------
+    def submit(self, path: Path) -> bool:
+        """A file is ready (watcher callback, any thread). False when it was not queued (see ReadyQueue)."""
+        path = Path(path)
+        if not path.is_absolute():
+            path = self.inbox / path
+        if path in self._given_up:
+            return False
+        left = self._left.get(path)
+        if left is not None and left == _signature(path):
+            return False  # done and left in place (on_success = "leave"), unchanged since
+        queued = self.queue.put(path)
+        if queued:
+            self.accepted += 1
+            if self.metrics is not None:
+                self.metrics.set_queue_depth(self.queue.depth)
+        return queued
+
+    # Life cycle ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._feeder is None:
+            self._feeder = threading.Thread(target=self._feed, name="batcher", daemon=True)
+            self._feeder.start()
+
+    def stop(self) -> None:
+        """Stop forming batches; batches decoded but not processed are dropped (their files stay)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self.queue.close()
+        if self._feeder is not None:
+            self._feeder.join(timeout=10)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._cond:
+            left = list(self._handoff)
+            self._handoff.clear()
+        for items, _ in left:
+            self.queue.release(item.path for item in items)
+
+    def wake(self) -> None:
+        """Make a waiting `process_next` return at once (used by signal handlers)."""
+        with self._cond:
+            self._wakeups += 1
+            self._cond.notify_all()
+
+    # State -------------------------------------------------------------------------------------------
+    def busy(self) -> bool:
+        """Anything queued, in flight, being rescanned or waiting for a retry."""
+        return self.queue.pending > 0 or self._rescanning or bool(self._retries) or self.queue.overflowed
+
+    @property
+    def queue_depth(self) -> int:
+        return self.queue.depth + len(self._retries)
+
+    def throughput(self, window_s: float = 60.0) -> float:
+        """Rows committed per second over the last `window_s` seconds."""
+        now = time.monotonic()
+        with self._cond:
+            while self._recent and self._recent[0][0] < now - 60.0:
+                self._recent.popleft()
+            rows = sum(n for t, n in self._recent if t >= now - window_s)
+        return rows / window_s
+
+    def status_line(self) -> str:
+        c = self.counters
+        return (f"queue {self.queue_depth}; {self.throughput():.1f} images/s (last minute); "
+                f"{c.rows} processed ({c.failed} failed, {c.duplicates} duplicates)")
+
+    # The caller's loop --------------------------------------------------------------------------------
+    def process_next(self, timeout: float | None = None, *, until_idle: bool = False) -> int:
+        """Wait up to `timeout` s for a decoded batch and process it here; return the files handled.
+
+        Returns 0 on timeout or on `wake()`; with `until_idle`, also as soon as nothing is queued, in
+        flight, rescanning or waiting for a retry (see `busy`).
+        """
+        self._requeue_due()
+        wait = self._until_next_retry(timeout)
+        with self._cond:
+            wakeups = self._wakeups
+            deadline = None if wait is None else time.monotonic() + wait
+            while not self._handoff:
+                if self._stopping or self._wakeups != wakeups or (until_idle and not self.busy()):
+                    return 0
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return 0
+                self._cond.wait(remaining)
+            items, futures = self._handoff.popleft()
+            self._cond.notify_all()
+        try:
+            batch = [future.result() for future in futures]  # _prepare never raises
+            self.process(batch)
+        finally:
+            for item in items:  # a retry that was queued and not rescheduled by this batch is over
+                retry = self._retries.get(item.path)
+                if retry is not None and retry.due == float("inf"):
+                    del self._retries[item.path]
+            self.queue.release(item.path for item in items)
+            with self._cond:
+                self._cond.notify_all()
+        return len(items)
+
+    # The feeder thread -------------------------------------------------------------------------------
+    def _feed(self) -> None:
+        while not self._stopping:
+            items = self.queue.take(self._max_batch, self._max_wait_s)
+            if self.queue.take_overflow(self._low_water):
+                self._start_rescan()
+            if not items:
+                continue
+            if self.metrics is not None:
+                self.metrics.set_queue_depth(self.queue.depth)
+            try:
+                futures = [self._pool.submit(self._prepare, item) for item in items]
+            except RuntimeError:  # the pool was shut down: we are stopping
+                self.queue.release(item.path for item in items)
+                return
+            with self._cond:
+                while self._handoff and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    self.queue.release(item.path for item in items)
+                    return
+                self._handoff.append((items, futures))
+                self._cond.notify_all()
+
+    def _start_rescan(self) -> None:
+        if self.rescan is None:
+            return
+        with self._cond:
+            if self._rescanning or self._stopping:
+                return
+            self._rescanning = True
+        log.info("the queue overflowed (%d paths dropped so far); rescanning the inbox as it drains",
+                 self.queue.dropped)
+        threading.Thread(target=self._run_rescan, name="rescan", daemon=True).start()
+
+    def _run_rescan(self) -> None:
+        try:
+            if self.rescan is not None:
+                self.rescan()
+        except Exception:
+            log.exception("inbox rescan failed")
+        finally:
+            with self._cond:
+                self._rescanning = False
+                self._cond.notify_all()
+
+    # Decode pool ------------------------------------------------------------------------------------
+    def _prepare(self, item: QueuedFile) -> Prepared:
+        """Read, hash, decode and resize one file. Never raises: the outcome is in the result."""
+        start = time.perf_counter()
+        p = Prepared(item)
+        try:
+            p.file = relative_name(self.inbox, item.path)
+            data, st = read_image_file(self.inbox, item.path, self.config.files.max_file_bytes)
+            p.size_bytes = st.st_size
+            p.sha256 = sha256_hex(data)
+            p.pixels = load_pixels(data, self.model.input_size, max_pixels=self.config.files.max_pixels,
+                                   policy=self.model.info.resize)
+        except FileSkipped as exc:
+            if not os.path.lexists(item.path):  # disposed of already, or moved away by someone: no news
+                p.gone = True
+            else:
+                p.skipped = str(exc)
+                p.skip_key = _skip_key(item.path)
+        except ImageRejected as exc:
+            p.error = str(exc)
+            if p.size_bytes is None:
+                p.size_bytes = _size(item.path)
+        except FileNotFoundError:
+            p.gone = True
+        except OSError as exc:
+            p.skipped = f"cannot read: {exc.strerror or exc}"
+            p.skip_key = _skip_key(item.path)
+        except Exception as exc:  # a decoder bug must not take the batch down: the file fails alone
+            log.exception("unexpected error decoding %s", item.path)
+            p.error = f"unexpected decoder error: {type(exc).__name__}: {exc}"
+        if not p.file:
+            p.file = item.path.name
+        p.decode_ms = (time.perf_counter() - start) * 1000
+        return p
+
+    # One batch -------------------------------------------------------------------------------------
+    def process(self, batch: list[Prepared]) -> None:
+        """Record and dispose of one decoded batch (see the module docstring for the order of steps)."""
+        rows = [p for p in batch if p.skipped is None and not p.gone]
+        for p in batch:
+            if p.skipped is not None:
+                self._log_skip(p)
+            elif p.gone:
+                log.debug("%s is no longer in the inbox; nothing to do", p.item.path)
+        if not rows:
+            return
+        try:
+            self._match_existing(rows)
+        except StoreError as exc:
+            self._commit_failed(rows, exc)
+            return
+        inference_s = self._infer([p for p in rows if p.row_id is None and p.same_as is None])
+        new = [p for p in rows if p.row_id is None]
+        now = datetime.now(UTC)
+        records = [self._record(p, now, inference_s) for p in new]
+        try:
+            ids = self.store.add_results(records) if records else []
+        except StoreError as exc:
+            self._commit_failed(rows, exc)
+            return
+        self._commit_failures = 0
+        for p, row_id in zip(new, ids, strict=True):
+            p.row_id = row_id
+        committed = time.monotonic()
+        self._count(new, records, rows, committed)
+        self._dispose(rows)
+
+    def _match_existing(self, rows: list[Prepared]) -> None:
+        """Find content already classified under this model, and drops already committed (recovery)."""
+        model_id = self.model.info.model_id
+        hashes = sorted({p.sha256 for p in rows if p.sha256})
+        first = self.store.first_by_content(hashes, model_id) if hashes else {}
+        for p in rows:
+            if p.sha256 is not None and p.sha256 not in first:
+                continue  # new content: it cannot have been recorded before
+            p.row_id = self.store.find_drop(p.file, p.sha256, model_id, str(p.item.path))
+            if p.row_id is None and p.sha256 is not None:
+                p.same_as = first[p.sha256]
+
+    def _infer(self, todo: list[Prepared]) -> float:
+        """Run the model once over the distinct contents of `todo`; return the inference seconds."""
+        unique: dict[str, Prepared] = {}
+        for p in todo:
+            if p.pixels is not None:
+                unique.setdefault(p.sha256 or str(id(p)), p)
+        if not unique:
+            return 0.0
+        start = time.perf_counter()
+        predictions = self.model.predict(np.stack([p.pixels for p in unique.values()]))
+        inference_s = time.perf_counter() - start
+        by_hash = dict(zip(unique, predictions, strict=True))
+        for p in todo:
+            if p.pixels is not None:
+                p.prediction = by_hash[p.sha256 or str(id(p))]
+            p.pixels = None  # free the memory now
+        self.counters.inferred += len(unique)
+        if self.metrics is not None:
+            self.metrics.observe_batch(len(unique), inference_s)
+        return inference_s / len(unique)
+
+    def _record(self, p: Prepared, now: datetime, inference_s: float) -> ResultRecord:
+        info = self.model.info
+        waited = time.monotonic() - p.item.queued_at
+        category = confidence = top3 = None
+        status, error = p.outcome, p.error
+        if p.same_as is not None:
+            first = p.same_as
+            category, confidence, top3, error = first.category, first.confidence, first.top3, first.error
+        elif p.prediction is not None:
+            category, confidence, top3 = p.prediction.category, p.prediction.confidence, p.prediction.top3
+        return ResultRecord(
+            file=p.file,
+            location=str(p.item.path),
+            sha256=p.sha256,
+            size_bytes=p.size_bytes,
+            status=status,
+            category=category,
+            confidence=confidence,
+            top3=top3,
+            error=error,
+            model_id=info.model_id,
+            model_name=info.name,
+            duplicate_of=None,  # the store fills it in
+            decode_ms=round(p.decode_ms, 3),
+            inference_ms=round(inference_s * 1000, 3) if p.prediction is not None else None,
+            total_ms=round(waited * 1000, 3),
+            created_at=now - timedelta(seconds=waited),  # when the file was found ready
+            worker=self.worker_id,
+        )
+
+    def _count(self, new: list[Prepared], records: list[ResultRecord], rows: list[Prepared],
+               committed: float) -> None:
+        c = self.counters
+        c.batches += 1
+        c.rows += len(new)
+        c.last_batch_at = datetime.now(UTC)
+        for p, record in zip(new, records, strict=True):
+            if record.duplicate_of is not None:  # set by the store at commit
+                c.duplicates += 1
+                status = "duplicate"
+            else:
+                status = p.outcome
+            if p.outcome == "failed":
+                c.failed += 1
+            else:
+                c.ok += 1
+            if self.metrics is not None:
+                self.metrics.observe_image(status, committed - p.item.queued_at)
+        c.recovered += len(rows) - len(new)
+        with self._cond:
+            self._recent.append((committed, len(new)))
+
+    def _dispose(self, rows: list[Prepared]) -> None:
+        """Move / leave / delete each committed file, then record the new locations in one call."""
+        locations: list[tuple[int, str]] = []
+        for p in rows:
+            assert p.row_id is not None
+            try:
+                dest = dispose(p.item.path, self.inbox, p.outcome, self.config)
+            except OSError as exc:
+                if not os.path.lexists(p.item.path):
+                    log.warning("%s vanished from the inbox after its row %d was committed",
+                                p.item.path, p.row_id)
+                    locations.append((p.row_id, GONE))
+                    continue
+                self.counters.disposition_errors += 1
+                delay = self._schedule_retry(p.item.path)
+                target = self.config.failed_path if p.outcome == "failed" else self.config.processed_path
+                log.error("cannot dispose of %s (row %d committed) into %s: %s; it stays in the inbox%s",
+                          p.file, p.row_id, target, exc.strerror or exc,
+                          f", retrying in {delay:g} s" if delay is not None else ", giving up")
+                continue
+            self._retries.pop(p.item.path, None)
+            location = DELETED if dest is None else str(dest)
+            if location != str(p.item.path):
+                locations.append((p.row_id, location))
+            else:
+                self._remember_left(p.item.path)
+        if locations:
+            try:
+                self.store.set_locations(locations)
+            except StoreError as exc:  # the files are safe where they are; only `location` is stale
+                log.error("cannot record the new location of %d files: %s", len(locations), exc)
+
+    # Faults and retries -------------------------------------------------------------------------------
+    def _commit_failed(self, rows: list[Prepared], exc: StoreError) -> None:
+        self.counters.commit_errors += 1
+        self._commit_failures += 1
+        delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (self._commit_failures - 1))
+        self.queue.pause(delay)
+        kept = [p.item.path for p in rows]
+        for path in kept:
+            self._schedule_retry(path, delay)
+        log.error("cannot record %d results: %s; the files stay in the inbox, retrying in %g s",
+                  len(kept), exc, delay)
+
+    def _schedule_retry(self, path: Path, delay: float | None = None) -> float | None:
+        """Retry `path` later; returns the delay, or None when it was given up (max_attempts)."""
+        retry = self._retries.setdefault(path, _Retry())
+        retry.attempts += 1
+        if self.max_attempts is not None and retry.attempts >= self.max_attempts:
+            del self._retries[path]
+            self._given_up.add(path)
+            self.counters.given_up += 1
+            return None
+        if delay is None:
+            delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (retry.attempts - 1))
+        retry.due = time.monotonic() + delay
+        return delay
+
+    def _requeue_due(self) -> None:
+        now = time.monotonic()
+        for path, retry in list(self._retries.items()):
+            if retry.due <= now and self.queue.put(path):
+                retry.due = float("inf")  # queued; rescheduled if it fails again
+
+    def _until_next_retry(self, timeout: float | None) -> float | None:
+        dues = [r.due for r in self._retries.values() if r.due != float("inf")]
+        if not dues:
+            return timeout
+        until = max(0.0, min(dues) - time.monotonic())
+        return until if timeout is None else min(timeout, until)
+
+    def _remember_left(self, path: Path) -> None:
+        signature = _signature(path)
+        if signature is None:
+            return
+        self._left[path] = signature
+        self._left.move_to_end(path)
+        while len(self._left) > LEFT_MEMORY:
+            self._left.popitem(last=False)
+
+    def _log_skip(self, p: Prepared) -> None:
+        key = p.skip_key or (p.item.path,)
+        if key in self._skips_logged:
+            return
+        if len(self._skips_logged) >= SKIP_MEMORY:
+            self._skips_logged.clear()
+        self._skips_logged.add(key)
+        self.counters.skipped += 1
+        log.warning("skipping %s: %s", p.file or p.item.path, p.skipped)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Classifying files without a database (`fashion-worker classify`)
+# ------------------------------------------------------------------------------------------------------
+def classify_files(
+    model: Model, paths: Iterable[Path], *, max_file_bytes: int, max_pixels: int, batch_size: int = 16
+) -> Iterator[dict[str, Any]]:
+    """Classify files in batches; yield one dict per file, in order.
+
+    ok: {file, status, category, confidence, top3: [[label, p], ...], model}; a bad file:
+    {file, status: "failed", error, model}.
+    """
+    model_name = f"{model.info.name} {model.info.version}"
+    chunk: list[tuple[Path, np.ndarray | None, str | None]] = []
+
+    def flush() -> Iterator[dict[str, Any]]:
+        good = [pixels for _, pixels, _ in chunk if pixels is not None]
+        predictions = iter(model.predict(np.stack(good)) if good else [])
+        for path, pixels, error in chunk:
+            if pixels is None:
+                yield {"file": str(path), "status": "failed", "error": error, "model": model_name}
+                continue
+            pred = next(predictions)
+            yield {"file": str(path), "status": "ok", "category": pred.category,
+                   "confidence": pred.confidence, "top3": [[label, prob] for label, prob in pred.top3],
+                   "model": model_name}
+        chunk.clear()
+
+    for path in paths:
+        path = Path(path)
+        try:
+            data, _ = read_image_file(path.parent, path, max_file_bytes)
+            pixels = load_pixels(data, model.input_size, max_pixels=max_pixels, policy=model.info.resize)
+            chunk.append((path, pixels, None))
+        except (ImageRejected, FileSkipped) as exc:
+            chunk.append((path, None, str(exc)))
+        except OSError as exc:
+            chunk.append((path, None, f"cannot read: {exc.strerror or exc}"))
+        if len(chunk) >= batch_size:
+            yield from flush()
+    if chunk:
+        yield from flush()
+
+
+def _skip_key(path: Path) -> tuple[Any, ...]:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return (path,)
+    return (path, st.st_ino, st.st_mtime_ns)
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return None
+
