@@ -1,0 +1,271 @@
+"""worker.disposition: move / leave / delete after commit, never overwriting, across filesystems too."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_image
+from worker import disposition
+from worker.config import Config, load
+from worker.disposition import DispositionError, dispose, prune_empty_dirs, unique_destination
+
+
+def make_config(tmp_path: Path, **overrides: object) -> Config:
+    values = {"inbox.path": str(tmp_path / "inbox"), "files.processed_dir": str(tmp_path / "processed"),
+              "files.failed_dir": str(tmp_path / "failed")}
+    values.update({key: value for key, value in overrides.items()})
+    return load(None, {key.replace("__", "."): value for key, value in values.items()})
+
+
+def age(path: Path, seconds: float = 60) -> None:
+    """Make a folder look untouched for `seconds` (uploaders' folders are left alone while fresh)."""
+    past = time.time() - seconds
+    os.utime(path, (past, past))
+
+
+def test_ok_is_moved_keeping_the_subfolder(inbox: Path, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    path = write_image(inbox / "sub" / "deep" / "a.jpg", noise_seed=1)
+    content = path.read_bytes()
+    age(inbox / "sub" / "deep")
+    age(inbox / "sub")
+    moved = dispose(path, inbox, "ok", config)
+    assert moved == tmp_path / "processed" / "sub" / "deep" / "a.jpg"
+    assert moved.read_bytes() == content
+    assert not path.exists()
+    # The now-empty subfolders left behind are removed; the inbox itself stays.
+    assert not (inbox / "sub").exists()
+    assert inbox.is_dir()
+
+
+def test_fresh_or_non_empty_subfolders_are_kept(inbox: Path, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    a = write_image(inbox / "busy" / "a.jpg", noise_seed=1)
+    write_image(inbox / "busy" / "b.jpg", noise_seed=2)
+    age(inbox / "busy")
+    dispose(a, inbox, "ok", config)
+    assert (inbox / "busy" / "b.jpg").exists()  # not empty: kept
+    fresh = write_image(inbox / "fresh" / "c.jpg", noise_seed=3)  # just written: an uploader may add more
+    dispose(fresh, inbox, "ok", config)
+    assert (inbox / "fresh").is_dir()
+
+
+def test_failed_always_moves_to_failed(inbox: Path, tmp_path: Path) -> None:
+    for on_success in ("move", "leave", "delete"):
+        config = make_config(tmp_path, files__on_success=on_success)
+        path = inbox / f"bad-{on_success}.jpg"
+        path.write_bytes(b"not an image")
+        moved = dispose(path, inbox, "failed", config)
+        assert moved == tmp_path / "failed" / path.name
+        assert moved.read_bytes() == b"not an image" and not path.exists()
+
+
+def test_leave_keeps_the_file(inbox: Path, tmp_path: Path) -> None:
+    config = make_config(tmp_path, files__on_success="leave")
+    path = write_image(inbox / "a.jpg")
+    assert dispose(path, inbox, "ok", config) == path
+    assert path.exists()
+    assert not (tmp_path / "processed").exists()
+
+
+def test_delete_unlinks(inbox: Path, tmp_path: Path) -> None:
+    config = make_config(tmp_path, files__on_success="delete")
+    path = write_image(inbox / "sub" / "a.jpg")
+    age(inbox / "sub")
+    assert dispose(path, inbox, "ok", config) is None
+    assert not path.exists() and not (inbox / "sub").exists()
+
+
+def test_bad_outcome_is_refused(inbox: Path, tmp_path: Path) -> None:
+    path = write_image(inbox / "a.jpg")
+    with pytest.raises(ValueError, match="outcome must be one of ok, failed"):
+        dispose(path, inbox, "maybe", make_config(tmp_path))
+    assert path.exists()
+
+
+def test_clashes_never_overwrite(inbox: Path, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    processed = tmp_path / "processed"
+    contents = []
+    for seed in range(4):
+        path = write_image(inbox / "a.jpg", noise_seed=seed)
+        contents.append(path.read_bytes())
+        dispose(path, inbox, "ok", config)
+    names = ["a.jpg", "a (1).jpg", "a (2).jpg", "a (3).jpg"]
+    assert sorted(p.name for p in processed.iterdir()) == sorted(names)
+    assert [(processed / name).read_bytes() for name in names] == contents
+
+
+def test_unique_destination(tmp_path: Path) -> None:
+    target = tmp_path / "processed"
+    assert unique_destination(target, "sub/a.jpg") == target / "sub" / "a.jpg"
+    (target / "sub").mkdir(parents=True)
+    (target / "sub" / "a.jpg").touch()
+    (target / "sub" / "a (1).jpg").touch()
+    assert unique_destination(target, "sub/a.jpg") == target / "sub" / "a (2).jpg"
+    (target / "noext").touch()
+    assert unique_destination(target, "noext") == target / "noext (1)"
+    (target / "broken-link.jpg").symlink_to(tmp_path / "nowhere")  # a dangling link is taken too
+    assert unique_destination(target, "broken-link.jpg") == target / "broken-link (1).jpg"
+    with pytest.raises(ValueError, match="bad relative name"):
+        unique_destination(target, "../escape.jpg")
+
+
+def test_clash_on_a_255_byte_name_stays_within_name_max(inbox: Path, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    name = "é" * 125 + ".jpg"  # 254 bytes in UTF-8
+    for seed in range(2):
+        dispose(write_image(inbox / name, fmt="JPEG", noise_seed=seed), inbox, "ok", config)
+    names = sorted(p.name for p in (tmp_path / "processed").iterdir())
+    assert len(names) == 2 and all(len(n.encode()) <= 255 for n in names)
+    assert any(n.endswith(" (1).jpg") for n in names)
+
+
+@pytest.mark.parametrize("name", ["with space.jpg", "new\nline.jpg", "ünïcødé.jpg", "it's \"quoted\".jpg"])
+def test_odd_names_move(inbox: Path, tmp_path: Path, name: str) -> None:
+    path = write_image(inbox / name, fmt="PNG")
+    assert dispose(path, inbox, "ok", make_config(tmp_path)) == tmp_path / "processed" / name
+
+
+def test_processed_inside_the_inbox(inbox: Path, tmp_path: Path) -> None:
+    config = make_config(tmp_path, files__processed_dir=str(inbox / "processed"))
+    path = write_image(inbox / "a.jpg")
+    assert dispose(path, inbox, "ok", config) == inbox / "processed" / "a.jpg"
+
+
+def _other_filesystem(tmp_path: Path) -> Path | None:
+    """A writable folder on a different filesystem than tmp_path (tmpfs /dev/shm on most Linux hosts)."""
+    for candidate in ("/dev/shm", f"/run/user/{os.getuid()}", tempfile.gettempdir()):
+        try:
+            if os.stat(candidate).st_dev != os.stat(tmp_path).st_dev and os.access(candidate, os.W_OK):
+                return Path(tempfile.mkdtemp(prefix="fw-exdev-", dir=candidate))
+        except OSError:
+            continue
+    return None
+
+
+def test_move_to_another_filesystem_for_real(inbox: Path, tmp_path: Path) -> None:
+    other = _other_filesystem(tmp_path)
+    if other is None:
+        pytest.skip("no second writable filesystem here; test_exdev_fallback_simulated covers the path")
+    try:
+        config = make_config(tmp_path, files__processed_dir=str(other / "processed"))
+        contents = []
+        for seed in range(2):
+            path = write_image(inbox / "sub" / "a.jpg", noise_seed=seed)
+            os.utime(path, (1_000_000_000, 1_000_000_000))
+            contents.append(path.read_bytes())
+            moved = dispose(path, inbox, "ok", config)
+            assert not path.exists()
+            assert moved.stat().st_mtime == 1_000_000_000
+        target = other / "processed" / "sub"
+        assert [(target / n).read_bytes() for n in ("a.jpg", "a (1).jpg")] == contents
+        assert sorted(p.name for p in target.iterdir()) == ["a (1).jpg", "a.jpg"]  # no temp file left
+    finally:
+        shutil.rmtree(other)
+
+
+def test_exdev_fallback_simulated(inbox: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Simulated because a second filesystem is not guaranteed on every CI host (the test above uses a real
+    # one when present): the first no-clobber rename, from the inbox, fails with EXDEV as it would across
+    # filesystems; the copy path's own rename (temp -> final, same folder) stays real.
+    real = disposition._rename_noreplace
+
+    def cross_device(src: Path, dst: Path) -> None:
+        if Path(src).parent != Path(dst).parent:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        real(src, dst)
+
+    monkeypatch.setattr(disposition, "_rename_noreplace", cross_device)
+    config = make_config(tmp_path)
+    (tmp_path / "processed").mkdir()
+    (tmp_path / "processed" / "a.jpg").write_bytes(b"already here")
+    path = write_image(inbox / "a.jpg", noise_seed=5)
+    content = path.read_bytes()
+    moved = dispose(path, inbox, "ok", config)
+    assert moved == tmp_path / "processed" / "a (1).jpg"
+    assert moved.read_bytes() == content and not path.exists()
+    assert (tmp_path / "processed" / "a.jpg").read_bytes() == b"already here"
+    assert sorted(p.name for p in (tmp_path / "processed").iterdir()) == ["a (1).jpg", "a.jpg"]
+
+
+def test_link_unlink_fallback_when_renameat2_is_missing(inbox: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Simulated: renameat2 exists on this kernel; filesystems and libcs without it take link + unlink.
+    monkeypatch.setattr(disposition, "_renameat2", None)
+    config = make_config(tmp_path)
+    for seed in range(2):
+        dispose(write_image(inbox / "a.jpg", noise_seed=seed), inbox, "ok", config)
+    assert sorted(p.name for p in (tmp_path / "processed").iterdir()) == ["a (1).jpg", "a.jpg"]
+    assert not (inbox / "a.jpg").exists()
+
+
+def _make_unwritable(folder: Path) -> tuple[str, ...] | None:
+    """Make `folder` refuse new entries for real; returns the undo command or None if impossible here."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return ("chmod", "755", str(folder))
+    # root ignores permission bits; the immutable attribute stops root too (needs CAP_LINUX_IMMUTABLE).
+    if shutil.which("chattr") and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0:
+        return ("chattr", "-i", str(folder))
+    return None
+
+
+def test_unwritable_destination_keeps_the_source(inbox: Path, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    (tmp_path / "processed").mkdir()
+    undo = _make_unwritable(tmp_path / "processed")
+    if undo is None:
+        pytest.skip("cannot make a folder unwritable here (root without chattr)")
+    try:
+        path = write_image(inbox / "sub" / "a.jpg")
+        with pytest.raises(DispositionError) as caught:
+            dispose(path, inbox, "ok", config)
+        assert caught.value.errno in (errno.EACCES, errno.EPERM)
+        assert "sub" in str(caught.value) and "processed" in str(caught.value)
+        assert path.exists() and isinstance(caught.value, OSError)
+    finally:
+        subprocess.run(undo, check=True)
+    # Once the fault clears, the same call succeeds.
+    assert dispose(path, inbox, "ok", config) == tmp_path / "processed" / "sub" / "a.jpg"
+
+
+def test_destination_blocked_by_a_file_keeps_the_source(inbox: Path, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    (tmp_path / "processed").write_bytes(b"a file where the folder should be")
+    path = write_image(inbox / "a.jpg")
+    with pytest.raises(DispositionError, match="cannot create folder"):
+        dispose(path, inbox, "ok", config)
+    assert path.exists()
+
+
+def test_vanished_source_raises(inbox: Path, tmp_path: Path) -> None:
+    with pytest.raises(DispositionError) as caught:
+        dispose(inbox / "gone.jpg", inbox, "ok", make_config(tmp_path))
+    assert caught.value.errno == errno.ENOENT
+
+
+def test_prune_empty_dirs(inbox: Path, tmp_path: Path) -> None:
+    (inbox / "old" / "older").mkdir(parents=True)
+    (inbox / "new").mkdir()
+    (inbox / "kept").mkdir()
+    write_image(inbox / "kept" / "a.jpg")
+    (inbox / "processed" / "x").mkdir(parents=True)
+    for folder in (inbox / "old" / "older", inbox / "old", inbox / "kept", inbox / "processed" / "x"):
+        age(folder, 600)
+    removed = prune_empty_dirs(inbox, [inbox / "processed"], min_age_s=60)
+    assert removed == 1  # old/older; old's mtime just changed, it goes on the next pass
+    assert not (inbox / "old" / "older").exists()
+    assert (inbox / "new").is_dir() and (inbox / "kept" / "a.jpg").exists()
+    assert (inbox / "processed" / "x").is_dir()
+    age(inbox / "old", 600)
+    assert prune_empty_dirs(inbox, [inbox / "processed"], min_age_s=60) == 1
+    assert not (inbox / "old").exists() and inbox.is_dir()

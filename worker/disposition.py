@@ -1,0 +1,293 @@
+"""Where a file goes once its result row is committed: processed/, failed/, left in place, or deleted.
+
+Call `dispose` only after the row is committed. Moves never overwrite: a clash gets "name (1).jpg",
+"name (2).jpg", … The move itself is one atomic no-clobber step:
+
+- renameat2(RENAME_NOREPLACE) where the kernel and filesystem have it (the file never has two names, so a
+  crash mid-move cannot leave a hard-linked copy in the inbox that the next run would refuse);
+- otherwise link(src, dst) (fails if dst exists) then unlink(src);
+- across filesystems (EXDEV): copy into an O_EXCL hidden temp file in the destination folder, fsync, give
+  it its final name without clobbering, fsync the folder, then unlink the source.
+
+Failures raise DispositionError (an OSError with the errno kept) and leave the source in the inbox.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+from worker.config import Config
+from worker.files import relative_name
+
+log = logging.getLogger(__name__)
+
+OUTCOMES = ("ok", "failed")
+NAME_MAX = 255
+# A folder whose entries changed this recently may be being filled by an uploader: it is not removed.
+EMPTY_DIR_MIN_AGE_S = 2.0
+RENAME_NOREPLACE = 1
+_NO_NOREPLACE = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
+_NO_HARDLINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
+
+
+class DispositionError(OSError):
+    """A file could not be moved or deleted; it is still where it was (in the inbox)."""
+
+
+def _load_renameat2():  # type: ignore[no-untyped-def]
+    try:
+        func = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+_renameat2 = _load_renameat2()
+AT_FDCWD = -100
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Give `src` the name `dst` atomically; FileExistsError if `dst` exists (never overwrites).
+
+    Raises OSError(EXDEV) when they are on different filesystems.
+    """
+    global _renameat2
+    if _renameat2 is not None:
+        result = _renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE)
+        if result == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in _NO_NOREPLACE:
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+        if err == errno.ENOSYS:
+            _renameat2 = None
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in _NO_HARDLINKS:
+            raise
+        # No hard links here (some FUSE/SMB mounts): check-then-rename, the best this filesystem allows.
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    stem, suffix = os.path.splitext(name)
+    if len(suffix.encode()) > 16:  # not a real extension: number the whole name
+        return name, ""
+    return stem, suffix
+
+
+def _fit(stem: str, tail: str) -> str:
+    """`stem + tail`, with the stem shortened (on a character boundary) to fit NAME_MAX bytes."""
+    budget = NAME_MAX - len(tail.encode())
+    encoded = stem.encode()
+    if len(encoded) > budget:
+        stem = encoded[: max(budget, 1)].decode(errors="ignore")
+    return stem + tail
+
+
+def _candidates(directory: Path, relative: str) -> Iterator[Path]:
+    rel = PurePosixPath(relative)
+    if rel.is_absolute() or not rel.parts or any(part in ("..", ".") for part in rel.parts):
+        raise ValueError(f"bad relative name {relative!r}")
+    parent = directory.joinpath(*rel.parts[:-1])
+    yield parent / rel.name
+    stem, suffix = _split_name(rel.name)
+    number = 1
+    while True:
+        yield parent / _fit(stem, f" ({number}){suffix}")
+        number += 1
+
+
+def unique_destination(directory: Path, relative: str) -> Path:
+    """The first free name for `relative` ("sub/a.jpg") under `directory`: a.jpg, a (1).jpg, a (2).jpg, …
+
+    Only a hint (another process may take the name next); `dispose` claims names atomically.
+    """
+    for candidate in _candidates(directory, relative):
+        if not os.path.lexists(candidate):
+            return candidate
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def dispose(path: Path, inbox: Path, outcome: str, config: Config) -> Path | None:
+    """Move, leave or delete `path` after its result row is committed; return where it is now (None: deleted).
+
+    outcome "ok" follows config.files.on_success; "failed" always moves to config.files.failed_dir. The
+    subfolder below the inbox is kept. Raises DispositionError (file left in place) when that fails.
+    """
+    if outcome not in OUTCOMES:
+        raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
+    action = config.files.on_success if outcome == "ok" else "move"
+    if action == "leave":
+        return path
+    path = Path(path)
+    rel = relative_name(inbox, path)
+    ancestors = _ancestor_mtimes(inbox, rel)
+    if action == "delete":
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            raise DispositionError(exc.errno, f"cannot delete {rel!r}: {exc.strerror}", str(path)) from None
+        _remove_empty_parents(ancestors)
+        return None
+    target = config.processed_path if outcome == "ok" else config.failed_path
+    destination = _move(path, target, rel)
+    _remove_empty_parents(ancestors)
+    return destination
+
+
+def _move(src: Path, directory: Path, rel: str) -> Path:
+    first = next(_candidates(directory, rel))
+    try:
+        first.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DispositionError(
+            exc.errno, f"cannot create folder {first.parent!s} to move {rel!r} into: {exc.strerror}",
+            str(first.parent),
+        ) from None
+    try:
+        for candidate in _candidates(directory, rel):
+            try:
+                _rename_noreplace(src, candidate)
+            except FileExistsError:
+                continue
+            log.debug("moved %r to %s", rel, candidate)
+            return candidate
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            return _copy_across(src, directory, rel)
+        raise DispositionError(
+            exc.errno, f"cannot move {rel!r} into {first.parent!s}: {exc.strerror}", str(src)
+        ) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _copy_across(src: Path, directory: Path, rel: str) -> Path:
+    """Move to another filesystem: copy to a hidden O_EXCL temp, fsync, no-clobber rename, unlink src."""
+    parent = next(_candidates(directory, rel)).parent
+    temp = parent / _fit(f".{PurePosixPath(rel).name}", f".{secrets.token_hex(4)}.fw-partial")
+    placed: Path | None = None
+    try:
+        in_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(in_fd)
+            out_fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             st.st_mode & 0o777)
+            try:
+                while True:
+                    chunk = os.read(in_fd, 1 << 20)
+                    if not chunk:
+                        break
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(out_fd, view):]
+                os.fsync(out_fd)
+            finally:
+                os.close(out_fd)
+        finally:
+            os.close(in_fd)
+        os.utime(temp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        for candidate in _candidates(directory, rel):
+            try:
+                _rename_noreplace(temp, candidate)
+            except FileExistsError:
+                continue
+            placed = candidate
+            break
+        _fsync_dir(parent)
+        os.unlink(src)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        if placed is not None:  # the copy landed but the source could not go: undo, keep the source
+            with contextlib.suppress(OSError):
+                os.unlink(placed)
+        raise DispositionError(
+            exc.errno, f"cannot copy {rel!r} to {parent!s} (other filesystem): {exc.strerror}", str(src)
+        ) from None
+    log.debug("copied %r to %s across filesystems", rel, placed)
+    assert placed is not None
+    return placed
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _ancestor_mtimes(inbox: Path, rel: str) -> list[tuple[Path, float]]:
+    """The folders between the file `rel` and the inbox (innermost first), with their mtimes before the move."""
+    result = []
+    parts = rel.split("/")[:-1]
+    root = Path(os.path.realpath(inbox))
+    while parts:
+        folder = root.joinpath(*parts)
+        try:
+            result.append((folder, os.lstat(folder).st_mtime))
+        except OSError:
+            break
+        parts.pop()
+    return result
+
+
+def _remove_empty_parents(ancestors: list[tuple[Path, float]]) -> None:
+    """Remove inbox subfolders left empty by a move (never the inbox; never a folder with entries).
+
+    A folder whose entries changed in the last EMPTY_DIR_MIN_AGE_S before the move is kept: an uploader
+    may be about to put the next file there. `prune_empty_dirs` removes such leftovers later.
+    """
+    now = time.time()
+    for folder, mtime in ancestors:
+        if now - mtime < EMPTY_DIR_MIN_AGE_S:
+            return
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+        log.debug("removed empty folder %s", folder)
+
+
+def prune_empty_dirs(inbox: Path, exclude: list[Path], min_age_s: float) -> int:
+    """Remove empty subfolders of the inbox unchanged for `min_age_s` (bottom-up, never the inbox itself,
+    never inside `exclude`); returns how many were removed. Symlinks are not followed."""
+    root = os.path.abspath(inbox)
+    excluded = [os.path.abspath(p) for p in exclude]
+    removed = 0
+    now = time.time()
+    for current, dirs, files, dir_fd in os.fwalk(root, topdown=False, follow_symlinks=False):
+        if current == root or any(current == ex or current.startswith(ex + os.sep) for ex in excluded):
+            continue
+        if files or dirs:
+            # `dirs` lists children as they were before they were (maybe) removed: re-check.
+            try:
+                if os.listdir(dir_fd):
+                    continue
+            except OSError:
+                continue
+        try:
+            if now - os.fstat(dir_fd).st_mtime < min_age_s:
+                continue
+            os.rmdir(current)
+        except OSError:
+            continue
+        removed += 1
+        log.debug("removed empty folder %s", current)
+    return removed

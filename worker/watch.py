@@ -1,0 +1,526 @@
+"""Watch the inbox and report each file once it is complete.
+
+A file is ready (``on_ready(path)`` is called) when:
+
+- inotify: its close-after-write event arrived (IN_CLOSE_WRITE, watchdog's FileClosedEvent);
+- it was renamed or moved into the inbox under a name that is not ignored (a temp name renamed to a final
+  name counts; a folder moved in is scanned and all its files reported);
+- polling (``inbox.polling``, or inotify could not start): its size and mtime stayed unchanged for
+  ``inbox.settle_s``. Close events do not exist there, so created and modified files are tracked as
+  candidates and checked by a timer thread;
+- inotify, a created entry with content that nobody wrote to through a descriptor (a hard link made into
+  the inbox, a file in a folder created before its watch existed): also settle;
+- a scan (at start, and every ``inbox.rescan_interval_s``) finds it with an mtime older than ``settle_s``;
+  younger files found by a scan are re-checked after ``settle_s``.
+
+Ignored names (``inbox.ignore``: temp and hidden names, any ignored folder on the way) are never reported;
+nor is anything below the processed/failed folders when they are inside the inbox, nor anything that is
+not a regular file (symlinks, FIFOs, sockets, devices: logged once and left alone). Nothing is followed
+through a symlink.
+
+``on_ready`` is called from the observer thread, the timer thread or the caller of ``scan()``, possibly
+concurrently; it should be quick (put the path on a queue). Duplicate reports are rare but possible (the
+periodic rescan reports everything still in the inbox): the worker de-duplicates by path in flight and by
+content in the database. Every handler and timer step is wrapped: an exception is logged with its
+traceback and never stops event delivery. Idle means idle: the timer thread sleeps until the next due
+check, and a stopped observer thread is restarted (followed by a rescan) on the next timer wake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserverVFS
+
+from worker.config import Config
+from worker.disposition import prune_empty_dirs
+from worker.exceptions import ConfigError
+from worker.files import describe_entry, is_ignored
+
+log = logging.getLogger(__name__)
+
+INOTIFY_HINT = (
+    "raise the limits, e.g. `sysctl -w fs.inotify.max_user_watches=524288 "
+    "fs.inotify.max_user_instances=1024` (persist in /etc/sysctl.d/)"
+)
+SUPERVISE_INTERVAL_S = 60.0  # how often the timer thread checks that the observer thread is alive
+RECENT_TTL_MIN_S = 10.0  # a report is not repeated for the same file (same inode, size, mtime) this long
+EMPTY_DIR_PRUNE_AGE_S = 60.0  # periodic rescans remove inbox subfolders empty and unchanged this long
+MIN_RECHECK_S = 0.05  # shortest delay between two checks of one candidate
+SKIP_MEMORY = 10_000  # how many skipped entries are remembered so each is logged once
+
+
+@dataclass
+class _Candidate:
+    signature: tuple[int, int, int]  # inode, size, mtime_ns
+    stable_since: float  # monotonic time the signature was first seen unchanged
+    check_at: float  # monotonic time of the next check; inf = wait for the close event
+    written: bool  # inotify: someone opened it for writing, its close event will come
+
+
+class _Handler(FileSystemEventHandler):
+    """Forwards every event to the watcher, logging (never raising) whatever goes wrong."""
+
+    def __init__(self, watcher: InboxWatcher) -> None:
+        self._watcher = watcher
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        try:
+            self._watcher._on_event(event)
+        except Exception:
+            log.exception("error while handling %r; event delivery goes on", event)
+
+
+class _OverflowHook(logging.Handler):
+    """Asks for a rescan when watchdog reports an inotify queue overflow (events were lost).
+
+    watchdog handles IN_Q_OVERFLOW internally and only logs it; its log record is the one public signal.
+    The periodic rescan remains the backstop if a future watchdog words it differently.
+    """
+
+    def __init__(self, watcher: InboxWatcher) -> None:
+        super().__init__(logging.WARNING)
+        self._watcher = watcher
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            if "overflow" in str(record.msg).lower():
+                log.warning("inotify events were lost (queue overflow); rescanning %s", self._watcher.inbox)
+                self._watcher.request_rescan()
+
+
+WATCHDOG_INOTIFY_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
+
+
+class InboxWatcher:
+    """Watches `config.inbox_path` and calls `on_ready(path)` for each complete file (see module docs)."""
+
+    def __init__(self, config: Config, on_ready: Callable[[Path], None]) -> None:
+        self.config = config
+        self._on_ready = on_ready
+        self.inbox = Path(os.path.realpath(config.inbox_path))
+        self._root = str(self.inbox)
+        self._patterns = list(config.inbox.ignore)
+        self._recursive = config.inbox.recursive
+        self._settle = config.inbox.settle_s
+        self._rescan_interval = config.inbox.rescan_interval_s
+        self._excluded = self._exclusions()
+        self._recent_ttl = max(RECENT_TTL_MIN_S, 5 * self._settle)
+        self._recheck = max(self._settle, MIN_RECHECK_S)  # never re-check in a tight loop, even at settle 0
+
+        self._cond = threading.Condition()
+        self._candidates: dict[str, _Candidate] = {}
+        self._recent: dict[str, tuple[tuple[int, int, int], float]] = {}
+        self._recent_pruned = time.monotonic()
+        self._skipped: dict[tuple[str, int], None] = {}
+        self._stopping = False
+        self._rescan_now = False
+        self._next_rescan = float("inf")
+        self._next_supervise = float("inf")
+        self._observer: BaseObserver | None = None
+        self._mode: str | None = None
+        self._thread: threading.Thread | None = None
+        self._overflow_hook = _OverflowHook(self)
+
+    # Public API ------------------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        """Where the observer runs: "inotify" or "polling" (before start: the configured mode)."""
+        if self._mode is not None:
+            return self._mode
+        return "polling" if self.config.inbox.polling else "inotify"
+
+    @property
+    def excluded(self) -> list[Path]:
+        """Folders inside the inbox that are never reported (processed/failed when configured there)."""
+        return [Path(p) for p in self._excluded]
+
+    def start(self) -> None:
+        """Start the observer and the timer thread, then scan what is already in the inbox."""
+        if not self.inbox.is_dir():
+            raise ConfigError(f"inbox {self.inbox} does not exist or is not a folder (inbox.path)")
+        with self._cond:
+            self._stopping = False
+        for name in WATCHDOG_INOTIFY_LOGGERS:
+            logging.getLogger(name).addHandler(self._overflow_hook)
+        self._start_observer()
+        now = time.monotonic()
+        with self._cond:
+            self._next_rescan = self._after_rescan_interval(now)
+            self._next_supervise = now + SUPERVISE_INTERVAL_S
+        self._thread = threading.Thread(target=self._run, name="inbox-timer", daemon=True)
+        self._thread.start()
+        count = self.scan()
+        log.info("watching %s (%s, recursive=%s); %d file(s) already there reported",
+                 self.inbox, self.mode, self._recursive, count)
+
+    def stop(self) -> None:
+        """Stop the observer and the timer thread; safe to call twice."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        for name in WATCHDOG_INOTIFY_LOGGERS:
+            logging.getLogger(name).removeHandler(self._overflow_hook)
+        thread, self._thread = self._thread, None  # first, so it cannot restart the observer meanwhile
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=10)
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            _stop_observer(observer)
+
+    def scan(self) -> int:
+        """Walk the inbox and report files that look complete (mtime older than settle_s); younger ones
+        are re-checked after settle_s. Returns how many were reported."""
+        reported = 0
+        now_wall = time.time()
+        for path, st in self._walk():
+            if now_wall - st.st_mtime >= self._settle:
+                if self._report(path, force=True):
+                    reported += 1
+            else:
+                self._track(path, st, written=False)
+        return reported
+
+    def request_rescan(self) -> None:
+        """Ask the timer thread for a full rescan now (e.g. after events were lost)."""
+        with self._cond:
+            self._rescan_now = True
+            self._cond.notify_all()
+
+    # Observer ----------------------------------------------------------------------------------------
+    def _exclusions(self) -> list[str]:
+        excluded = []
+        for key, path in (("files.processed_dir", self.config.processed_path),
+                          ("files.failed_dir", self.config.failed_path)):
+            resolved = os.path.realpath(path)
+            if resolved == self._root:
+                raise ConfigError(f"{key} must not be the inbox itself ({path})")
+            if resolved.startswith(self._root + os.sep):
+                excluded.append(resolved)
+        return excluded
+
+    def _start_observer(self) -> None:
+        handler = _Handler(self)
+        if not self.config.inbox.polling:
+            try:
+                from watchdog.observers.inotify import InotifyObserver
+            except ImportError as exc:  # not Linux
+                log.warning("inotify is not available here (%s); polling %s every %.1f s instead",
+                            exc, self.inbox, self.config.inbox.poll_interval_s)
+            else:
+                observer: BaseObserver | None = None
+                try:
+                    # Full events: a file moved in from outside arrives as a FileMovedEvent, not a creation.
+                    observer = InotifyObserver(generate_full_events=True)
+                    observer.schedule(handler, self._root, recursive=self._recursive)
+                    observer.start()
+                except OSError as exc:
+                    if observer is not None:
+                        _stop_observer(observer)
+                    why = {errno.ENOSPC: "the inotify watch limit is reached",
+                           errno.EMFILE: "the inotify instance limit is reached"}.get(exc.errno, exc.strerror)
+                    log.warning("inotify cannot watch %s (%s: %s); falling back to polling every %.1f s; "
+                                "to use inotify, %s", self.inbox, why, exc, self.config.inbox.poll_interval_s,
+                                INOTIFY_HINT)
+                else:
+                    self._observer, self._mode = observer, "inotify"
+                    return
+        interval = self.config.inbox.poll_interval_s
+        observer = PollingObserverVFS(os.lstat, os.scandir, polling_interval=interval)
+        observer.schedule(handler, self._root, recursive=self._recursive)
+        observer.start()
+        self._observer, self._mode = observer, "polling"
+
+    def _observer_alive(self) -> bool:
+        observer = self._observer
+        return observer is not None and observer.is_alive() and all(e.is_alive() for e in observer.emitters)
+
+    def _supervise(self) -> bool:
+        """Restart a dead observer (e.g. the inbox was deleted and recreated); True if it was restarted."""
+        if self._observer_alive() or self._stopping:
+            return False
+        if not self.inbox.is_dir():
+            log.error("inbox %s is gone; waiting for it to come back", self.inbox)
+            return False
+        log.warning("the %s observer of %s stopped; restarting it and rescanning", self.mode, self.inbox)
+        old, self._observer = self._observer, None
+        if old is not None:
+            _stop_observer(old)
+        self._start_observer()
+        return True
+
+    # Events --------------------------------------------------------------------------------------------
+    def _on_event(self, event: FileSystemEvent) -> None:
+        if isinstance(event, DirMovedEvent):
+            if event.dest_path:
+                self._scan_moved_folder(os.fsdecode(event.dest_path))
+            return
+        if isinstance(event, DirCreatedEvent) or event.is_directory:
+            return  # a new folder's files arrive as their own events (watchdog walks new folders)
+        src = os.fsdecode(event.src_path)
+        if isinstance(event, FileClosedEvent):
+            if self._accepts(src):
+                self._report(src)
+        elif isinstance(event, FileMovedEvent):
+            self._forget(src)
+            dest = os.fsdecode(event.dest_path) if event.dest_path else ""
+            if dest and self._accepts(dest):
+                self._report(dest)
+        elif isinstance(event, FileCreatedEvent):
+            if self._accepts(src):
+                self._track(src, None, written=False)
+        elif isinstance(event, FileModifiedEvent):
+            if self._mode == "polling":
+                if self._accepts(src):
+                    self._track(src, None, written=False)
+            else:
+                with self._cond:
+                    candidate = self._candidates.get(src)
+                    if candidate is not None:  # data written through an open descriptor: a close will come
+                        candidate.written = True
+                        candidate.check_at = float("inf")
+        elif isinstance(event, FileDeletedEvent):
+            self._forget(src)
+
+    def _scan_moved_folder(self, folder: str) -> None:
+        if not self._within(folder) or not self._recursive or self._excluded_path(folder):
+            return
+        rel = os.path.relpath(folder, self._root)
+        if is_ignored(rel, self._patterns):
+            return
+        count = sum(1 for path, _ in self._walk(folder) if self._report(path))
+        log.debug("folder %s moved in: %d file(s) reported", rel, count)
+
+    # Filters ---------------------------------------------------------------------------------------------
+    def _within(self, path: str) -> bool:
+        return path.startswith(self._root + os.sep)
+
+    def _excluded_path(self, path: str) -> bool:
+        return any(path == ex or path.startswith(ex + os.sep) for ex in self._excluded)
+
+    def _accepts(self, path: str) -> bool:
+        if not self._within(path) or self._excluded_path(path):
+            return False
+        rel = path[len(self._root) + 1:]
+        if not self._recursive and os.sep in rel:
+            return False
+        return not is_ignored(rel, self._patterns)
+
+    # Candidates and reports ------------------------------------------------------------------------------
+    def _track(self, path: str, st: os.stat_result | None, *, written: bool) -> None:
+        if st is None:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return
+        now = time.monotonic()
+        signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._cond:
+            recent = self._recent.get(path)
+            if recent is not None and recent[0] == signature:
+                return  # already reported as it is now
+            candidate = self._candidates.get(path)
+            if candidate is not None:
+                if candidate.signature != signature:
+                    candidate.signature, candidate.stable_since = signature, now
+                    if not candidate.written:
+                        candidate.check_at = now + self._recheck
+                return
+            self._candidates[path] = _Candidate(signature, now, now + self._settle, written)
+            self._cond.notify_all()
+
+    def _forget(self, path: str) -> None:
+        with self._cond:
+            self._candidates.pop(path, None)
+
+    def _report(self, path: str, *, force: bool = False) -> bool:
+        """Call on_ready for a regular file; False if it is gone, not regular, or just reported as is."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            self._forget(path)
+            return False
+        except OSError as exc:
+            log.warning("cannot stat %r: %s", path, exc.strerror)
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            self._forget(path)
+            self._log_skip(path, st)
+            return False
+        signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+        now = time.monotonic()
+        with self._cond:
+            recent = self._recent.get(path)
+            fresh = recent is not None and recent[0] == signature and now - recent[1] < self._recent_ttl
+            if fresh and not force:
+                self._candidates.pop(path, None)
+                return False
+            self._recent[path] = (signature, now)
+            self._candidates.pop(path, None)
+            if now - self._recent_pruned > self._recent_ttl:
+                self._recent = {p: v for p, v in self._recent.items() if now - v[1] < self._recent_ttl}
+                self._recent_pruned = now
+        try:
+            self._on_ready(Path(path))
+        except Exception:
+            log.exception("on_ready failed for %r; watching goes on", path)
+        return True
+
+    def _log_skip(self, path: str, st: os.stat_result) -> None:
+        key = (path, st.st_ino)
+        with self._cond:
+            if key in self._skipped:
+                return
+            if len(self._skipped) >= SKIP_MEMORY:
+                self._skipped.clear()
+            self._skipped[key] = None
+        log.warning("skipping %r: %s, not a regular file; left alone", path, describe_entry(st.st_mode))
+
+    def _check_candidates(self) -> None:
+        now = time.monotonic()
+        with self._cond:
+            due = [(p, c) for p, c in self._candidates.items() if c.check_at <= now]
+        for path, candidate in due:
+            try:
+                self._check_candidate(path, candidate, now)
+            except Exception:
+                log.exception("checking %r failed; retrying later", path)
+                with self._cond:  # never retried in a tight loop
+                    candidate.check_at = time.monotonic() + self._recheck
+
+    def _check_candidate(self, path: str, candidate: _Candidate, now: float) -> None:
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("cannot stat %r: %s; the next rescan retries it", path, exc.strerror)
+            self._forget(path)
+            return
+        if not stat.S_ISREG(st.st_mode):
+            self._forget(path)
+            self._log_skip(path, st)
+            return
+        signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._cond:
+            if self._candidates.get(path) is not candidate:
+                return
+            if signature != candidate.signature:
+                candidate.signature, candidate.stable_since = signature, now
+                candidate.check_at = now + self._recheck
+                return
+            if now - candidate.stable_since < self._settle:
+                candidate.check_at = candidate.stable_since + self._recheck
+                return
+            if self._mode == "inotify" and signature[1] == 0:
+                # Created but nothing written yet: a writer may not have started; its close event decides.
+                candidate.check_at = float("inf")
+                return
+        self._report(path)
+
+    # Walking ---------------------------------------------------------------------------------------------
+    def _walk(self, top: str | None = None) -> Iterator[tuple[str, os.stat_result]]:
+        """Regular, non-ignored files below `top` (default: the inbox): os.scandir, no symlink following,
+        respecting recursive, ignore patterns and the processed/failed exclusions."""
+        stack = [top or self._root]
+        while stack and not self._stopping:
+            folder = stack.pop()
+            try:
+                with os.scandir(folder) as entries:
+                    items = list(entries)
+            except OSError as exc:
+                log.warning("cannot list %r: %s", folder, exc.strerror)
+                continue
+            for entry in items:
+                path = entry.path
+                rel = path[len(self._root) + 1:]
+                if is_ignored(rel, self._patterns) or self._excluded_path(path):
+                    continue
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        if self._recursive:
+                            stack.append(path)
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # vanished meanwhile
+                if stat.S_ISREG(st.st_mode):
+                    yield path, st
+                else:
+                    self._log_skip(path, st)
+
+    # Timer thread ----------------------------------------------------------------------------------------
+    def _after_rescan_interval(self, now: float) -> float:
+        return now + self._rescan_interval if self._rescan_interval > 0 else float("inf")
+
+    def _next_due(self) -> float:
+        due = min(self._next_rescan, self._next_supervise)
+        for candidate in self._candidates.values():
+            due = min(due, candidate.check_at)
+        return due
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                now = time.monotonic()
+                rescan = self._rescan_now or now >= self._next_rescan
+                supervise = rescan or now >= self._next_supervise
+                due = self._next_due()
+                if not rescan and not supervise and due > now:
+                    self._cond.wait(min(due - now, SUPERVISE_INTERVAL_S))
+                    continue
+                # Reschedule before the work, so a failing step can never make this loop spin.
+                self._rescan_now = False
+                if rescan:
+                    self._next_rescan = self._after_rescan_interval(now)
+                if supervise:
+                    self._next_supervise = now + SUPERVISE_INTERVAL_S
+            if supervise:
+                try:
+                    rescan = self._supervise() or rescan
+                except Exception:
+                    log.exception("restarting the inbox observer failed; retrying on schedule")
+            for step, wanted in ((self._rescan, rescan), (self._check_candidates, True)):
+                if wanted:
+                    try:
+                        step()
+                    except Exception:
+                        log.exception("inbox timer step %s failed; it runs again on schedule", step.__name__)
+
+    def _rescan(self) -> None:
+        count = self.scan()
+        if count:
+            log.info("rescan of %s reported %d file(s)", self.inbox, count)
+        with contextlib.suppress(OSError):
+            prune_empty_dirs(self.inbox, self.excluded, EMPTY_DIR_PRUNE_AGE_S)
+
+
+def _stop_observer(observer: BaseObserver) -> None:
+    try:
+        observer.stop()
+        if observer.is_alive():
+            observer.join(timeout=10)
+    except Exception:
+        log.exception("error while stopping the %s", type(observer).__name__)
