@@ -1,0 +1,351 @@
+"""worker.store on real SQLite files: schema, WAL, duplicates, crash-recovery look-ups, locks, retries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import sqlite3
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from worker.exceptions import StoreError
+from worker.migrations import LATEST_VERSION
+from worker.store import ResultRecord, Store, results
+
+MODEL = "m" * 64
+
+
+def record(name: str, sha: str | None = "a" * 64, *, model_id: str = MODEL, status: str = "ok",
+           **extra: object) -> ResultRecord:
+    fields: dict[str, object] = {
+        "file": name, "location": f"/inbox/{name}", "sha256": sha, "status": status, "model_id": model_id,
+        "model_name": "tiny", "worker": "host:1",
+    }
+    if status == "ok":
+        fields.update(category="red", confidence=0.9, top3=[("red", 0.9), ("green", 0.06), ("blue", 0.04)])
+    else:
+        fields.update(error="not an image")
+    fields.update(extra)
+    return ResultRecord(**fields)  # type: ignore[arg-type]
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "results.db"
+
+
+@pytest.fixture
+def store(db_path: Path):
+    with Store(sqlite_url(db_path)) as opened:
+        yield opened
+
+
+def count_rows(path: Path) -> int:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT count(*) FROM results").fetchone()[0]
+
+
+# Opening -------------------------------------------------------------------------------------------
+def test_open_creates_folder_schema_and_wal(db_path: Path) -> None:
+    assert not db_path.parent.exists()
+    with Store(sqlite_url(db_path)) as store:
+        assert store.schema_version == LATEST_VERSION
+        assert store.url == sqlite_url(db_path)
+        assert store.dialect == "sqlite"
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"results", "workers", "schema_version"} <= tables
+    indexes = {r[0]: r[1] for r in conn.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'results'")}
+    assert "ON results (sha256, model_id)" in indexes["ix_results_sha256_model_id"]
+    for column in ("category", "status", "processed_at", "file"):
+        assert f"ON results ({column})" in indexes[f"ix_results_{column}"]
+    conn.close()
+
+
+def test_every_connection_gets_the_pragmas(tmp_path: Path) -> None:
+    with Store(sqlite_url(tmp_path / "r.db"), busy_timeout_ms=1234) as store, store.engine.connect() as conn:
+        pragma = {name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+                  for name in ("busy_timeout", "foreign_keys", "synchronous", "journal_mode")}
+    assert pragma == {"busy_timeout": 1234, "foreign_keys": 1, "synchronous": 1, "journal_mode": "wal"}
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("not a url", "is not valid"),
+    ("nosuchdb://x/y", "no SQLAlchemy dialect"),
+])
+def test_bad_url_is_one_clear_line(url: str, expected: str) -> None:
+    with pytest.raises(StoreError, match=expected) as info:
+        Store(url)
+    assert "\n" not in str(info.value)
+
+
+def test_folder_that_cannot_be_created(tmp_path: Path) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")  # a file where the folder should be: fails even for root
+    with pytest.raises(StoreError, match=r"cannot create database folder .*afile"):
+        Store(sqlite_url(blocker / "sub" / "r.db"))
+
+
+def test_path_that_is_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "r.db").mkdir()
+    with pytest.raises(StoreError, match="unable to open database file"):
+        Store(sqlite_url(tmp_path / "r.db"))
+
+
+def test_not_a_database_file(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    path.write_bytes(b"this is a text file, not SQLite, long enough to hold a header" * 20)
+    with pytest.raises(StoreError, match="file is not a database") as info:
+        Store(sqlite_url(path))
+    assert "\n" not in str(info.value)
+
+
+def test_password_never_shown() -> None:
+    # Either the psycopg driver is missing or nothing listens on port 1: both must hide the password.
+    with pytest.raises(StoreError) as info:
+        Store("postgresql+psycopg://alice:s3cret@127.0.0.1:1/results", retry_s=0)
+    assert "s3cret" not in str(info.value)
+    assert "alice" in str(info.value)
+
+
+# Writing -------------------------------------------------------------------------------------------
+def test_add_results_stores_every_field(store: Store, db_path: Path) -> None:
+    created = datetime(2025, 1, 31, 12, 0, 0, 123456, tzinfo=UTC)
+    before = datetime.now(UTC)
+    ok = record("shirts/red shirt.jpg", size_bytes=1234, decode_ms=np.float32(1.5),
+                inference_ms=2.25, total_ms=4.0, created_at=created,
+                confidence=np.float32(0.75), top3=[("red", np.float32(0.75)), ("green", 0.25)])
+    bad = record("broken.png", sha="b" * 64, status="failed", error="truncated PNG")
+    ids = store.add_results([ok, bad])
+    assert ids == [1, 2]
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(results).order_by(results.c.id)).mappings().all()
+    first = rows[0]
+    assert first["file"] == "shirts/red shirt.jpg" and first["location"] == "/inbox/shirts/red shirt.jpg"
+    assert (first["sha256"], first["size_bytes"], first["status"]) == ("a" * 64, 1234, "ok")
+    assert (first["category"], first["confidence"], first["error"]) == ("red", 0.75, None)
+    assert (first["model_id"], first["model_name"], first["worker"]) == (MODEL, "tiny", "host:1")
+    assert (first["decode_ms"], first["inference_ms"], first["total_ms"]) == (1.5, 2.25, 4.0)
+    assert json.loads(first["top3"]) == [["red", 0.75], ["green", 0.25]]
+    assert first["created_at"] == created and first["created_at"].tzinfo == UTC
+    assert before <= first["processed_at"] <= datetime.now(UTC)
+    assert first["duplicate_of"] is None
+    assert (rows[1]["status"], rows[1]["error"], rows[1]["category"]) == ("failed", "truncated PNG", None)
+    # Plain sqlite3 sees UTC text that sorts and compares as a timestamp.
+    with sqlite3.connect(db_path) as conn:
+        raw = conn.execute("SELECT created_at, top3 FROM results WHERE id = 1").fetchone()
+    assert raw == ("2025-01-31 12:00:00.123456", '[["red", 0.75], ["green", 0.25]]')
+
+
+def test_naive_created_at_is_taken_as_utc(store: Store) -> None:
+    store.add_results([record("a.jpg", created_at=datetime(2025, 1, 1, 8, 30))])
+    with store.engine.connect() as conn:
+        created = conn.execute(sa.select(results.c.created_at)).scalar_one()
+    assert created == datetime(2025, 1, 1, 8, 30, tzinfo=UTC)
+
+
+def test_duplicate_of_within_a_batch_and_across_batches(store: Store) -> None:
+    a, b, c = "a" * 64, "b" * 64, "c" * 64
+    batch1 = [record("1.jpg", a), record("2.jpg", b), record("3.jpg", a), record("4.jpg", a)]
+    assert store.add_results(batch1) == [1, 2, 3, 4]
+    assert [r.duplicate_of for r in batch1] == [None, None, 1, 1]
+    other_model = record("5.jpg", a, model_id="x" * 64)
+    batch2 = [record("6.jpg", b), record("7.jpg", c), record("8.jpg", a), other_model, record("9.jpg", c),
+              record("10.jpg", None, status="failed"), record("11.jpg", None, status="failed")]
+    assert store.add_results(batch2) == [5, 6, 7, 8, 9, 10, 11]
+    assert [r.duplicate_of for r in batch2] == [2, None, 1, None, 6, None, None]
+    with store.engine.connect() as conn:
+        stored = dict(conn.execute(sa.select(results.c.id, results.c.duplicate_of)).all())
+    assert stored == {1: None, 2: None, 3: 1, 4: 1, 5: 2, 6: None, 7: 1, 8: None, 9: 6, 10: None, 11: None}
+
+
+def test_add_results_validates_status(store: Store) -> None:
+    with pytest.raises(ValueError, match="ok, failed"):
+        store.add_results([record("a.jpg", status="done")])
+    assert store.add_results([]) == []
+
+
+def test_a_failing_row_writes_nothing_of_its_batch(store: Store, db_path: Path) -> None:
+    store.add_results([record("before.jpg")])
+    broken = record("bad.jpg")
+    broken.model_id = None  # type: ignore[assignment]  # NOT NULL violated by the last row of the batch
+    with pytest.raises(StoreError, match="NOT NULL"):
+        store.add_results([record("x.jpg", "x" * 64), record("y.jpg", "x" * 64), broken])
+    assert count_rows(db_path) == 1
+    assert store.add_results([record("after.jpg", "x" * 64)]) == [2]  # the id sequence was not disturbed
+
+
+def test_odd_names_are_stored(store: Store) -> None:
+    names = ["new\nline.jpg", "quote'\"s.jpg", "ünïcødé 画像.jpg", "spaces  in name.jpg",
+             "bad-\udcff-byte.jpg"]  # the last one: an undecodable byte, as os.listdir returns it
+    ids = store.add_results([record(n, f"{i}" * 64) for i, n in enumerate(names)])
+    with store.engine.connect() as conn:
+        stored = conn.execute(sa.select(results.c.file).order_by(results.c.id)).scalars().all()
+    assert stored == [*names[:4], "bad-\\xff-byte.jpg"]
+    assert store.find_drop(names[4], "4" * 64, MODEL, f"/inbox/{names[4]}") == ids[4]
+
+
+# Look-ups for the worker ---------------------------------------------------------------------------
+def test_first_by_content(store: Store) -> None:
+    a, b = "a" * 64, "b" * 64
+    store.add_results([record("1.jpg", a), record("2.png", b, status="failed"), record("3.jpg", a)])
+    store.add_results([record("4.jpg", a, model_id="x" * 64)])
+    found = store.first_by_content([a, b, "c" * 64, a], MODEL)
+    assert set(found) == {a, b}
+    assert (found[a].id, found[a].file, found[a].status, found[a].category) == (1, "1.jpg", "ok", "red")
+    assert found[a].top3 == [("red", 0.9), ("green", 0.06), ("blue", 0.04)]
+    assert (found[b].id, found[b].status, found[b].error) == (2, "failed", "not an image")
+    assert found[b].top3 is None
+    assert store.first_by_content([a], "x" * 64)[a].id == 4
+    assert store.first_by_content([], MODEL) == {}
+
+
+def test_find_drop_and_set_locations(store: Store) -> None:
+    a = "a" * 64
+    [row_id] = store.add_results([record("in/a.jpg", a, location="/inbox/in/a.jpg")])
+    # Committed but not moved yet (a crash here): the drop is found.
+    assert store.find_drop("in/a.jpg", a, MODEL, "/inbox/in/a.jpg") == row_id
+    assert store.find_drop("in/a.jpg", "b" * 64, MODEL, "/inbox/in/a.jpg") is None  # other content
+    assert store.find_drop("in/a.jpg", a, "x" * 64, "/inbox/in/a.jpg") is None  # other model
+    assert store.find_drop("other.jpg", a, MODEL, "/inbox/in/a.jpg") is None  # other name
+    store.set_locations([(row_id, "/processed/in/a.jpg")])
+    # Moved and recorded: a new drop of the same name and bytes is a new drop, not a recovery.
+    assert store.find_drop("in/a.jpg", a, MODEL, "/inbox/in/a.jpg") is None
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(results.c.location)).scalar_one() == "/processed/in/a.jpg"
+    [failed_id] = store.add_results([record("x.bin", None, status="failed", location="/inbox/x.bin")])
+    assert store.find_drop("x.bin", None, MODEL, "/inbox/x.bin") == failed_id
+    store.set_locations([])
+
+
+def test_heartbeat_upserts_the_worker_row(store: Store) -> None:
+    from worker.store import workers
+
+    def row() -> dict:
+        with store.engine.connect() as conn:
+            return dict(conn.execute(sa.select(workers)).mappings().one())
+
+    store.heartbeat("host:10", "host", 10, 0)
+    first = row()
+    assert (first["host"], first["pid"], first["processed"], first["stopped_at"]) == ("host", 10, 0, None)
+    assert first["started_at"] == first["heartbeat_at"]
+    store.heartbeat("host:10", "host", 10, 42)
+    second = row()
+    assert second["processed"] == 42 and second["started_at"] == first["started_at"]
+    assert second["heartbeat_at"] > first["heartbeat_at"]
+    store.heartbeat("host:10", "host", 10, 43, stopped=True)
+    assert row()["stopped_at"] is not None
+    store.heartbeat("host:10", "host", 11, 0)  # same configured id, new process
+    third = row()
+    assert third["pid"] == 11 and third["stopped_at"] is None and third["started_at"] > first["started_at"]
+
+
+# Concurrency ---------------------------------------------------------------------------------------
+def test_readers_are_not_blocked_by_a_writer(store: Store, db_path: Path) -> None:
+    store.add_results([record("committed.jpg")])
+    writer = sqlite3.connect(db_path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO results (file, location, status, model_id, model_name, created_at, "
+                   "processed_at, worker) VALUES ('open.jpg', '/x', 'ok', 'm', 'n', '2025-01-01 00:00:00', "
+                   "'2025-01-01 00:00:00', 'w')")
+    try:
+        # A second pooled connection of the Store, and plain sqlite3 told not to wait at all.
+        with store.engine.connect() as conn:
+            assert conn.execute(sa.select(results.c.file)).scalars().all() == ["committed.jpg"]
+        reader = sqlite3.connect(db_path, timeout=0)
+        assert reader.execute("SELECT file FROM results").fetchall() == [("committed.jpg",)]
+        reader.close()
+        assert store.first_by_content(["a" * 64], MODEL)["a" * 64].file == "committed.jpg"
+    finally:
+        writer.execute("COMMIT")
+        writer.close()
+    assert count_rows(db_path) == 2
+
+
+@pytest.mark.timeout(60)
+def test_add_results_retries_while_another_writer_holds_the_lock(db_path: Path, caplog) -> None:
+    # A short busy timeout so that the Store's own retry loop (not SQLite's busy handler) does the waiting.
+    store = Store(sqlite_url(db_path), busy_timeout_ms=50)
+    holder = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    released = threading.Event()
+
+    def release() -> None:
+        holder.execute("ROLLBACK")
+        released.set()
+
+    timer = threading.Timer(1.0, release)
+    timer.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="worker.store"):
+            ids = store.add_results([record("a.jpg"), record("b.jpg")])
+        assert released.is_set()  # it could only have succeeded after the release
+        assert ids == [1, 2]
+        retries = [r for r in caplog.records if "database is locked" in r.getMessage()]
+        assert retries and all(r.levelno == logging.WARNING for r in retries)
+    finally:
+        timer.join()
+        holder.close()
+        store.close()
+    assert count_rows(db_path) == 2
+
+
+@pytest.mark.timeout(60)
+def test_add_results_gives_up_after_retry_window_and_writes_nothing(db_path: Path) -> None:
+    store = Store(sqlite_url(db_path), busy_timeout_ms=20, retry_s=0.5)
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreError, match=r"still failing after .* database is locked"):
+            store.add_results([record("a.jpg"), record("b.jpg", "b" * 64), record("c.jpg")])
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert count_rows(db_path) == 0
+    assert store.add_results([record("a.jpg")]) == [1]  # and it works again once the lock is gone
+    store.close()
+
+
+def _write_batches(url: str, worker: str, shas: list[str], start: Any) -> None:
+    store = Store(url)
+    start.wait(10)
+    for i in range(0, len(shas), 5):
+        store.add_results([record(f"{worker}-{i + j}.jpg", sha, worker=worker)
+                           for j, sha in enumerate(shas[i:i + 5])])
+    store.close()
+
+
+@pytest.mark.timeout(60)
+def test_two_writer_processes_agree_on_first_rows(db_path: Path) -> None:
+    url = sqlite_url(db_path)
+    Store(url).close()
+    shas = [f"{i % 13:064d}" for i in range(60)]  # both processes write the same 13 contents
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Event()
+    procs = [ctx.Process(target=_write_batches, args=(url, f"w{n}", shas, start)) for n in range(2)]
+    for proc in procs:
+        proc.start()
+    start.set()
+    for proc in procs:
+        proc.join(50)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    with sqlite3.connect(db_path) as conn:
+        total, firsts, distinct = conn.execute(
+            "SELECT count(*), sum(duplicate_of IS NULL), count(DISTINCT sha256) FROM results").fetchone()
+        wrong = conn.execute(
+            "SELECT count(*) FROM results r JOIN results f ON r.duplicate_of = f.id "
+            "WHERE f.sha256 != r.sha256 OR f.duplicate_of IS NOT NULL OR f.id > r.id").fetchone()[0]
+    assert (total, firsts, distinct, wrong) == (120, 13, 13, 0)
