@@ -152,6 +152,12 @@ class InboxWatcher:
         return "polling" if self.config.inbox.polling else "inotify"
 
     @property
+    def pending(self) -> int:
+        """Files seen but not reported yet: being written (waiting for their close) or settling."""
+        with self._cond:
+            return len(self._candidates)
+
+    @property
     def excluded(self) -> list[Path]:
         """Folders inside the inbox that are never reported (processed/failed when configured there)."""
         return [Path(p) for p in self._excluded]
