@@ -302,4 +302,4 @@ def test_classify_files_keeps_order_and_reports_bad_files(tmp_path: Path, tiny_m
         (str(good), "ok", "green"), (str(bad), "failed", None), (str(tmp_path / "missing.jpg"), "failed", None),
         (str(good), "ok", "green"),
     ]
-    assert results[2]["error"] == "file no longer exists"
+    assert results[2]["error"] == "no such file"

@@ -26,8 +26,8 @@ DEFAULT_CONFIG = Path("config.toml")
 log = logging.getLogger(__name__)
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the epilog's line breaks and shows each option's default."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's line breaks (each option's help names its default itself)."""
 
 
 # Config -----------------------------------------------------------------------------------------------
@@ -60,11 +60,16 @@ def load_config(args: argparse.Namespace) -> Config:
     return config_mod.load(path, overrides)
 
 
-def setup(args: argparse.Namespace) -> Config:
+def setup(args: argparse.Namespace, *, quiet: bool = True) -> Config:
+    """Load the config and set up logging. `quiet` commands (all but `run`) log warnings and errors
+    only, unless --log-level asks for more, so that their output stays clean."""
     from worker.logs import setup_logging
 
     cfg = load_config(args)
-    setup_logging(cfg.service.log_level)
+    level = cfg.service.log_level
+    if quiet and args.log_level is None and LOG_LEVELS.index(level) < LOG_LEVELS.index("WARNING"):
+        level = "WARNING"
+    setup_logging(level)
     return cfg
 
 
@@ -86,7 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.polling:
         args.extra_overrides = {"inbox.polling": True}
-    cfg = setup(args)
+    cfg = setup(args, quiet=False)
     return Worker(cfg).run(once=args.once)
 
 
@@ -198,13 +203,16 @@ def _common() -> argparse.ArgumentParser:
     group = common.add_argument_group("global options")
     group.add_argument("--config", type=Path, default=None, metavar="FILE",
                        help="config file (default: ./config.toml if it exists, else built-in defaults)")
-    group.add_argument("--inbox", default=None, metavar="DIR", help="inbox folder (overrides inbox.path)")
+    group.add_argument("--inbox", default=None, metavar="DIR",
+                       help="inbox folder (default: inbox.path of the config, 'inbox')")
     group.add_argument("--db", default=None, metavar="URL|FILE",
-                       help="SQLAlchemy URL or SQLite file (overrides database.url)")
+                       help="SQLAlchemy URL or SQLite file path (default: database.url of the config, "
+                            "sqlite:///data/results.db)")
     group.add_argument("--model", default=None, metavar="FILE",
-                       help="ONNX model (overrides model.path; default: the shipped model)")
+                       help="ONNX model file (default: model.path of the config; empty = the shipped model)")
     group.add_argument("--log-level", type=_level, default=None, metavar="LEVEL",
-                       help=f"{' | '.join(LOG_LEVELS)} (overrides service.log_level; default INFO)")
+                       help=f"{' | '.join(LOG_LEVELS)} (default: service.log_level of the config, INFO; "
+                            "commands other than run show only warnings unless this is given)")
     return common
 
 
@@ -270,18 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--until", metavar="TIME", help="processed before TIME (same forms as --since)")
     res.add_argument("--file", metavar="PATTERN",
                      help="file name: a substring, or a glob with * and ? (case-insensitive)")
-    res.add_argument("--limit", type=int, default=100, help="newest N rows; 0 = all")
-    res.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format")
+    res.add_argument("--limit", type=int, default=100, help="newest N rows; 0 = all (default: %(default)s)")
+    res.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                     help="output format (default: %(default)s)")
 
     sub["stats"].add_argument("--json", action="store_true", help="print JSON instead of text")
 
     inst = sub["install-service"]
     inst.add_argument("--venv", default=None, help="virtual environment holding fashion-worker "
                                                    "(default: the running one)")
-    inst.add_argument("--user", default="fashion-worker", help="service user (created if missing)")
+    inst.add_argument("--user", default="fashion-worker",
+                      help="service user, created if missing (default: %(default)s)")
     inst.add_argument("--uploaders-group", default="uploaders",
-                      help="group whose members may drop files into the inbox")
-    inst.add_argument("--memory-max", default="4G", help="MemoryMax= of the unit")
+                      help="group whose members may drop files into the inbox (default: %(default)s)")
+    inst.add_argument("--memory-max", default="4G", help="MemoryMax= of the unit (default: %(default)s)")
     inst.add_argument("--network", choices=("none", "loopback", "remote"), default=None,
                       help="network access (default: from the config: remote database -> remote, "
                            "metrics port -> loopback, else none)")
@@ -289,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     inst.add_argument("--dry-run", action="store_true", help="print what would be done, do nothing")
 
     uninst = sub["uninstall-service"]
-    uninst.add_argument("--user", default="fashion-worker", help="service user")
+    uninst.add_argument("--user", default="fashion-worker", help="service user (default: %(default)s)")
     uninst.add_argument("--remove-user", action="store_true", help="also delete the service user")
     uninst.add_argument("--dry-run", action="store_true", help="print what would be done, do nothing")
     return parser

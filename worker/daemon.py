@@ -175,15 +175,21 @@ class Worker:
     def drain(self) -> int:
         """run --once: process until nothing is queued, in flight, waiting for a retry or settling."""
         assert self.pipeline is not None and self.watcher is not None
-        pipeline = self.pipeline
+        pipeline, watcher = self.pipeline, self.watcher
+        recheck_s = max(self.config.inbox.settle_s, ONCE_SETTLE_POLL_S)
+        last_scan = time.monotonic()
         while not self.stop_requested:
             if pipeline.busy():
                 pipeline.process_next(self._until_housekeeping(), until_idle=True)
-            elif self._watcher_pending():  # files being written or settling: wait for their report
+            elif self._watcher_pending() and time.monotonic() - last_scan < recheck_s:
+                # Files being written or settling: wait for the watcher to report them.
                 pipeline.process_next(min(ONCE_SETTLE_POLL_S, self._until_housekeeping()))
-            else:  # looks done: a last scan closes the gap between a report and its submit
+            else:
+                # A scan reports what has settled meanwhile (also an empty file whose close event came
+                # before the watcher started), and closes the gap between a report and its submit.
                 accepted = pipeline.accepted
-                self.watcher.scan()
+                watcher.scan()
+                last_scan = time.monotonic()
                 if pipeline.accepted == accepted and not pipeline.busy() and not self._watcher_pending():
                     break
             self.housekeeping()
@@ -244,13 +250,7 @@ class Worker:
 
     def _watcher_pending(self) -> int:
         """Files the watcher has seen but not reported yet (being written, or settling)."""
-        watcher = self.watcher
-        if watcher is None:
-            return 0
-        pending = getattr(watcher, "pending", None)
-        if pending is None:  # watch.py has no public counter (yet): its candidate table is that count
-            pending = len(getattr(watcher, "_candidates", ()))
-        return int(pending() if callable(pending) else pending)
+        return self.watcher.pending if self.watcher is not None else 0
 
     def _until_housekeeping(self) -> float:
         due = self._next_heartbeat

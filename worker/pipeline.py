@@ -700,18 +700,26 @@ def classify_files(
 
     for path in paths:
         path = Path(path)
-        try:
-            data, _ = read_image_file(path.parent, path, max_file_bytes)
-            pixels = load_pixels(data, model.input_size, max_pixels=max_pixels, policy=model.info.resize)
-            chunk.append((path, pixels, None))
-        except (ImageRejected, FileSkipped) as exc:
-            chunk.append((path, None, str(exc)))
-        except OSError as exc:
-            chunk.append((path, None, f"cannot read: {exc.strerror or exc}"))
+        chunk.append((path, *_load_for_classify(model, path, max_file_bytes, max_pixels)))
         if len(chunk) >= batch_size:
             yield from flush()
     if chunk:
         yield from flush()
+
+
+def _load_for_classify(
+    model: Model, path: Path, max_file_bytes: int, max_pixels: int
+) -> tuple[np.ndarray | None, str | None]:
+    """(pixels, None) or (None, why it cannot be classified)."""
+    if not os.path.lexists(path):
+        return None, "no such file"
+    try:
+        data, _ = read_image_file(path.parent, path, max_file_bytes)
+        return load_pixels(data, model.input_size, max_pixels=max_pixels, policy=model.info.resize), None
+    except (ImageRejected, FileSkipped) as exc:
+        return None, str(exc)
+    except OSError as exc:
+        return None, f"cannot read: {exc.strerror or exc}"
 
 
 def _skip_key(path: Path) -> tuple[Any, ...]:

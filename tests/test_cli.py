@@ -1,0 +1,309 @@
+"""worker/cli.py: exact output of each command, errors as one line, --help with defaults and examples.
+
+Most tests call `main(argv)` in this process (the real code path, output captured by capsys); the error
+tests run `python -m worker` as a subprocess to prove no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_model, write_image
+
+from worker.cli import COMMANDS, database_url, load_config, main
+from worker.store import ResultRecord, Store
+
+TS = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(\.\d+)?(\+00:00)?")
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The current folder for the command: a config.toml, a model and an inbox."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.toml").write_text('[model]\npath = "model.onnx"\n[inbox]\nsettle_s = 0.2\n')
+    make_model(tmp_path / "model.onnx")
+    (tmp_path / "inbox").mkdir()
+    return tmp_path
+
+
+@pytest.fixture
+def recorded(site: Path) -> Path:
+    """A results database with four known rows (ids 1-4, committed in that order) and one worker."""
+    store = Store(f"sqlite:///{site}/data/results.db")
+    common = {"model_id": "m" * 64, "model_name": "tiny-test-model", "worker": "host:1", "size_bytes": 100}
+    rows = [
+        ResultRecord(file="red.jpg", location=f"{site}/processed/red.jpg", status="ok", sha256="a" * 64,
+                     category="red", confidence=0.98, top3=[("red", 0.98), ("green", 0.015), ("blue", 0.005)],
+                     **common),
+        ResultRecord(file="shoes/blue sky.png", location=f"{site}/processed/shoes/blue sky.png", status="ok",
+                     sha256="b" * 64, category="blue", confidence=0.61,
+                     top3=[("blue", 0.61), ("green", 0.3), ("red", 0.09)], **common),
+        ResultRecord(file="bad.jpg", location=f"{site}/failed/bad.jpg", status="failed", sha256="c" * 64,
+                     error="not a supported image (expected one of JPEG, PNG, WEBP)", **common),
+        ResultRecord(file="red, again.jpg", location=f"{site}/processed/red, again.jpg", status="ok",
+                     sha256="a" * 64, category="red", confidence=0.98,
+                     top3=[("red", 0.98), ("green", 0.015), ("blue", 0.005)], **common),
+    ]
+    for row in rows:
+        store.add_results([row])
+    store.heartbeat("host:1", "host", 1, 4)
+    store.close()
+    return site
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# classify -------------------------------------------------------------------------------------------------
+def test_classify_prints_one_json_line_per_file(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_image(site / "a.png", (200, 100, 50))
+    write_image(site / "b b.png", (10, 240, 30))
+    code, out, err = run_cli(capsys, "classify", "a.png", "b b.png")
+    assert (code, err) == (0, "")
+    assert out == (
+        '{"file": "a.png", "status": "ok", "category": "red", "confidence": 0.999954, '
+        '"top3": [["red", 0.999954], ["green", 4.5e-05], ["blue", 0.0]], "model": "tiny-test-model 1"}\n'
+        '{"file": "b b.png", "status": "ok", "category": "green", "confidence": 1.0, '
+        '"top3": [["green", 1.0], ["blue", 0.0], ["red", 0.0]], "model": "tiny-test-model 1"}\n'
+    )
+
+
+def test_classify_reports_bad_files_and_exits_1(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_image(site / "a.png", (30, 60, 250))
+    (site / "notes.jpg").write_text("hello")
+    code, out, _ = run_cli(capsys, "classify", "notes.jpg", "a.png", "gone.jpg")
+    assert code == 1
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"file": "notes.jpg", "status": "failed", "error": "not a supported image (expected one of JPEG, PNG, WEBP)",
+         "model": "tiny-test-model 1"},
+        {"file": "a.png", "status": "ok", "category": "blue", "confidence": 1.0,
+         "top3": [["blue", 1.0], ["green", 0.0], ["red", 0.0]], "model": "tiny-test-model 1"},
+        {"file": "gone.jpg", "status": "failed", "error": "no such file", "model": "tiny-test-model 1"},
+    ]
+
+
+# results and stats ----------------------------------------------------------------------------------------
+def test_results_table(recorded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "results")
+    assert (code, err) == (0, "")
+    assert TS.sub("<time>", out) == (
+        "processed_at                      file                status  category  confidence"
+        "  error\n"
+        "--------------------------------  ------------------  ------  --------  ----------"
+        "  -------------------------------------------------------\n"
+        "<time>  red, again.jpg      ok      red           0.9800\n"
+        "<time>  bad.jpg             failed                        "
+        "not a supported image (expected one of JPEG, PNG, WEBP)\n"
+        "<time>  shoes/blue sky.png  ok      blue          0.6100\n"
+        "<time>  red.jpg             ok      red           0.9800\n"
+    )
+
+
+def test_results_json_with_filters(recorded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "results", "--status", "ok", "--min-confidence", "0.9", "--since", "1h",
+                           "--format", "json")
+    assert code == 0
+    rows = json.loads(out)
+    for row in rows:
+        assert TS.fullmatch(row.pop("processed_at")) and TS.fullmatch(row.pop("created_at"))
+    common = {"status": "ok", "category": "red", "confidence": 0.98, "error": None, "model": "tiny-test-model",
+              "model_id": "m" * 64, "sha256": "a" * 64, "size_bytes": 100, "worker": "host:1",
+              "top3": [["red", 0.98], ["green", 0.015], ["blue", 0.005]], "decode_ms": None,
+              "inference_ms": None, "total_ms": None}
+    assert rows == [
+        {"id": 4, "file": "red, again.jpg", "location": f"{recorded}/processed/red, again.jpg",
+         "duplicate_of": 1, **common},
+        {"id": 1, "file": "red.jpg", "location": f"{recorded}/processed/red.jpg", "duplicate_of": None, **common},
+    ]
+
+
+def test_results_csv_by_category_and_file_glob(recorded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "results", "--category", "red", "--file", "*again*", "--format", "csv")
+    assert code == 0
+    header, row, end = TS.sub("<time>", out).split("\n")
+    assert header == ("id,file,location,sha256,size_bytes,status,category,confidence,top3,error,model,model_id,"
+                      "duplicate_of,decode_ms,inference_ms,total_ms,created_at,processed_at,worker")
+    assert row == (f'4,"red, again.jpg","{recorded}/processed/red, again.jpg",{"a" * 64},100,ok,red,0.98,'
+                   f'"[[""red"", 0.98], [""green"", 0.015], [""blue"", 0.005]]",,tiny-test-model,{"m" * 64},'
+                   "1,,,,<time>,<time>,host:1")
+    assert end == ""
+
+
+def test_results_time_bounds_and_limit(recorded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(capsys, "results", "--until", "1h", "--format", "json")[1] == "[]\n"
+    code, out, _ = run_cli(capsys, "results", "--limit", "1", "--format", "json")
+    assert [r["file"] for r in json.loads(out)] == ["red, again.jpg"]
+    code, _, err = run_cli(capsys, "results", "--since", "yesterday")
+    assert code == 2
+    assert err.startswith("fashion-worker: error: since 'yesterday' is not a time; use ISO 8601")
+    assert err.count("\n") == 1
+
+
+def test_stats_text(recorded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "stats")
+    assert (code, err) == (0, "")
+    assert TS.sub("<time>", out) == (
+        f"Database:    sqlite:///{recorded}/data/results.db (schema version 1)\n"
+        "Results:     4 total, 3 ok, 1 failed, 1 duplicates\n"
+        "Throughput:  4.0/min over 1m, 0.8/min over 5m, 0.1/min over 60m\n"
+        "First:       <time>\n"
+        "Last:        <time>\n"
+        "\n"
+        "category  count\n"
+        "--------  -----\n"
+        "red           2\n"
+        "blue          1\n"
+        "\n"
+        "worker  state    heartbeat                         age  processed  rate 5m\n"
+        "------  -------  --------------------------------  ---  ---------  -------\n"
+        "host:1  running  <time>  0s           4  0.8/min\n"
+    )
+
+
+def test_stats_json(recorded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "stats", "--json")
+    data = json.loads(out)
+    assert code == 0
+    assert (data["total"], data["by_status"], data["by_category"], data["duplicates"]) == (
+        4, {"ok": 3, "failed": 1}, {"red": 2, "blue": 1}, 1)
+    assert [(w["id"], w["state"], w["processed"]) for w in data["workers"]] == [("host:1", "running", 4)]
+
+
+def test_reading_commands_refuse_a_missing_database(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "stats", "--db", "nothing.db")
+    assert (code, out) == (2, "")
+    assert err == (f"fashion-worker: error: database {site}/nothing.db does not exist (nothing recorded yet, "
+                   "or a wrong --db/--config)\n")
+    assert not (site / "nothing.db").exists()
+
+
+# run --once through the CLI, then results -----------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_run_once_then_results(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_image(site / "inbox" / "red.png", (255, 0, 0))
+    (site / "inbox" / "empty.jpg").write_bytes(b"")
+    assert main(["run", "--once"]) == 0
+    capsys.readouterr()
+    out = run_cli(capsys, "results", "--format", "json")[1]
+    rows = sorted(json.loads(out), key=lambda r: r["file"])
+    assert [(r["file"], r["status"], r["category"], r["error"], r["location"]) for r in rows] == [
+        ("empty.jpg", "failed", None, "empty file (0 bytes)", f"{site}/failed/empty.jpg"),
+        ("red.png", "ok", "red", None, f"{site}/processed/red.png"),
+    ]
+
+
+# doctor ---------------------------------------------------------------------------------------------------
+def test_doctor_all_ok(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "doctor")
+    assert (code, err) == (0, "")
+    lines = out.replace(str(site), "<site>").splitlines()
+    model_id = lines[5].rsplit("id ", 1)[1]
+    assert lines[:6] == [
+        "OK    config: <site>/config.toml",
+        "OK    folders: inbox, processed and failed are distinct",
+        "OK    inbox: <site>/inbox exists and is writable",
+        "OK    processed: <site>/processed does not exist yet; the worker creates it",
+        "OK    failed: <site>/failed does not exist yet; the worker creates it",
+        f"OK    model: <site>/model.onnx (tiny-test-model 1, 3 labels, input 32x32, id {model_id}",
+    ]
+    assert lines[6].startswith("OK    providers: using CPUExecutionProvider (available: ")
+    assert lines[7] == "OK    database: <site>/data/results.db does not exist yet; the worker creates it"
+    assert re.fullmatch(r"OK    lock: free \(<site>/data/\.fashion-worker-[0-9a-f]{16}\.lock\)", lines[8])
+    assert re.fullmatch(r"OK    inotify: max_user_watches \d+, max_user_instances \d+; the inbox needs 1 "
+                        r"watch\(es\)", lines[9])
+    assert len(lines) == 10
+
+
+def test_doctor_fails_on_a_bad_model_and_unwritable_folder(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (site / "broken.onnx").write_bytes(b"not onnx")
+    (site / "processed").write_text("a file where a folder should be")
+    code, out, _ = run_cli(capsys, "doctor", "--model", "broken.onnx")
+    assert code == 1
+    fails = [line for line in out.replace(str(site), "<site>").splitlines() if line.startswith("FAIL")]
+    assert fails[0] == "FAIL  processed: <site>/processed exists but is not a folder"
+    assert fails[1].startswith("FAIL  model: model file <site>/broken.onnx cannot be loaded: ")
+    assert len(fails) == 2
+
+
+def test_doctor_reports_a_bad_config_as_a_failed_check(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (site / "config.toml").write_text("[batch]\nmax_batch = 0\n")
+    code, out, _ = run_cli(capsys, "doctor")
+    assert (code, out) == (1, "FAIL  config: batch.max_batch must be at least 1, got 0\n")
+
+
+# Errors, flags and help -----------------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("args", "config", "message"),
+    [
+        (["--config", "missing.toml"], None, "config file missing.toml does not exist"),
+        ([], "[inbox]\nfolder = 'x'\n", "config.toml: unknown key inbox.folder; valid: path, recursive, polling"),
+        (["--model", "broken.onnx"], None, "model file {site}/broken.onnx cannot be loaded: "),
+    ],
+    ids=["missing-config", "unknown-key", "bad-model"],
+)
+def test_user_mistakes_print_one_line_and_exit_2(tmp_path: Path, args: list[str], config: str | None,
+                                                 message: str) -> None:
+    (tmp_path / "broken.onnx").write_bytes(b"\x08\x07garbage")
+    if config is not None:
+        (tmp_path / "config.toml").write_text(config)
+    proc = subprocess.run([sys.executable, "-m", "worker", "run", "--once", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    error_lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(error_lines) == 1
+    assert error_lines[0].startswith("fashion-worker: error: " + message.format(site=tmp_path))
+
+
+def test_argparse_errors_are_reported_by_argparse(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["results", "--format", "xml"])
+    assert info.value.code == 2
+    assert "argument --format: invalid choice: 'xml' (choose from 'table', 'json', 'csv')" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [name for name, _, _ in COMMANDS])
+def test_every_command_has_help_with_defaults_and_examples(command: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "examples:\n  " in text and "fashion-worker " + command.split("-")[0] in text
+    text = " ".join(text.split())
+    for flag in ("--config FILE", "--inbox DIR", "--db URL|FILE", "--model FILE", "--log-level LEVEL"):
+        assert flag in text
+    assert "default: ./config.toml if it exists, else built-in defaults" in text
+
+
+def test_results_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["results", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--limit LIMIT newest N rows; 0 = all (default: 100)" in text
+    assert "--format {table,json,csv} output format (default: table)" in text
+
+
+def test_flag_paths_resolve_against_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "etc" / "config.toml"
+    conf.parent.mkdir()
+    conf.write_text('[inbox]\npath = "in"\n')
+    monkeypatch.chdir(tmp_path)
+    parser_args = ["run", "--config", str(conf)]
+    from worker.cli import build_parser
+
+    cfg = load_config(build_parser().parse_args(parser_args))
+    assert cfg.inbox_path == conf.parent / "in"  # from the file: relative to the file
+    cfg = load_config(build_parser().parse_args([*parser_args, "--inbox", "drop", "--db", "r.db"]))
+    assert cfg.inbox_path == tmp_path / "drop"  # from a flag: relative to the current folder
+    assert cfg.database_url == f"sqlite:///{tmp_path}/r.db"
+    assert database_url("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"
