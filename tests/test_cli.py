@@ -307,3 +307,17 @@ def test_flag_paths_resolve_against_the_current_folder(tmp_path: Path, monkeypat
     assert cfg.inbox_path == tmp_path / "drop"  # from a flag: relative to the current folder
     assert cfg.database_url == f"sqlite:///{tmp_path}/r.db"
     assert database_url("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"
+
+
+def test_install_service_dry_run_prints_the_plan_and_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "service.toml"
+    code, out, _ = run_cli(capsys, "install-service", "--dry-run", "--config", str(config), "--no-start")
+    assert code == 0
+    assert f"# write the default config {config}\n" in out
+    assert "systemctl enable fashion-worker.service\n" in out
+    assert "systemctl restart" not in out
+    assert not config.exists()
+    code, out, _ = run_cli(capsys, "uninstall-service", "--dry-run")
+    assert code == 0 and "systemctl disable --now fashion-worker.service\n" in out

@@ -102,15 +102,19 @@ def test_queue_refuses_paths_queued_or_in_flight_until_released() -> None:
     assert queue.put(Path("/in/a"))
 
 
-def test_queue_is_bounded_and_reports_overflow_once_drained() -> None:
-    queue = ReadyQueue(max_queue=3)
+def test_queue_is_bounded_and_asks_for_a_rescan_once_drained_and_settled() -> None:
+    queue = ReadyQueue(max_queue=3, low_water=1, rescan_delay_s=0.2)
     accepted = [queue.put(Path(f"/in/{i}")) for i in range(5)]
+    dropped_at = time.monotonic()
     assert accepted == [True, True, True, False, False]
     assert (queue.depth, queue.dropped, queue.overflowed) == (3, 2, True)
-    assert not queue.take_overflow(low_water=1)  # still 3 waiting
-    queue.take(max_batch=2, max_wait_s=0)
-    assert queue.take_overflow(low_water=1)
-    assert not queue.take_overflow(low_water=1)  # reported once
+    assert not queue.take_overflow()  # still 3 waiting
+    assert len(queue.take(max_batch=2, max_wait_s=0)) == 2
+    assert queue.take(max_batch=2, max_wait_s=60) == []  # returns early: the rescan is due
+    assert time.monotonic() - dropped_at >= 0.2  # not before the dropped files have settled
+    assert queue.take_overflow()
+    assert not queue.take_overflow()  # reported once
+    assert [q.path.name for q in queue.take(max_batch=2, max_wait_s=0)] == ["2"]
 
 
 def test_queue_take_returns_empty_on_wake_and_close() -> None:
@@ -253,7 +257,7 @@ def test_commit_failure_keeps_files_in_the_inbox_and_retries(cfg: Config, tmp_pa
 
 @pytest.mark.timeout(60)
 def test_overflowing_queue_drops_paths_and_rescans_them_later(cfg: Config) -> None:
-    cfg.batch.max_queue, cfg.batch.max_batch = 4, 2
+    cfg.batch.max_queue, cfg.batch.max_batch, cfg.inbox.settle_s = 4, 2, 0.05
     for i in range(20):
         write_image(cfg.inbox_path / f"{i:02}.png", (255, 0, 0), size=(8, 8), noise_seed=i)
     rescans = []

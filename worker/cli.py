@@ -235,7 +235,9 @@ COMMANDS: list[tuple[str, str, str]] = [
      "prints one line per check (OK or FAIL); exit status 1 when any check fails"),
     ("install-service", "Install, enable and start the systemd service (as root).",
      "examples:\n  sudo fashion-worker install-service --dry-run\n"
-     "  sudo fashion-worker install-service --config /etc/fashion-worker/config.toml"),
+     "  sudo fashion-worker install-service --config /etc/fashion-worker/config.toml\n\n"
+     "--config here names the config file the service runs with (default: /etc/fashion-worker/config.toml,\n"
+     "written with system paths if it does not exist); --inbox overrides its inbox for the service"),
     ("uninstall-service", "Stop, disable and remove the systemd service (data is kept).",
      "examples:\n  sudo fashion-worker uninstall-service\n  sudo fashion-worker uninstall-service --remove-user"),
 ]

@@ -168,9 +168,18 @@ class Worker:
                 raise ConfigError(f"cannot create folder {folder}: {exc.strerror or exc}") from None
 
     def work(self) -> int:
-        """Wait for the next decoded batch (blocking, at most until housekeeping is due) and process it."""
+        """Wait for the next decoded batch (blocking, at most until housekeeping is due) and process it.
+
+        An unexpected error (a bug) is logged and the loop goes on: the batch's files stay in the inbox
+        (or, if their rows were committed, are moved by the next pass over them) and the periodic rescan
+        offers them again.
+        """
         assert self.pipeline is not None
-        return self.pipeline.process_next(timeout=self._until_housekeeping())
+        try:
+            return self.pipeline.process_next(timeout=self._until_housekeeping())
+        except Exception:
+            log.exception("unexpected error while processing a batch; its files stay in the inbox")
+            return 0
 
     def drain(self) -> int:
         """run --once: process until nothing is queued, in flight, waiting for a retry or settling."""

@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 #: Back-off after a failed commit or move: first delay, doubled per failure, capped.
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 30.0
+#: After the last path dropped by a full queue, wait settle_s plus this before the rescan that finds it.
+RESCAN_MARGIN_S = 0.2
 #: `location` of a row whose file was deleted (files.on_success = "delete"), or vanished before its move.
 DELETED = ""
 GONE = ""
@@ -81,11 +83,16 @@ class ReadyQueue:
 
     A path is refused while it is already queued or in flight (taken but not yet `release`d), so the
     watcher, the rescan and retries may report the same file any number of times. A path refused because
-    the queue is full sets `overflowed`, which the pipeline turns into a rescan once the backlog drains.
+    the queue is full sets `overflowed`; a rescan is then due (`take` returns early, `take_overflow` says
+    so once) when the queue is down to `low_water` paths and no path was dropped for `rescan_delay_s`.
+    The delay lets every dropped file age past the watcher's settle time, so that the scan reports it
+    instead of deferring it (a scan only reports files whose mtime is older than `inbox.settle_s`).
     """
 
-    def __init__(self, max_queue: int) -> None:
+    def __init__(self, max_queue: int, *, low_water: int = 0, rescan_delay_s: float = 0.0) -> None:
         self.max_queue = max_queue
+        self.low_water = low_water
+        self.rescan_delay_s = rescan_delay_s
         self._cond = threading.Condition(threading.RLock())  # RLock: wake() may run in a signal handler
         self._items: deque[QueuedFile] = deque()
         self._known: set[Path] = set()  # queued or in flight
@@ -94,6 +101,7 @@ class ReadyQueue:
         self._paused_until = 0.0
         self.overflowed = False
         self.dropped = 0
+        self._last_drop = 0.0
 
     def put(self, path: Path) -> bool:
         """Queue `path`; False when it is already queued or in flight, the queue is full, or closed."""
@@ -103,6 +111,7 @@ class ReadyQueue:
             if len(self._items) >= self.max_queue:
                 self.overflowed = True
                 self.dropped += 1
+                self._last_drop = time.monotonic()
                 return False
             self._items.append(QueuedFile(path, time.monotonic()))
             self._known.add(path)
@@ -110,7 +119,8 @@ class ReadyQueue:
             return True
 
     def take(self, max_batch: int, max_wait_s: float) -> list[QueuedFile]:
-        """Block until a batch is due and return it; [] when closed or woken by `wake()`.
+        """Block until a batch is due and return it; [] when closed, woken by `wake()`, or a rescan is
+        due (see the class docstring).
 
         A batch is due when `max_batch` paths wait, or when the oldest has waited `max_wait_s`.
         """
@@ -120,17 +130,26 @@ class ReadyQueue:
                 if self._closed or self._wakeups != wakeups:
                     return []
                 now = time.monotonic()
+                rescan_at = self._rescan_due_at()
+                if rescan_at is not None and now >= rescan_at:
+                    return []
+                until_rescan = None if rescan_at is None else rescan_at - now
                 if now < self._paused_until:
-                    self._cond.wait(self._paused_until - now)
+                    self._cond.wait(_earliest(self._paused_until - now, until_rescan))
                     continue
                 if not self._items:
-                    self._cond.wait()
+                    self._cond.wait(until_rescan)
                     continue
                 due = self._items[0].queued_at + max_wait_s
                 if len(self._items) >= max_batch or now >= due:
                     count = min(max_batch, len(self._items))
                     return [self._items.popleft() for _ in range(count)]
-                self._cond.wait(due - now)
+                self._cond.wait(_earliest(due - now, until_rescan))
+
+    def _rescan_due_at(self) -> float | None:
+        if not self.overflowed or len(self._items) > self.low_water:
+            return None
+        return self._last_drop + self.rescan_delay_s
 
     def release(self, paths: Iterable[Path]) -> None:
         """Paths taken earlier are done (or given back): they may be queued again."""
@@ -144,10 +163,11 @@ class ReadyQueue:
         with self._cond:
             self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
-    def take_overflow(self, low_water: int) -> bool:
-        """True (once) when paths were dropped and the queue is now down to `low_water` or less."""
+    def take_overflow(self) -> bool:
+        """True (once) when a rescan is due: paths were dropped, and the queue has drained since."""
         with self._cond:
-            if self.overflowed and len(self._items) <= low_water:
+            rescan_at = self._rescan_due_at()
+            if rescan_at is not None and time.monotonic() >= rescan_at:
                 self.overflowed = False
                 return True
             return False
@@ -260,11 +280,14 @@ class Pipeline:
         self.rescan = rescan
         self.max_attempts = max_attempts
         self.inbox = Path(os.path.realpath(config.inbox_path))  # as the watcher reports paths
-        self.queue = ReadyQueue(config.batch.max_queue)
+        self.queue = ReadyQueue(
+            config.batch.max_queue,
+            low_water=min(config.batch.max_queue // 2, 2 * config.batch.max_batch),
+            rescan_delay_s=config.inbox.settle_s + RESCAN_MARGIN_S,
+        )
         self.counters = Counters()
         self._max_batch = config.batch.max_batch
         self._max_wait_s = config.batch.max_wait_ms / 1000
-        self._low_water = min(config.batch.max_queue // 2, 2 * config.batch.max_batch)
         self._pool = ThreadPoolExecutor(config.batch.decode_threads, thread_name_prefix="decode")
         self._cond = threading.Condition(threading.RLock())  # guards the hand-off and the state below
         self._handoff: deque[tuple[list[QueuedFile], list[Future[Prepared]]]] = deque()
@@ -386,7 +409,7 @@ class Pipeline:
     def _feed(self) -> None:
         while not self._stopping:
             items = self.queue.take(self._max_batch, self._max_wait_s)
-            if self.queue.take_overflow(self._low_water):
+            if self.queue.take_overflow():
                 self._start_rescan()
             if not items:
                 continue
@@ -705,6 +728,10 @@ def classify_files(
             yield from flush()
     if chunk:
         yield from flush()
+
+
+def _earliest(first: float, second: float | None) -> float:
+    return first if second is None else min(first, second)
 
 
 def _load_for_classify(
