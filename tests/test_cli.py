@@ -187,11 +187,11 @@ def test_reading_commands_refuse_a_missing_database(site: Path, capsys: pytest.C
 
 # run --once through the CLI, then results -----------------------------------------------------------------
 @pytest.mark.timeout(60)
-def test_run_once_then_results(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_once_polling_then_results(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_image(site / "inbox" / "red.png", (255, 0, 0))
     (site / "inbox" / "empty.jpg").write_bytes(b"")
-    assert main(["run", "--once"]) == 0
-    capsys.readouterr()
+    assert main(["run", "--once", "--polling"]) == 0
+    assert f"processing inbox {site}/inbox (polling)" in capsys.readouterr().err
     out = run_cli(capsys, "results", "--format", "json")[1]
     rows = sorted(json.loads(out), key=lambda r: r["file"])
     assert [(r["file"], r["status"], r["category"], r["error"], r["location"]) for r in rows] == [

@@ -48,6 +48,7 @@ from worker.watch import InboxWatcher
 
 log = logging.getLogger(__name__)
 
+STORE_RETRY_S = 60.0  # how long one database write is retried on lock errors before the pipeline backs off
 HEARTBEAT_S = 10.0  # database heartbeat (workers table) and the longest the main loop sleeps
 ONCE_MAX_ATTEMPTS = 3  # run --once: give up on a file after this many failed commits or moves
 ONCE_SETTLE_POLL_S = 0.1  # run --once, while the watcher holds files that are settling
@@ -124,7 +125,7 @@ class Worker:
         if config.service.lock:
             self.lock = InboxLock(config.inbox_path, config.database_url)
             self.lock.acquire()
-        self.store = Store(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms)
+        self.store = self.open_store()
         self.model = make_model(config)
         self.model.warm_up()
         info = self.model.info
@@ -152,6 +153,16 @@ class Worker:
         self.metrics.heartbeat()
         self.notifier.ready(self.pipeline.status_line())
         self._next_watchdog = time.monotonic()
+
+    def open_store(self) -> Store:
+        """The database. Under a systemd watchdog, one write may block the loop (lock waits and retries)
+        for at most about a third of the ping interval each, so a database held by another writer never
+        gets the worker killed: the write fails, the pipeline backs off and retries, and pings go on."""
+        busy_ms, retry_s = self.config.database.busy_timeout_ms, STORE_RETRY_S
+        if self._watchdog_s is not None:
+            bound = max(1.0, self._watchdog_s / 3)
+            busy_ms, retry_s = min(busy_ms, int(bound * 1000)), bound
+        return Store(self.config.database_url, busy_timeout_ms=busy_ms, retry_s=retry_s)
 
     def make_folders(self) -> None:
         config = self.config
