@@ -101,7 +101,6 @@ class Worker:
         self._watchdog_s = self.notifier.watchdog_interval()
         self._next_watchdog = 0.0
         self._next_heartbeat = 0.0
-        self._started_at = time.monotonic()
 
     # The whole run ------------------------------------------------------------------------------------
     def run(self, once: bool = False) -> int:

@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 #: Back-off after a failed commit or move: first delay, doubled per failure, capped.
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 30.0
+#: A retry that finds its path already queued (or the queue full) tries again after this long.
+REQUEUE_AGAIN_S = 0.5
 #: After the last path dropped by a full queue, wait settle_s plus this before the rescan that finds it.
 RESCAN_MARGIN_S = 0.2
 #: `location` of a row whose file was deleted (files.on_success = "delete"), or vanished before its move.
@@ -664,8 +666,12 @@ class Pipeline:
     def _requeue_due(self) -> None:
         now = time.monotonic()
         for path, retry in list(self._retries.items()):
-            if retry.due <= now and self.queue.put(path):
+            if retry.due > now:
+                continue
+            if self.queue.put(path):
                 retry.due = float("inf")  # queued; rescheduled if it fails again
+            else:  # already queued by the watcher, or the queue is full: try again shortly
+                retry.due = now + REQUEUE_AGAIN_S
 
     def _until_next_retry(self, timeout: float | None) -> float | None:
         dues = [r.due for r in self._retries.values() if r.due != float("inf")]
