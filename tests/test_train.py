@@ -137,3 +137,17 @@ def test_cli_help_shows_defaults_and_example():
     assert result.returncode == 0
     assert "(default: efficientnet-lite2)" in result.stdout
     assert "example: fashion-train --data" in result.stdout
+
+
+@pytest.mark.timeout(300)
+def test_mixup_and_weight_averaging_save_the_averaged_weights(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    training.main(tiny_config(data, out, epochs=2, mixup=0.2, ema=0.9))
+    last = torch.load(out / "last.pt", weights_only=False)
+    assert "raw_model" in last and "ema" in last
+    # the exported weights are the average, not the last step's
+    raw = last["raw_model"]
+    assert [k for k, v in last["model"].items() if v.is_floating_point() and not torch.equal(v, raw[k])]
+    resumed = training.main(tiny_config(data, out, epochs=3, mixup=0.2, ema=0.9, resume=True))
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]

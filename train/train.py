@@ -54,6 +54,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     class_balance: float = 0.5  # loss weight per class = (1 / frequency) ** class_balance
     dropout: float = 0.3
+    mixup: float = 0.0  # mixup alpha on the cached activations (manifold mixup); 0 = off
+    ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated and saved; 0 = off
     seed: int = 0
     workers: int = 2
     resume: bool = False
@@ -89,11 +91,12 @@ def main(config: TrainConfig) -> dict:
     weights = (weights / (weights * torch.tensor(counts)).sum() * sum(counts)).to(device)
 
     optimizer = make_optimizer(model, split, config)
+    ema = make_ema(model, config.ema)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
     state = {"epoch": 0, "best_val_acc": -1.0, "history": [], "stale": 0}
     if config.resume and (out / "last.pt").exists():
-        state = resume(out / "last.pt", model, optimizer, scheduler)
+        state = resume(out / "last.pt", model, optimizer, scheduler, ema)
         log.info("resumed after epoch %d (best validation accuracy %.4f)", state["epoch"], state["best_val_acc"])
 
     meta = {"classes": classes, "data_fingerprint": fingerprint, "class_counts": counts}
@@ -104,8 +107,9 @@ def main(config: TrainConfig) -> dict:
         else:
             batches = pixel_batches(train_set, config)
         train_loss, train_acc = train_epoch(model, split, batches, optimizer, scheduler, weights, config,
-                                            device, f"epoch {epoch}/{config.epochs}", steps_per_epoch)
-        val_loss, val_acc, _ = evaluate(model, split, val_x, val_y, config, device)
+                                            device, f"epoch {epoch}/{config.epochs}", steps_per_epoch, ema)
+        scored = ema.module if ema is not None else model
+        val_loss, val_acc, _ = evaluate(scored, split, val_x, val_y, config, device)
         state["epoch"] = epoch
         state["history"].append({
             "epoch": epoch, "train_loss": round(train_loss, 4), "train_acc": round(train_acc, 4),
@@ -117,10 +121,11 @@ def main(config: TrainConfig) -> dict:
         improved = val_acc > state["best_val_acc"]
         if improved:
             state["best_val_acc"], state["stale"] = val_acc, 0
-            save_checkpoint(out / "best.pt", model, config, split, meta, state)
+            save_checkpoint(out / "best.pt", scored, config, split, meta, state)
         else:
             state["stale"] += 1
-        save_checkpoint(out / "last.pt", model, config, split, meta, state, optimizer, scheduler)
+        save_checkpoint(out / "last.pt", scored, config, split, meta, state, optimizer, scheduler,
+                        raw=model if ema is not None else None, ema=ema)
         report.plot_curves(out / "training_curves.png", state["history"])
         if state["stale"] >= config.patience:
             log.info("no better validation accuracy for %d epochs: stopping early", config.patience)
@@ -221,7 +226,16 @@ def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_epoch(model, split, batches, optimizer, scheduler, weights, config, device, desc, total):
+def make_ema(model: Classifier, decay: float):
+    """An exponential moving average of the weights (and BN statistics), or None when decay is 0."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def train_epoch(model, split, batches, optimizer, scheduler, weights, config, device, desc, total, ema=None):
     model.train()
     for module in model.frozen_modules(split):
         module.eval()  # frozen BN keeps its ImageNet statistics
@@ -229,12 +243,21 @@ def train_epoch(model, split, batches, optimizer, scheduler, weights, config, de
     bar = tqdm(batches, desc=desc, total=total, unit="batch", leave=False)
     for x, y in bar:
         x, y = x.to(device), y.to(device)
-        logits = model.top(x, split)
-        loss = F.cross_entropy(logits, y, weight=weights, label_smoothing=config.label_smoothing)
+        if config.mixup:
+            lam = float(np.random.beta(config.mixup, config.mixup))
+            partner = torch.randperm(len(y), device=device)
+            logits = model.top(lam * x + (1 - lam) * x[partner], split)
+            loss = lam * F.cross_entropy(logits, y, weight=weights, label_smoothing=config.label_smoothing) + (
+                1 - lam) * F.cross_entropy(logits, y[partner], weight=weights, label_smoothing=config.label_smoothing)
+        else:
+            logits = model.top(x, split)
+            loss = F.cross_entropy(logits, y, weight=weights, label_smoothing=config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         loss_sum += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
@@ -286,8 +309,13 @@ def finish(out, model, split, val_set, val_x, val_y, config, device, meta, state
     return metrics
 
 
-def save_checkpoint(path: Path, model, config, split, meta, state, optimizer=None, scheduler=None) -> None:
-    """A checkpoint carries everything export needs: config, class order, weights, data fingerprint."""
+def save_checkpoint(path: Path, model, config, split, meta, state, optimizer=None, scheduler=None,
+                    raw=None, ema=None) -> None:
+    """A checkpoint carries everything export needs: config, class order, weights, data fingerprint.
+
+    `model` holds the weights export uses (the moving average when --ema is on); `raw` and `ema` are
+    the trained weights and the averager, kept in last.pt so --resume continues exactly.
+    """
     payload = {
         "config": {**asdict(config), "frozen_blocks": split},
         "spec": asdict(model.spec),
@@ -303,14 +331,19 @@ def save_checkpoint(path: Path, model, config, split, meta, state, optimizer=Non
         payload["optimizer"] = optimizer.state_dict()
         payload["scheduler"] = scheduler.state_dict()
         payload["rng"] = torch.get_rng_state()
+    if raw is not None:
+        payload["raw_model"] = raw.state_dict()
+        payload["ema"] = ema.state_dict()
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
 
 
-def resume(path: Path, model, optimizer, scheduler) -> dict:
+def resume(path: Path, model, optimizer, scheduler, ema=None) -> dict:
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(checkpoint.get("raw_model", checkpoint["model"]))
+    if ema is not None and "ema" in checkpoint:
+        ema.load_state_dict(checkpoint["ema"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     torch.set_rng_state(checkpoint["rng"])
@@ -352,6 +385,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--class-balance", type=float, default=defaults.class_balance,
                         help="loss weight per class = (1/frequency)^this; 0 = unweighted")
     parser.add_argument("--dropout", type=float, default=defaults.dropout, help="before the classifier")
+    parser.add_argument("--mixup", type=float, default=defaults.mixup,
+                        help="mixup alpha on the cached activations; 0 = off")
+    parser.add_argument("--ema", type=float, default=defaults.ema,
+                        help="decay of a moving average of the weights that is evaluated and saved; 0 = off")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="makes runs repeatable")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="image-decoding processes")
     parser.add_argument("--limit", type=int, default=defaults.limit,
