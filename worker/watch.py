@@ -69,6 +69,11 @@ RECENT_TTL_MIN_S = 10.0  # a report is not repeated for the same file (same inod
 EMPTY_DIR_PRUNE_AGE_S = 60.0  # periodic rescans remove inbox subfolders empty and unchanged this long
 MIN_RECHECK_S = 0.05  # shortest delay between two checks of one candidate
 SKIP_MEMORY = 10_000  # how many skipped entries are remembered so each is logged once
+# watchdog holds an unmatched IN_MOVED_FROM for 0.5 s to pair it with an IN_MOVED_TO, and every event queued
+# behind it waits too. Each file the worker moves out of the inbox is such an event, so under a steady
+# trickle of drops every close event would wait up to 0.5 s. The kernel queues the two halves of a rename
+# back to back; 50 ms is ample to pair them (and an unpaired move-in is still caught by the settle check).
+MOVE_PAIRING_DELAY_S = 0.05
 
 
 @dataclass
@@ -231,6 +236,9 @@ class InboxWatcher:
         if not self.config.inbox.polling:
             try:
                 from watchdog.observers.inotify import InotifyObserver
+                from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+
+                InotifyMoveEventGrouper.delay = MOVE_PAIRING_DELAY_S
             except ImportError as exc:  # not Linux
                 log.warning("inotify is not available here (%s); polling %s every %.1f s instead",
                             exc, self.inbox, self.config.inbox.poll_interval_s)
