@@ -175,6 +175,25 @@ def cmd_uninstall_service(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from worker.bench import BenchOptions, format_report, run
+
+    cfg = setup(args)
+    options = BenchOptions(
+        images=Path(args.images), burst=args.burst, large=args.large, drops=args.drops,
+        batch_sizes=args.batch_sizes, threads=args.threads or [1, os.cpu_count() or 1], model=cfg.model_path,
+        int8_model=Path(args.int8_model) if args.int8_model else None, max_batch=cfg.batch.max_batch,
+        max_wait_ms=cfg.batch.max_wait_ms, decode_threads=cfg.batch.decode_threads,
+        idle_seconds=args.idle_seconds, naive=args.naive,
+        progress=lambda message: print(f"bench: {message}", file=sys.stderr, flush=True),
+    )
+    report = run(options)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 def _print_plan(plan: Any, dry_run: bool, done: str) -> None:
     if dry_run:
         sys.stdout.write(plan.script())
@@ -196,6 +215,16 @@ def _level(value: str) -> str:
     if upper not in LOG_LEVELS:
         raise argparse.ArgumentTypeError(f"invalid level {value!r}; valid: {', '.join(LOG_LEVELS)}")
     return upper
+
+
+def _int_list(value: str) -> list[int]:
+    try:
+        numbers = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {value!r}") from None
+    if not numbers or min(numbers) < 1:
+        raise argparse.ArgumentTypeError(f"expected numbers of at least 1, got {value!r}")
+    return numbers
 
 
 def _common() -> argparse.ArgumentParser:
@@ -233,6 +262,10 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("doctor", "Check the config, model, providers, folders, database and inotify limits.",
      "examples:\n  fashion-worker doctor\n  fashion-worker doctor --config /etc/fashion-worker/config.toml\n\n"
      "prints one line per check (OK or FAIL); exit status 1 when any check fails"),
+    ("bench", "Measure speed on this machine: model, decoding, the real worker end to end.",
+     "examples:\n  fashion-worker bench ../shared/data/clothing-dataset-small/validation\n"
+     "  fashion-worker bench photos/ --burst 2000 --json bench.json --naive\n\n"
+     "runs the real worker (a subprocess) on a temp inbox; batch settings come from the config"),
     ("install-service", "Install, enable and start the systemd service (as root).",
      "examples:\n  sudo fashion-worker install-service --dry-run\n"
      "  sudo fashion-worker install-service --config /etc/fashion-worker/config.toml\n\n"
@@ -243,7 +276,8 @@ COMMANDS: list[tuple[str, str, str]] = [
 ]
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "classify": cmd_classify, "results": cmd_results, "stats": cmd_stats,
-    "doctor": cmd_doctor, "install-service": cmd_install_service, "uninstall-service": cmd_uninstall_service,
+    "doctor": cmd_doctor, "bench": cmd_bench, "install-service": cmd_install_service,
+    "uninstall-service": cmd_uninstall_service,
 }
 
 
@@ -285,6 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output format (default: %(default)s)")
 
     sub["stats"].add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    bench = sub["bench"]
+    bench.add_argument("images", metavar="IMAGES", help="folder of real images, searched recursively")
+    bench.add_argument("--burst", type=int, default=500, help="images in the end-to-end burst (default: %(default)s)")
+    bench.add_argument("--large", type=int, default=40,
+                       help="12-megapixel photos in the large-photo burst (default: %(default)s)")
+    bench.add_argument("--drops", type=int, default=20, help="single drops timed for latency (default: %(default)s)")
+    bench.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 8, 16, 32], metavar="N,N",
+                       help="model-throughput batch sizes (default: 1,4,8,16,32)")
+    bench.add_argument("--threads", type=_int_list, default=None, metavar="N,N",
+                       help="model-throughput thread counts (default: 1 and the number of cores)")
+    bench.add_argument("--int8-model", default=None, metavar="FILE",
+                       help="int8 model to compare with fp32 (default: MODEL.int8.onnx beside the model if present)")
+    bench.add_argument("--idle-seconds", type=float, default=10.0,
+                       help="how long idle CPU is measured (default: %(default)s)")
+    bench.add_argument("--naive", action="store_true",
+                       help="also time a per-image PyTorch eager loop (needs the train extra)")
+    bench.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
 
     inst = sub["install-service"]
     inst.add_argument("--venv", default=None, help="virtual environment holding fashion-worker "

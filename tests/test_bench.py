@@ -1,0 +1,47 @@
+"""`fashion-worker bench` runs the real worker and reports every figure (speed itself is not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import make_model, write_image
+
+
+@pytest.mark.timeout(300)
+def test_bench_reports_every_figure(tmp_path):
+    images = tmp_path / "images"
+    for i, color in enumerate([(200, 20, 20), (20, 200, 20), (20, 20, 200)] * 2):
+        write_image(images / f"{i}.jpg", color, (400, 533), noise_seed=i)
+    model = make_model(tmp_path / "tiny.onnx", size=(64, 64))
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "bench", str(images), "--model", str(model), "--burst", "12",
+         "--large", "2", "--drops", "3", "--batch-sizes", "1,4", "--threads", "1", "--idle-seconds", "1",
+         "--json", str(out)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=280,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert [(r["threads"], r["batch"]) for r in report["model_throughput"]] == [(1, 1), (1, 4)]
+    assert all(r["images_per_s"] > 0 for r in report["model_throughput"])
+    assert report["decode"]["listing_images_per_s"] > 0 and report["decode"]["large_12mp_images_per_s"] > 0
+    e2e = report["end_to_end"]
+    assert e2e["burst"]["images"] == 12 and e2e["burst"]["images_per_s"] > 0
+    assert e2e["large_burst"]["images"] == 2
+    assert e2e["latency_ms"]["drops"] == 3 and 0 < e2e["latency_ms"]["p50"] <= e2e["latency_ms"]["p95"]
+    assert e2e["idle_cpu_percent"] >= 0 and e2e["peak_rss_mb"] > 0
+    assert e2e["failed_rows"] == 0 and e2e["worker_exit_code"] == 0
+    assert set(report["targets"]) == {"burst_vs_model", "latency_p50", "idle_cpu", "large_vs_listing"}
+    for heading in ("model throughput", "decode+resize", "end to end", "single-drop latency", "targets:"):
+        assert heading in result.stdout
+    assert "bench: starting the worker" in result.stderr
+
+
+def test_bench_names_a_missing_image_folder(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "worker", "bench", str(tmp_path / "none")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"fashion-worker: error: image folder {tmp_path / 'none'} does not exist"
