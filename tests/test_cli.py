@@ -115,7 +115,7 @@ def test_results_json_with_filters(recorded: Path, capsys: pytest.CaptureFixture
     for row in rows:
         assert TS.fullmatch(row.pop("processed_at")) and TS.fullmatch(row.pop("created_at"))
     common = {"status": "ok", "category": "red", "confidence": 0.98, "error": None, "model": "tiny-test-model",
-              "model_id": "m" * 64, "sha256": "a" * 64, "size_bytes": 100, "worker": "host:1",
+              "model_id": "m" * 64, "sha256": "a" * 64, "size_bytes": 100, "worker": "host:1", "host": None,
               "top3": [["red", 0.98], ["green", 0.015], ["blue", 0.005]], "decode_ms": None,
               "inference_ms": None, "total_ms": None}
     assert rows == [
@@ -130,10 +130,10 @@ def test_results_csv_by_category_and_file_glob(recorded: Path, capsys: pytest.Ca
     assert code == 0
     header, row, end = TS.sub("<time>", out).split("\n")
     assert header == ("id,file,location,sha256,size_bytes,status,category,confidence,top3,error,model,model_id,"
-                      "duplicate_of,decode_ms,inference_ms,total_ms,created_at,processed_at,worker")
+                      "duplicate_of,decode_ms,inference_ms,total_ms,created_at,processed_at,worker,host")
     assert row == (f'4,"red, again.jpg","{recorded}/processed/red, again.jpg",{"a" * 64},100,ok,red,0.98,'
                    f'"[[""red"", 0.98], [""green"", 0.015], [""blue"", 0.005]]",,tiny-test-model,{"m" * 64},'
-                   "1,,,,<time>,<time>,host:1")
+                   "1,,,,<time>,<time>,host:1,")
     assert end == ""
 
 
@@ -151,7 +151,7 @@ def test_stats_text(recorded: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_cli(capsys, "stats")
     assert (code, err) == (0, "")
     assert TS.sub("<time>", out) == (
-        f"Database:    sqlite:///{recorded}/data/results.db (schema version 1)\n"
+        f"Database:    sqlite:///{recorded}/data/results.db (schema version 2)\n"
         "Results:     4 total, 3 ok, 1 failed, 1 duplicates\n"
         "Throughput:  4.0/min over 1m, 0.8/min over 5m, 0.1/min over 60m\n"
         "First:       <time>\n"
@@ -162,9 +162,9 @@ def test_stats_text(recorded: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "red           2\n"
         "blue          1\n"
         "\n"
-        "worker  state    heartbeat                         age  processed  rate 5m\n"
-        "------  -------  --------------------------------  ---  ---------  -------\n"
-        "host:1  running  <time>  0s           4  0.8/min\n"
+        "worker  host  state    heartbeat                         age  processed  rate 5m\n"
+        "------  ----  -------  --------------------------------  ---  ---------  -------\n"
+        "host:1  host  running  <time>  0s           4  0.8/min\n"
     )
 
 

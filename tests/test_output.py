@@ -112,9 +112,9 @@ def test_render_stats() -> None:
         "shirt         7\n"
         "dress         3\n"
         "\n"
-        "worker   state    heartbeat                  age  processed  rate 5m\n"
-        "-------  -------  -------------------------  ---  ---------  -------\n"
-        "web1:42  running  2025-01-31T13:00:05+00:00  5s          12  1.2/min\n"
+        "worker   host  state    heartbeat                  age  processed  rate 5m\n"
+        "-------  ----  -------  -------------------------  ---  ---------  -------\n"
+        "web1:42  web1  running  2025-01-31T13:00:05+00:00  5s          12  1.2/min\n"
     )
 
 

@@ -62,6 +62,7 @@ class BatchConfig:
 class DatabaseConfig:
     url: str = "sqlite:///data/results.db"  # any SQLAlchemy URL; relative SQLite paths resolve as above
     busy_timeout_ms: int = 30_000  # SQLite: how long a writer waits for a lock before retrying
+    claim_lease_s: float = 30.0  # PostgreSQL: a dead worker's files are taken over this long after it stopped
 
 
 @dataclass
@@ -183,6 +184,8 @@ def validate(config: Config) -> None:
         (config.files.max_file_bytes > 0,
          f"files.max_file_bytes must be positive, got {config.files.max_file_bytes}"),
         (config.inbox.settle_s >= 0, f"inbox.settle_s must be >= 0, got {config.inbox.settle_s}"),
+        (config.database.claim_lease_s > 0,
+         f"database.claim_lease_s must be positive, got {config.database.claim_lease_s}"),
         (config.inbox.poll_interval_s > 0,
          f"inbox.poll_interval_s must be positive, got {config.inbox.poll_interval_s}"),
         (config.inbox.rescan_interval_s >= 0,

@@ -12,7 +12,16 @@ Where the lock file lives (never inside the watched inbox):
   parent folder.
 `<key>` is a hash of the inbox's real path and the database URL, so one folder can hold the locks of
 several (inbox, database) pairs. flock is local to a machine: it does not guard an inbox shared over NFS
-by workers on several hosts (the scale-out design coordinates through the database instead).
+by workers on several hosts.
+
+PostgreSQL (scale-out, docs/scaleout.md): several workers may share an inbox, on one host or several,
+because each file is claimed in the database before it is read (worker.claims), so no inbox lock is
+taken. What must stay unique there is the worker id (results, heartbeats and claims are kept under it):
+`WorkerIdLock` holds a session-level `pg_try_advisory_lock` on the worker id for the life of the worker,
+on a connection of its own. A second process started with the same `service.worker_id`, on any host,
+refuses with InboxLocked naming the holder. PostgreSQL releases the lock when the holder's connection
+ends (a process killed by any signal closes its socket at once; a host that vanishes is noticed through
+the TCP keepalives this connection asks the server for, within about half a minute).
 """
 
 from __future__ import annotations
@@ -23,14 +32,33 @@ import fcntl
 import hashlib
 import logging
 import os
+import struct
 from pathlib import Path
 from types import TracebackType
 
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
 from worker.exceptions import InboxLocked, StoreError
+from worker.migrations import WORKER_ID_LOCK_CLASS
+from worker.store import Store, workers
 
 log = logging.getLogger(__name__)
 
 SQLITE_PREFIX = "sqlite:///"
+
+
+# Server-side keepalives of the lock connection: a vanished client host is noticed in about 10 + 3 x 5 s.
+KEEPALIVE_SETTINGS = {"tcp_keepalives_idle": 10, "tcp_keepalives_interval": 5, "tcp_keepalives_count": 3}
+
+
+def uses_claims(database_url: str) -> bool:
+    """True for PostgreSQL URLs: workers coordinate through claims (worker.claims), not an inbox lock."""
+    try:
+        return make_url(database_url).get_backend_name() == "postgresql"
+    except ArgumentError:
+        return False
 
 
 def lock_key(inbox: Path, database_url: str) -> str:
@@ -121,3 +149,114 @@ def _read_pid(fd: int) -> int | None:
         return int(text) if text else None
     except (OSError, ValueError):
         return None
+
+
+def worker_id_key(worker_id: str) -> int:
+    """The second advisory-lock key (a signed 32-bit int) of a worker id; the first is WORKER_ID_LOCK_CLASS."""
+    digest = hashlib.sha256(worker_id.encode("utf-8", "surrogateescape")).digest()
+    return struct.unpack(">i", digest[:4])[0]
+
+
+class WorkerIdLock:
+    """PostgreSQL: `with WorkerIdLock(store, worker_id):` holds the worker id, or raises InboxLocked naming
+    the host and pid of the process that holds it (from the workers table). See the module docstring."""
+
+    def __init__(self, store: Store, worker_id: str) -> None:
+        self.store = store
+        self.worker_id = worker_id
+        self._conn: Connection | None = None
+        self._wanted = False
+
+    @property
+    def held(self) -> bool:
+        return self._conn is not None
+
+    def _try(self) -> Connection | None:
+        """A connection holding the lock, or None when another session holds it."""
+        conn = self.store.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            for name, value in KEEPALIVE_SETTINGS.items():
+                conn.exec_driver_sql(f"SET {name} = {int(value)}")
+            got = conn.execute(sa.text("SELECT pg_try_advisory_lock(:cls, :key)"),
+                               {"cls": WORKER_ID_LOCK_CLASS, "key": worker_id_key(self.worker_id)}).scalar()
+        except BaseException:
+            conn.invalidate()
+            conn.close()
+            raise
+        if got:
+            return conn
+        conn.close()
+        return None
+
+    def acquire(self) -> None:
+        if self._conn is not None:
+            return
+        self._wanted = True
+        try:
+            self._conn = self._try()
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot lock worker id {self.worker_id!r} in {self.store.url}: {exc}") from None
+        if self._conn is None:
+            self._wanted = False
+            raise InboxLocked(
+                f"another worker with id {self.worker_id!r} ({self._holder()}) is already running against "
+                f"{self.store.url}; give each worker its own service.worker_id (empty = HOST:PID)"
+            )
+        log.debug("worker id %r locked in %s", self.worker_id, self.store.url)
+
+    def _holder(self) -> str:
+        try:
+            with self.store.engine.connect() as conn:
+                row = conn.execute(sa.select(workers.c.host, workers.c.pid, workers.c.heartbeat_at)
+                                   .where(workers.c.worker_id == self.worker_id)).first()
+        except SQLAlchemyError:
+            row = None
+        if row is None:
+            return "it has not reported yet"
+        return f"host {row.host}, pid {row.pid}, last heartbeat {row.heartbeat_at.isoformat(timespec='seconds')}"
+
+    def check(self) -> bool:
+        """Still held? When the lock's connection was lost (database restart, network cut), take the lock
+        again on a new one; False (and an error logged) when another process took the id meanwhile."""
+        if not self._wanted:
+            return False
+        if self._conn is not None:
+            try:
+                self._conn.exec_driver_sql("SELECT 1")
+                return True
+            except SQLAlchemyError:
+                with contextlib.suppress(SQLAlchemyError):
+                    self._conn.invalidate()
+                    self._conn.close()
+                self._conn = None
+        try:
+            self._conn = self._try()
+        except SQLAlchemyError as exc:
+            log.warning("lost the database connection holding worker id %r; cannot take it again yet: %s",
+                        self.worker_id, " ".join(str(exc).split()))
+            return False
+        if self._conn is None:
+            log.error("worker id %r is now held by another process (%s): two workers run under one id",
+                      self.worker_id, self._holder())
+            return False
+        log.warning("the database connection holding worker id %r was lost; the lock is taken again",
+                    self.worker_id)
+        return True
+
+    def release(self) -> None:
+        self._wanted = False
+        if self._conn is None:
+            return
+        conn, self._conn = self._conn, None
+        with contextlib.suppress(SQLAlchemyError):
+            conn.invalidate()  # closing the session releases its advisory locks
+            conn.close()
+
+    def __enter__(self) -> WorkerIdLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()

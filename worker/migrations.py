@@ -45,6 +45,8 @@ BEGIN_MODE = "fashion_worker_begin"
 # PostgreSQL advisory lock keys (64-bit ints derived from fixed names).
 MIGRATE_LOCK_KEY = zlib.crc32(b"fashion-worker:migrate")
 RESULTS_LOCK_KEY = zlib.crc32(b"fashion-worker:results")
+# Session-level advisory locks of worker ids (worker.lock.WorkerIdLock) use this as the first of two keys.
+WORKER_ID_LOCK_CLASS = zlib.crc32(b"fashion-worker:worker-id") & 0x7FFFFFFF
 
 VERSION_TABLE = "schema_version"
 
@@ -106,8 +108,33 @@ def _v1_results_and_workers(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _v2_scale_out(conn: Connection) -> None:
+    """Version 2 (scale-out): results.host, and the claims table through which several workers sharing one
+    PostgreSQL database agree on who classifies each drop (see worker.claims). Created on SQLite too, where
+    it stays empty, so that both dialects have one schema."""
+    conn.execute(sa.text("ALTER TABLE results ADD COLUMN host TEXT"))
+    md = sa.MetaData()
+    ts = sa.DateTime(timezone=True)
+    sa.Table(
+        "claims", md,
+        sa.Column("drop_key", sa.String(64), primary_key=True),
+        sa.Column("file", sa.Text, nullable=False),
+        sa.Column("worker_id", sa.String(255), nullable=False),
+        sa.Column("host", sa.Text, nullable=False),
+        sa.Column("owner", sa.String(64), nullable=False),
+        sa.Column("claimed_at", ts, nullable=False),
+        sa.Column("lease_until", ts, nullable=False),
+        sa.Column("result_id", _id_type()),
+        sa.Column("done_at", ts),
+        sa.Column("takeovers", sa.Integer, nullable=False, server_default="0"),
+        sa.Index("ix_claims_owner", "owner"),
+    )
+    md.create_all(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "results and workers tables", _v1_results_and_workers),
+    Migration(2, "results.host and the claims table (scale-out)", _v2_scale_out),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -128,6 +128,10 @@ def render_stats(stats: Mapping[str, Any]) -> str:
         f"First:       {stats.get('first_activity') or '-'}",
         f"Last:        {stats.get('last_activity') or '-'}",
     ]
+    claims = stats.get("claims") or {}
+    if claims.get("enabled"):  # several workers on PostgreSQL
+        lines.append(f"Claims:      {claims.get('held', 0)} held, {claims.get('lapsed', 0)} lapsed (to be taken "
+                     f"over), {claims.get('takeovers', 0)} taken over")
     categories = stats.get("by_category") or {}
     lines.append("")
     if categories:
@@ -138,11 +142,14 @@ def render_stats(stats: Mapping[str, Any]) -> str:
     worker_rows = stats.get("workers") or []
     lines.append("")
     if worker_rows:
-        lines.append(table(
-            [[w["id"], w["state"], w["heartbeat_at"], f"{w['heartbeat_age_s']:.0f}s", w["processed"],
-              _rate(w["throughput_5m"])] for w in worker_rows],
-            ["worker", "state", "heartbeat", "age", "processed", "rate 5m"],
-        ).rstrip("\n"))
+        headers = ["worker", "host", "state", "heartbeat", "age", "processed", "rate 5m"]
+        values = [[w["id"], w.get("host"), w["state"], w["heartbeat_at"], f"{w['heartbeat_age_s']:.0f}s",
+                   w["processed"], _rate(w["throughput_5m"])] for w in worker_rows]
+        if claims.get("enabled"):
+            headers.append("claims")
+            for row, w in zip(values, worker_rows, strict=True):
+                row.append(w.get("claims", 0))
+        lines.append(table(values, headers).rstrip("\n"))
     else:
         lines.append("No workers have reported yet.")
     return "\n".join(lines) + "\n"

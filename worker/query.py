@@ -29,13 +29,14 @@ import sqlalchemy as sa
 
 from worker.exceptions import ConfigError
 from worker.store import STATUSES, Store, decode_top3, utcnow
+from worker.store import claims as claims_table
 from worker.store import results as results_table
 from worker.store import workers as workers_table
 
 RESULT_KEYS = (
     "id", "file", "location", "sha256", "size_bytes", "status", "category", "confidence", "top3", "error",
     "model", "model_id", "duplicate_of", "decode_ms", "inference_ms", "total_ms", "created_at",
-    "processed_at", "worker",
+    "processed_at", "worker", "host",
 )
 # A readable subset for the table format (JSON and CSV suit all of RESULT_KEYS).
 SUMMARY_COLUMNS = ("processed_at", "file", "status", "category", "confidence", "error")
@@ -139,6 +140,7 @@ def row_dict(row: Any) -> dict[str, Any]:
         "created_at": iso(row["created_at"]),
         "processed_at": iso(row["processed_at"]),
         "worker": row["worker"],
+        "host": row["host"],
     }
 
 
@@ -181,8 +183,12 @@ def stats(store: Store, *, now: datetime | None = None, stale_after_s: float = 1
 
     Each worker: {"id", "host", "pid", "started_at", "heartbeat_at", "heartbeat_age_s", "processed"
     (its own count since it started), "state" ("running"; "stale" when no heartbeat for stale_after_s;
-    "stopped" after a clean shutdown), "throughput_5m" (its rows per minute over the last 5 minutes)};
-    the most recent heartbeat first.
+    "stopped" after a clean shutdown), "throughput_5m" (its rows per minute over the last 5 minutes),
+    "claims" (files it holds claims on now; always 0 on SQLite)}; the most recent heartbeat first.
+
+    "claims" (several workers on PostgreSQL, worker.claims): {"enabled" (PostgreSQL), "held" (claims
+    whose lease runs), "lapsed" (claims of workers that stopped renewing, waiting to be taken over),
+    "takeovers" (times a claim was taken over from such a worker, over the claims still kept)}.
     """
     now = (now or utcnow()).astimezone(UTC)
     windows = {f"{n}m": now - timedelta(minutes=n) for n in THROUGHPUT_WINDOWS_MIN}
@@ -216,6 +222,15 @@ def stats(store: Store, *, now: datetime | None = None, stale_after_s: float = 1
         worker_rows = conn.execute(
             sa.select(workers_table).order_by(workers_table.c.heartbeat_at.desc(), workers_table.c.worker_id)
         ).mappings().all()
+        cc = claims_table.c
+        active = sa.and_(cc.done_at.is_(None), cc.lease_until > now)
+        held_by = dict(conn.execute(sa.select(cc.worker_id, sa.func.count()).where(active)
+                                    .group_by(cc.worker_id)).all())
+        lapsed, takeovers = conn.execute(sa.select(
+            sa.func.coalesce(sa.func.sum(sa.case((sa.and_(cc.done_at.is_(None), cc.lease_until <= now), 1),
+                                                 else_=0)), 0),
+            sa.func.coalesce(sa.func.sum(cc.takeovers), 0),
+        )).one()
     total, duplicates, first, last = totals[0], totals[1], totals[2], totals[3]
     throughput = {key: round(int(totals[4 + i]) / n, 3)
                   for i, (key, n) in enumerate(zip(windows, THROUGHPUT_WINDOWS_MIN, strict=True))}
@@ -228,6 +243,7 @@ def stats(store: Store, *, now: datetime | None = None, stale_after_s: float = 1
             "started_at": iso(row["started_at"]), "heartbeat_at": iso(row["heartbeat_at"]),
             "heartbeat_age_s": round(age, 1), "processed": int(row["processed"]), "state": state,
             "throughput_5m": round(int(recent.get(row["worker_id"], 0)) / 5, 3),
+            "claims": int(held_by.get(row["worker_id"], 0)),
         })
     return {
         "database": store.url,
@@ -240,4 +256,6 @@ def stats(store: Store, *, now: datetime | None = None, stale_after_s: float = 1
         "first_activity": iso(first),
         "last_activity": iso(last),
         "workers": worker_list,
+        "claims": {"enabled": store.dialect == "postgresql", "held": int(sum(held_by.values())),
+                   "lapsed": int(lapsed), "takeovers": int(takeovers)},
     }

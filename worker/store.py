@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -35,6 +35,9 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlch
 
 from worker.exceptions import StoreError
 from worker.migrations import BEGIN_MODE, RESULTS_LOCK_KEY, migrate
+
+if TYPE_CHECKING:
+    from worker.claims import Claims
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,7 @@ results = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),  # when the file was found ready
     sa.Column("processed_at", UTCDateTime, nullable=False),  # when the row was committed
     sa.Column("worker", sa.Text, nullable=False),  # "host:pid" or the configured worker id
+    sa.Column("host", sa.Text),  # the worker's host name (NULL in rows written before schema version 2)
 )
 workers = sa.Table(
     "workers", metadata,
@@ -98,6 +102,19 @@ workers = sa.Table(
     sa.Column("heartbeat_at", UTCDateTime, nullable=False),
     sa.Column("stopped_at", UTCDateTime),  # set by a clean shutdown, cleared by the next heartbeat
     sa.Column("processed", sa.BigInteger, nullable=False),  # images this process has recorded
+)
+claims = sa.Table(  # PostgreSQL scale-out: who classifies which drop (worker.claims); unused on SQLite
+    "claims", metadata,
+    sa.Column("drop_key", sa.String(64), primary_key=True),  # worker.claims.drop_key(file, size, mtime)
+    sa.Column("file", sa.Text, nullable=False),  # name relative to the inbox, for people
+    sa.Column("worker_id", sa.String(255), nullable=False),
+    sa.Column("host", sa.Text, nullable=False),
+    sa.Column("owner", sa.String(64), nullable=False),  # the holding process (a random token per start)
+    sa.Column("claimed_at", UTCDateTime, nullable=False),
+    sa.Column("lease_until", UTCDateTime, nullable=False),  # database clock; renewed while the owner lives
+    sa.Column("result_id", _ID),  # set in the transaction that commits the drop's row
+    sa.Column("done_at", UTCDateTime),  # files.on_success = "leave": recorded and left in place for good
+    sa.Column("takeovers", sa.Integer, nullable=False),  # times taken over from a worker whose lease lapsed
 )
 
 
@@ -122,6 +139,8 @@ class ResultRecord:
     inference_ms: float | None = None
     total_ms: float | None = None
     created_at: datetime = field(default_factory=utcnow)
+    host: str | None = None
+    claim_key: str | None = None  # scale-out: the drop's claim (worker.claims), checked at commit; no column
 
 
 @dataclass(frozen=True)
@@ -312,6 +331,11 @@ class Store:
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
 
+    def write(self, what: str, body: Callable[[Connection], T]) -> T:
+        """Run `body(conn)` as ONE write transaction, retried whole on transient errors like add_results
+        (StoreError when it keeps failing); for other modules' tables (worker.claims)."""
+        return self._write(what, body)
+
     def _write(self, what: str, body: Callable[[Connection], T]) -> T:
         def attempt() -> T:
             with self.engine.connect() as conn:
@@ -325,13 +349,18 @@ class Store:
             raise StoreError(f"database {self.url}: {what} failed: {_reason(exc)}") from exc
 
     # Results --------------------------------------------------------------------------------------
-    def add_results(self, records: list[ResultRecord]) -> list[int]:
+    def add_results(self, records: list[ResultRecord], claims: Claims | None = None) -> list[int | None]:
         """Insert a batch in ONE transaction; return the new ids in the order of `records`.
 
         Sets each record's `duplicate_of` (in the database and on the record object) to the id of the
         first row with the same (sha256, model_id), whether that row is duplicates or earlier in this batch;
         NULL for the first occurrence and for records without a sha256. The row's processed_at is the
         commit time. Raises StoreError (nothing written) if the database stays locked past retry_s.
+
+        With `claims` (several workers on PostgreSQL), in the same transaction: the claims of the records'
+        `claim_key`s are locked and checked, a record whose claim this worker no longer holds (its lease
+        lapsed and another worker took the drop over) is not written and gets None instead of an id, and
+        the claims held are marked as recorded (Claims.lock_held, Claims.mark_recorded).
         """
         if not records:
             return []
@@ -339,15 +368,26 @@ class Store:
             if record.status not in STATUSES:
                 raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {record.status!r}")
 
-        def body(conn: Connection) -> list[tuple[int, int | None]]:
+        def body(conn: Connection) -> list[tuple[int, int | None] | None]:
             if conn.dialect.name == "postgresql":  # serialise duplicate detection across workers
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": RESULTS_LOCK_KEY})
-            firsts = self._first_ids(conn, records)
+            if claims is None:
+                return list(insert_batch(conn, records))
+            held = claims.lock_held(conn, [r.claim_key for r in records if r.claim_key is not None])
+            kept = [r for r in records if r.claim_key is None or r.claim_key in held]
+            written = iter(insert_batch(conn, kept) if kept else [])
+            out = [next(written) if r.claim_key is None or r.claim_key in held else None for r in records]
+            claims.mark_recorded(conn, {r.claim_key: row[0] for r, row in zip(records, out, strict=True)
+                                        if r.claim_key is not None and row is not None})
+            return out
+
+        def insert_batch(conn: Connection, batch: list[ResultRecord]) -> list[tuple[int, int | None]]:
+            firsts = self._first_ids(conn, batch)
             processed_at = utcnow()
             rows, pending = [], []  # pending: (index, index of the first occurrence in this batch)
             duplicates: list[int | None] = []  # duplicate_of pointing at rows committed before this batch
             seen: dict[tuple[str, str], int] = {}
-            for i, record in enumerate(records):
+            for i, record in enumerate(batch):
                 key = (record.sha256, record.model_id)
                 duplicate_of = None
                 if record.sha256 is not None:
@@ -371,9 +411,10 @@ class Store:
             return list(zip(ids, duplicates, strict=True))
 
         written = self._write(f"recording {len(records)} results", body)
-        for record, (_, duplicate_of) in zip(records, written, strict=True):  # after the commit only
-            record.duplicate_of = duplicate_of
-        return [row_id for row_id, _ in written]
+        for record, row in zip(records, written, strict=True):  # after the commit only
+            if row is not None:
+                record.duplicate_of = row[1]
+        return [None if row is None else row[0] for row in written]
 
     @staticmethod
     def _first_ids(conn: Connection, records: list[ResultRecord]) -> dict[tuple[str, str], int]:
@@ -415,6 +456,7 @@ class Store:
             "created_at": record.created_at,
             "processed_at": processed_at,
             "worker": safe_text(record.worker),
+            "host": safe_text(record.host),
         }
 
     @staticmethod

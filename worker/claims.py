@@ -1,0 +1,279 @@
+"""Claims: several workers sharing one PostgreSQL database agree, through it, on who classifies each drop.
+
+Every worker watches an inbox (its own, or one shared with others over a network filesystem) and may see
+the same files as others. Before it reads a file, a worker claims the file's *drop* in the `claims` table;
+only the worker holding the claim reads, classifies, records and moves that file.
+
+- **Drop key**: sha256 of (name relative to the inbox, size, mtime in ns), all known from one lstat before
+  the file is read. A shared inbox gives every host the same three values (NFS and SMB serve mtime from
+  the server), whatever path it is mounted at; a file rewritten in place is a new drop. Two *different*
+  inboxes holding the same name, size and mtime (rsync -t copies) share a key: their drops are then
+  classified one after the other instead of in parallel, never skipped (a claim is deleted once its file
+  is moved).
+- **Claim** (`claim`): ONE statement per batch, `INSERT … ON CONFLICT (drop_key) DO UPDATE … WHERE the
+  existing claim's lease has lapsed (or it belongs to this worker id's previous, dead process) RETURNING`.
+  PostgreSQL runs it atomically per row: of several workers claiming one drop at once, exactly one gets
+  it. The others learn who holds it and when its lease ends, by the database clock, so that host clocks
+  never matter, and look again then.
+- **Lease**: a claim is valid until `lease_until`; a thread renews this worker's claims every third of the
+  lease (`start`). A worker that dies (SIGKILL, power cut, network gone) stops renewing; one lease later
+  another worker that sees the file takes the claim over and classifies it.
+- **Commit check** (`lock_held` + `mark_recorded`, called by Store.add_results inside the batch's
+  transaction): the claims of the batch are locked `FOR UPDATE` and checked to be still this process's.
+  A drop taken over meanwhile (this worker was alive but its lease lapsed: a long stall) is not written;
+  a held one gets `result_id` set in the same transaction. So a drop gets at most one row, and a worker
+  that takes over a claim with a `result_id` (the holder died between commit and move) only moves the
+  file, whatever path it sees it under.
+- **Release** (`release`, `finish_left`): once the file is moved or deleted the claim is deleted; a file
+  left in place (`files.on_success = "leave"`) keeps a claim marked done, so that no other worker
+  records it again. A file that vanished or is skipped (FIFO, symlink…) releases its claim too.
+- **Shutdown** (`close`): claims without a row are deleted, claims with a row are expired at once, so that
+  other workers take them over without waiting for the lease.
+
+Only PostgreSQL: SQLite has one writer anyway and keeps the per-inbox lock file (worker.lock).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Connection
+
+from worker.exceptions import StoreError
+from worker.store import Store, claims, safe_text
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_S = 30.0
+RENEWALS_PER_LEASE = 3  # a claim survives two missed renewals
+
+
+def drop_key(file: str, size: int, mtime_ns: int) -> str:
+    """The claim key of a drop: sha256 hex of its name relative to the inbox, its size and its mtime (ns)."""
+    text = f"{file}\0{int(size)}\0{int(mtime_ns)}"
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Granted:
+    """A claim this worker now holds."""
+
+    key: str
+    result_id: int | None  # a row was committed by an earlier holder that died before moving the file
+    taken_over: bool  # the claim was another process's (its lease lapsed, or this worker id's dead process)
+
+
+@dataclass(frozen=True)
+class Held:
+    """A claim another worker holds."""
+
+    key: str
+    worker_id: str
+    host: str
+    done: bool  # recorded and left in place for good (files.on_success = "leave"): nothing to do, ever
+    retry_in_s: float  # until its lease lapses, by the database clock; 0 when it was released meanwhile
+
+
+@dataclass
+class ClaimOutcome:
+    granted: dict[str, Granted] = field(default_factory=dict)
+    held: dict[str, Held] = field(default_factory=dict)
+
+
+class Claims:
+    """This worker process's claims in a PostgreSQL database (see the module docstring).
+
+    Thread-safe: `claim` runs in the pipeline's batching thread, `lock_held`/`mark_recorded` inside
+    Store.add_results in the main thread, `renew` in the renewal thread.
+    """
+
+    def __init__(self, store: Store, worker_id: str, host: str, *, lease_s: float = DEFAULT_LEASE_S,
+                 owner: str | None = None) -> None:
+        if store.dialect != "postgresql":
+            raise StoreError(f"claims need PostgreSQL; database {store.url} is {store.dialect}")
+        if lease_s <= 0:
+            raise ValueError(f"lease_s must be positive, got {lease_s!r}")
+        self.store = store
+        self.worker_id = worker_id
+        self.host = host
+        self.lease_s = float(lease_s)
+        self.owner = owner or secrets.token_hex(16)  # this process; a restart under the same id is another
+        self.takeovers = 0  # claims taken over from other processes
+        self._lease = timedelta(seconds=self.lease_s)
+        self._mine: set[str] = set()  # keys granted and not released (for takeover detection and counts)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def held(self) -> int:
+        """Claims this process holds (granted, not yet released)."""
+        with self._lock:
+            return len(self._mine)
+
+    # Claiming ---------------------------------------------------------------------------------------
+    def claim(self, drops: Mapping[str, str]) -> ClaimOutcome:
+        """Claim the drops {key: file name relative to the inbox} in one transaction.
+
+        Granted: free keys, keys whose lease lapsed, and keys held by this worker id (its own, or its
+        previous process's). Held: the others, with their holder and when to look again. StoreError when
+        the database keeps failing (Store retry rules).
+        """
+        keys = sorted(drops)
+        if not keys:
+            return ClaimOutcome()
+
+        def body(conn: Connection) -> ClaimOutcome:
+            now = sa.func.now()
+            rows = [{"drop_key": key, "file": safe_text(drops[key]), "worker_id": self.worker_id,
+                     "host": safe_text(self.host), "owner": self.owner, "claimed_at": now,
+                     "lease_until": now + self._lease, "takeovers": 0} for key in keys]
+            insert = pg_insert(claims).values(rows)
+            new = insert.excluded
+            upsert = insert.on_conflict_do_update(
+                index_elements=[claims.c.drop_key],
+                set_={
+                    "file": new.file, "worker_id": new.worker_id, "host": new.host, "owner": new.owner,
+                    "claimed_at": new.claimed_at, "lease_until": new.lease_until,
+                    "takeovers": claims.c.takeovers + sa.case((claims.c.owner == new.owner, 0), else_=1),
+                },
+                where=sa.and_(
+                    claims.c.done_at.is_(None),
+                    sa.or_(claims.c.lease_until < now, claims.c.worker_id == new.worker_id),
+                ),
+            ).returning(claims.c.drop_key, claims.c.result_id, sa.literal_column("xmax = 0"))  # 0: inserted
+            outcome = ClaimOutcome()
+            with self._lock:
+                for key, result_id, inserted in conn.execute(upsert):
+                    taken_over = not inserted and key not in self._mine
+                    outcome.granted[key] = Granted(key, None if result_id is None else int(result_id), taken_over)
+            others = [key for key in keys if key not in outcome.granted]
+            if others:
+                left = sa.func.greatest(sa.extract("epoch", claims.c.lease_until - now), 0)
+                query = sa.select(claims.c.drop_key, claims.c.worker_id, claims.c.host,
+                                  claims.c.done_at.is_not(None), left).where(claims.c.drop_key.in_(others))
+                for key, worker_id, host, done, retry_in in conn.execute(query):
+                    outcome.held[key] = Held(key, worker_id, host, bool(done), 0.0 if done else float(retry_in))
+                for key in others:  # released between the two statements: free to claim again at once
+                    outcome.held.setdefault(key, Held(key, "", "", False, 0.0))
+            return outcome
+
+        outcome = self.store.write(f"claiming {len(keys)} files", body)
+        taken = [g for g in outcome.granted.values() if g.taken_over]
+        with self._lock:
+            self._mine.update(outcome.granted)
+            self.takeovers += len(taken)
+        if taken:
+            log.info("took over %d files from workers whose lease lapsed (%d of them already recorded: "
+                     "only moved now)", len(taken), sum(g.result_id is not None for g in taken))
+        return outcome
+
+    def lock_held(self, conn: Connection, keys: Iterable[str]) -> set[str]:
+        """Inside a write transaction: lock these claims (FOR UPDATE, in key order) and return those this
+        process still holds. A lapsed lease still counts as held unless another worker took it over: the
+        lock makes a takeover wait for this transaction, and mark_recorded renews the lease."""
+        wanted = sorted(set(keys))
+        if not wanted:
+            return set()
+        query = (sa.select(claims.c.drop_key)
+                 .where(claims.c.drop_key.in_(wanted), claims.c.owner == self.owner)
+                 .order_by(claims.c.drop_key).with_for_update())
+        held = set(conn.execute(query).scalars())
+        lost = len(wanted) - len(held)
+        if lost:
+            log.warning("%d claims were taken over by another worker (this worker's lease lapsed); "
+                        "their results are left to it", lost)
+            with self._lock:
+                self._mine.difference_update(set(wanted) - held)
+        return held
+
+    def mark_recorded(self, conn: Connection, result_ids: Mapping[str, int]) -> None:
+        """Inside the transaction that wrote the rows: remember each drop's row on its claim, renew it."""
+        if not result_ids:
+            return
+        statement = (
+            sa.update(claims)
+            .where(claims.c.drop_key == sa.bindparam("key"), claims.c.owner == self.owner)
+            .values(result_id=sa.bindparam("row_id"), lease_until=sa.func.now() + self._lease)
+        )
+        conn.execute(statement, [{"key": key, "row_id": row_id} for key, row_id in result_ids.items()])
+
+    # Releasing --------------------------------------------------------------------------------------
+    def release(self, keys: Iterable[str]) -> None:
+        """The drops are finished here (moved, deleted, vanished or skipped): delete their claims."""
+        wanted = sorted(set(keys))
+        if not wanted:
+            return
+        statement = sa.delete(claims).where(claims.c.drop_key.in_(wanted), claims.c.owner == self.owner)
+        self.store.write(f"releasing {len(wanted)} claims", lambda conn: conn.execute(statement))
+        with self._lock:
+            self._mine.difference_update(wanted)
+
+    def finish_left(self, keys: Iterable[str]) -> None:
+        """The drops were recorded and left in place (files.on_success = "leave"): mark their claims done,
+        so that no worker records them again while they stay unchanged."""
+        wanted = sorted(set(keys))
+        if not wanted:
+            return
+        statement = (sa.update(claims).where(claims.c.drop_key.in_(wanted), claims.c.owner == self.owner)
+                     .values(done_at=sa.func.now()))
+        self.store.write(f"finishing {len(wanted)} claims", lambda conn: conn.execute(statement))
+        with self._lock:
+            self._mine.difference_update(wanted)
+
+    def renew(self) -> int:
+        """Extend the lease of every claim this process holds; return how many."""
+        mine = (sa.select(claims.c.drop_key)
+                .where(claims.c.owner == self.owner, claims.c.done_at.is_(None))
+                .order_by(claims.c.drop_key).with_for_update())
+        statement = (sa.update(claims).where(claims.c.drop_key.in_(mine.scalar_subquery()))
+                     .values(lease_until=sa.func.now() + self._lease))
+        return int(self.store.write("renewing claims", lambda conn: conn.execute(statement).rowcount))
+
+    # The renewal thread ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Renew this process's claims every lease / RENEWALS_PER_LEASE seconds in a daemon thread."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._renew_loop, name="claims", daemon=True)
+            self._thread.start()
+
+    def _renew_loop(self) -> None:
+        interval = self.lease_s / RENEWALS_PER_LEASE
+        while not self._stop.wait(interval):
+            try:
+                self.renew()
+            except StoreError as exc:
+                log.warning("cannot renew this worker's claims (they lapse %g s after the last renewal): %s",
+                            self.lease_s, exc)
+            except Exception:  # a bug must not end the renewals silently
+                log.exception("unexpected error renewing claims")
+
+    def close(self) -> None:
+        """Stop renewing; delete the claims without a row and expire those with one at once, so that other
+        workers take them over without waiting for the lease. Errors are logged: the leases lapse anyway."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+        def body(conn: Connection) -> None:
+            conn.execute(sa.delete(claims).where(claims.c.owner == self.owner, claims.c.result_id.is_(None),
+                                                 claims.c.done_at.is_(None)))
+            conn.execute(sa.update(claims).where(claims.c.owner == self.owner, claims.c.done_at.is_(None))
+                         .values(lease_until=sa.func.now()))
+
+        try:
+            self.store.write("giving back claims", body)
+        except StoreError as exc:
+            log.warning("cannot give back this worker's claims (they lapse within %g s): %s", self.lease_s, exc)
+        with self._lock:
+            self._mine.clear()
