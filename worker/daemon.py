@@ -7,12 +7,13 @@
 
 - `start_up`: create the folders, take the inbox lock, open the database (migrating it), load and warm up
   the model, start the metrics endpoint (if a port is set), start the pipeline, start the watcher and
-  scan what is already in the inbox, then tell systemd READY=1.
+  scan what is already in the inbox, then tell systemd READY=1. On PostgreSQL the inbox lock gives way
+  to a worker-id lock and the claims of worker.claims, so that several workers can share an inbox.
 - the loop: `work` blocks until a decoded batch is ready (an idle worker sleeps in a condition wait: no
   polling), processes it, and `housekeeping` sends WATCHDOG=1 and STATUS= on systemd's watchdog interval
   and a heartbeat to the database every HEARTBEAT_S seconds.
 - `shut_down`: STOPPING=1, stop the watcher and the pipeline (unprocessed files stay in the inbox), record
-  the stop, close the database, release the lock.
+  the stop (giving back the claims first), close the database, release the lock.
 
 Signals: the first SIGTERM or SIGINT lets the batch in progress finish (it is committed and its files
 disposed of), then the loop ends and `run` returns 0. A second signal exits at once with 128 + signal
@@ -36,9 +37,10 @@ from typing import Any
 
 import onnxruntime as ort
 
+from worker.claims import Claims
 from worker.config import Config
 from worker.exceptions import ConfigError, FashionWorkerError, InboxLocked, StoreError
-from worker.lock import InboxLock, sqlite_file
+from worker.lock import InboxLock, WorkerIdLock, sqlite_file, uses_claims
 from worker.metrics import Metrics
 from worker.model import Model
 from worker.notify import Notifier
@@ -92,6 +94,8 @@ class Worker:
         self.notifier = Notifier.from_environment()
         self.metrics = Metrics()
         self.lock: InboxLock | None = None
+        self.worker_lock: WorkerIdLock | None = None  # PostgreSQL: one live process per worker id
+        self.claims: Claims | None = None  # PostgreSQL: files are claimed in the database (scale-out)
         self.store: Store | None = None
         self.model: Model | None = None
         self.pipeline: Pipeline | None = None
@@ -121,10 +125,16 @@ class Worker:
     def start_up(self, once: bool = False) -> None:
         config = self.config
         self.make_folders()
-        if config.service.lock:
+        if config.service.lock and not uses_claims(config.database_url):
             self.lock = InboxLock(config.inbox_path, config.database_url)
             self.lock.acquire()
         self.store = self.open_store()
+        if self.store.dialect == "postgresql":  # scale-out: claims instead of the inbox lock
+            if config.service.lock:
+                self.worker_lock = WorkerIdLock(self.store, self.worker_id)
+                self.worker_lock.acquire()
+            self.claims = Claims(self.store, self.worker_id, self.host, lease_s=config.database.claim_lease_s)
+            self.claims.start()
         self.model = make_model(config)
         self.model.warm_up()
         info = self.model.info
@@ -138,15 +148,17 @@ class Worker:
         self.pipeline = Pipeline(
             config, self.model, self.store, worker_id=self.worker_id, metrics=self.metrics,
             rescan=self._rescan, max_attempts=ONCE_MAX_ATTEMPTS if once else None,
+            claims=self.claims, host=self.host,
         )
         self.pipeline.start()
         self.watcher = InboxWatcher(config, self.pipeline.submit)
         # The watcher also runs in --once mode: files still being written, or closed less than
         # inbox.settle_s ago, are reported by it once complete.
         self.watcher.start()  # starts the observer, then scans what is already there
-        log.info("worker %s %s inbox %s (%s); model %s %s; database %s",
+        log.info("worker %s %s inbox %s (%s); model %s %s; database %s%s",
                  self.worker_id, "processing" if once else "watching", config.inbox_path,
-                 self.watcher.mode, info.name, info.version, self.store.url)
+                 self.watcher.mode, info.name, info.version, self.store.url,
+                 f" (shared: files are claimed, lease {self.claims.lease_s:g} s)" if self.claims else "")
         self._heartbeat()
         self.metrics.set_ready(True)
         self.metrics.heartbeat()
@@ -233,6 +245,8 @@ class Worker:
             self._next_watchdog = now + self._watchdog_s
         if now >= self._next_heartbeat:
             self._heartbeat()
+            if self.worker_lock is not None:
+                self.worker_lock.check()
 
     def shut_down(self) -> None:
         """Stop everything that start_up started, in reverse order; safe after a partial start-up."""
@@ -245,9 +259,14 @@ class Worker:
         if self.pipeline is not None:
             with _logged("stopping the pipeline"):
                 self.pipeline.stop()
+        if self.claims is not None:
+            with _logged("giving back claims"):
+                self.claims.close()
         if self.store is not None:
             with _logged("recording the stop"):
                 self._heartbeat(stopped=True)
+            if self.worker_lock is not None:
+                self.worker_lock.release()
             self.store.close()
         self.metrics.stop()
         if self.lock is not None:
@@ -395,6 +414,8 @@ def _check_database(config: Config) -> Check:
 def _check_lock(config: Config) -> Check:
     if not config.service.lock:
         return Check("lock", True, "disabled (service.lock = false)")
+    if uses_claims(config.database_url):
+        return _check_worker_id(config)
     lock = InboxLock(config.inbox_path, config.database_url)
     try:
         lock.acquire()
@@ -404,6 +425,28 @@ def _check_lock(config: Config) -> Check:
         return Check("lock", False, " ".join(str(exc).split()))
     lock.release()
     return Check("lock", True, f"free ({lock.path})")
+
+
+def _check_worker_id(config: Config) -> Check:
+    """PostgreSQL: no inbox lock (files are claimed); a configured worker id must not be in use."""
+    shared = f"no inbox lock: workers share inboxes through claims (lease {config.database.claim_lease_s:g} s)"
+    worker_id = config.service.worker_id
+    if not worker_id:
+        return Check("lock", True, f"{shared}; worker id HOST:PID")
+    try:
+        store = Store(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms, retry_s=0)
+    except FashionWorkerError as exc:
+        return Check("lock", False, " ".join(str(exc).split()))
+    try:
+        with WorkerIdLock(store, worker_id):
+            pass
+    except InboxLocked as exc:
+        return Check("lock", True, f"{shared}; a worker is running: {' '.join(str(exc).split())}")
+    except FashionWorkerError as exc:
+        return Check("lock", False, " ".join(str(exc).split()))
+    finally:
+        store.close()
+    return Check("lock", True, f"{shared}; worker id {worker_id!r} is free")
 
 
 def _check_inotify(config: Config) -> Check:

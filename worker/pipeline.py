@@ -20,6 +20,8 @@
   (`Store.find_drop`), is only moved. All other files of the batch are inferred in one call, recorded in
   ONE `add_results` transaction, then disposed of (moved, left or deleted: only after the commit), then
   their new locations recorded in ONE `set_locations` call.
+- **Several workers** (PostgreSQL, worker.claims): the feeder claims a batch's files in the database
+  before they are read and keeps those it wins; see `Pipeline`.
 - **Faults**: a file that cannot be decoded becomes a `failed` row and goes to `failed/`; one bad file
   never fails its batch. A FIFO, socket, symlink… (`FileSkipped`) is logged once and left alone. When the
   commit fails (the store already retried), the batch's files stay in the inbox and are retried after a
@@ -30,6 +32,7 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import threading
@@ -44,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from worker.claims import ClaimOutcome, Claims, Granted, drop_key
 from worker.config import Config
 from worker.disposition import dispose
 from worker.exceptions import FileSkipped, ImageRejected, StoreError
@@ -66,6 +70,10 @@ DELETED = ""
 GONE = ""
 #: How many (path, inode, mtime) keys of skipped entries are remembered to log each only once.
 SKIP_MEMORY = 10_000
+#: Scale-out: a file another worker holds is looked at again this long after that worker's lease ends.
+CLAIM_RECHECK_MARGIN_S = 0.5
+#: Scale-out: when claims thin a batch out, top it up from the queue at most this many more times.
+CLAIM_TOP_UP_ROUNDS = 3
 #: How many files left in place after processing (on_success = "leave") are remembered, so that rescans
 #: do not read them again while they are unchanged (a forgotten one is found by Store.find_drop anyway).
 LEFT_MEMORY = 100_000
@@ -89,6 +97,10 @@ class ReadyQueue:
     so once) when the queue is down to `low_water` paths and no path was dropped for `rescan_delay_s`.
     The delay lets every dropped file age past the watcher's settle time, so that the scan reports it
     instead of deferring it (a scan only reports files whose mtime is older than `inbox.settle_s`).
+
+    `defer(path, s)` gives a taken path back to be queued again `s` seconds later (scale-out: a file
+    another worker holds a claim on is looked at again when that claim's lease ends); meanwhile the path
+    still counts as in flight, so watcher reports of it are refused.
     """
 
     def __init__(self, max_queue: int, *, low_water: int = 0, rescan_delay_s: float = 0.0) -> None:
@@ -97,7 +109,9 @@ class ReadyQueue:
         self.rescan_delay_s = rescan_delay_s
         self._cond = threading.Condition(threading.RLock())  # RLock: wake() may run in a signal handler
         self._items: deque[QueuedFile] = deque()
-        self._known: set[Path] = set()  # queued or in flight
+        self._known: set[Path] = set()  # queued, in flight or deferred
+        self._deferred: list[tuple[float, int, Path]] = []  # heap of (due, sequence, path)
+        self._sequence = 0
         self._closed = False
         self._wakeups = 0
         self._paused_until = 0.0
@@ -132,6 +146,7 @@ class ReadyQueue:
                 if self._closed or self._wakeups != wakeups:
                     return []
                 now = time.monotonic()
+                self._promote_deferred(now)
                 rescan_at = self._rescan_due_at()
                 if rescan_at is not None and now >= rescan_at:
                     return []
@@ -140,13 +155,39 @@ class ReadyQueue:
                     self._cond.wait(_earliest(self._paused_until - now, until_rescan))
                     continue
                 if not self._items:
-                    self._cond.wait(until_rescan)
+                    until_deferred = self._deferred[0][0] - now if self._deferred else None
+                    self._cond.wait(until_rescan if until_deferred is None
+                                    else _earliest(until_deferred, until_rescan))
                     continue
                 due = self._items[0].queued_at + max_wait_s
                 if len(self._items) >= max_batch or now >= due:
                     count = min(max_batch, len(self._items))
                     return [self._items.popleft() for _ in range(count)]
                 self._cond.wait(_earliest(due - now, until_rescan))
+
+    def take_ready(self, count: int) -> list[QueuedFile]:
+        """Up to `count` paths that wait now, without waiting (tops up a batch the claims thinned out)."""
+        with self._cond:
+            now = time.monotonic()
+            if self._closed or now < self._paused_until:
+                return []
+            self._promote_deferred(now)
+            return [self._items.popleft() for _ in range(min(count, len(self._items)))]
+
+    def defer(self, path: Path, delay_s: float) -> None:
+        """A taken path goes back into the queue after `delay_s` seconds (it stays in flight until then)."""
+        with self._cond:
+            if self._closed or path not in self._known:
+                return
+            self._sequence += 1
+            heapq.heappush(self._deferred, (time.monotonic() + max(0.0, delay_s), self._sequence, path))
+            self._cond.notify_all()
+
+    def _promote_deferred(self, now: float) -> None:
+        while self._deferred and self._deferred[0][0] <= now:
+            _, _, path = heapq.heappop(self._deferred)
+            if path in self._known:
+                self._items.append(QueuedFile(path, now))
 
     def _rescan_due_at(self) -> float | None:
         if not self.overflowed or len(self._items) > self.low_water:
@@ -183,6 +224,7 @@ class ReadyQueue:
     def close(self) -> None:
         with self._cond:
             self._closed = True
+            self._deferred.clear()
             self._cond.notify_all()
 
     @property
@@ -261,6 +303,11 @@ class Pipeline:
     `stop()` ends the feeder and the pool, leaving unprocessed files in the inbox.
     `max_attempts`: give up on a file after this many failed commits or moves (None = retry forever;
     `run --once` uses a small number so that it ends).
+    `claims` (several workers on one PostgreSQL database, worker.claims): the feeder claims each batch's
+    files before they are read and keeps only those it wins (topping the batch up from the queue);
+    files held by other workers are looked at again when their lease ends. The batch's commit checks the
+    claims (Store.add_results), a claim that carries a committed row only moves the file, and claims are
+    released once the files are moved (or marked done when they are left in place).
     """
 
     def __init__(
@@ -273,6 +320,8 @@ class Pipeline:
         metrics: Any | None = None,
         rescan: Callable[[], object] | None = None,
         max_attempts: int | None = None,
+        claims: Claims | None = None,
+        host: str | None = None,
     ) -> None:
         self.config = config
         self.model = model
@@ -281,6 +330,9 @@ class Pipeline:
         self.metrics = metrics
         self.rescan = rescan
         self.max_attempts = max_attempts
+        self.claims = claims
+        self.host = host
+        self._granted: dict[Path, Granted] = {}  # claims of the files in flight (scale-out)
         self.inbox = Path(os.path.realpath(config.inbox_path))  # as the watcher reports paths
         self.queue = ReadyQueue(
             config.batch.max_queue,
@@ -402,6 +454,10 @@ class Pipeline:
                 retry = self._retries.get(item.path)
                 if retry is not None and retry.due == float("inf"):
                     del self._retries[item.path]
+            if self.claims is not None:
+                with self._cond:
+                    for item in items:
+                        self._granted.pop(item.path, None)
             self.queue.release(item.path for item in items)
             with self._cond:
                 self._cond.notify_all()
@@ -413,6 +469,8 @@ class Pipeline:
             items = self.queue.take(self._max_batch, self._max_wait_s)
             if self.queue.take_overflow():
                 self._start_rescan()
+            if items and self.claims is not None:
+                items = self._claim_batch(items)
             if not items:
                 continue
             if self.metrics is not None:
@@ -430,6 +488,97 @@ class Pipeline:
                     return
                 self._handoff.append((items, futures))
                 self._cond.notify_all()
+
+    # Claims (scale-out) ---------------------------------------------------------------------------------
+    def _claim_batch(self, items: list[QueuedFile]) -> list[QueuedFile]:
+        """The files of `items` this worker wins the claims of, topped up from the queue when others hold
+        some; the rest are given back (gone), deferred (held elsewhere) or remembered as done."""
+        won: list[QueuedFile] = []
+        for _ in range(1 + CLAIM_TOP_UP_ROUNDS):
+            won += self._claim(items)
+            missing = self._max_batch - len(won)
+            if missing <= 0 or self._stopping:
+                break
+            items = self.queue.take_ready(missing)
+            if not items:
+                break
+        return won
+
+    def _claim(self, items: list[QueuedFile]) -> list[QueuedFile]:
+        assert self.claims is not None
+        won: list[QueuedFile] = []
+        drops: dict[str, tuple[QueuedFile, str]] = {}
+        for item in items:
+            try:
+                st = os.lstat(item.path)
+                name = relative_name(self.inbox, item.path)
+            except FileNotFoundError:  # moved away meanwhile (by the worker that had it): nothing to do
+                self.queue.release([item.path])
+                continue
+            except (OSError, FileSkipped):  # cannot be read: _prepare logs the skip, and no row is written
+                won.append(item)
+                continue
+            drops[drop_key(name, st.st_size, st.st_mtime_ns)] = (item, name)
+        if not drops:
+            return won
+        outcome = self._claim_with_retry({key: name for key, (_, name) in drops.items()})
+        if outcome is None:  # stopping
+            self.queue.release(item.path for item, _ in drops.values())
+            return []
+        for key, (item, _) in drops.items():
+            granted = outcome.granted.get(key)
+            if granted is not None:
+                with self._cond:
+                    self._granted[item.path] = granted
+                won.append(item)
+                continue
+            held = outcome.held[key]
+            if held.done:  # recorded and left in place by another worker (on_success = "leave")
+                self.queue.release([item.path])
+                self._remember_left(item.path)
+            else:
+                log.debug("%s is claimed by %s on %s; looking again in %.1f s",
+                          item.path, held.worker_id, held.host, held.retry_in_s + CLAIM_RECHECK_MARGIN_S)
+                self.queue.defer(item.path, held.retry_in_s + CLAIM_RECHECK_MARGIN_S)
+        return won
+
+    def _claim_with_retry(self, drops: dict[str, str]) -> ClaimOutcome | None:
+        """Claims.claim, retried with back-off while the database refuses (None once stopping)."""
+        assert self.claims is not None
+        delay = RETRY_FIRST_S
+        while not self._stopping:
+            try:
+                return self.claims.claim(drops)
+            except StoreError as exc:
+                log.error("cannot claim %d files: %s; retrying in %g s (they stay in the inbox)",
+                          len(drops), exc, delay)
+            with self._cond:
+                if not self._stopping:
+                    self._cond.wait(delay)
+            delay = min(RETRY_MAX_S, delay * 2)
+        return None
+
+    def _claim_key(self, p: Prepared) -> str | None:
+        with self._cond:
+            granted = self._granted.get(p.item.path)
+        return None if granted is None else granted.key
+
+    def _release_claims(self, prepared: Iterable[Prepared], *, left: bool = False) -> None:
+        """The files are done here (moved, deleted, vanished, skipped; or, with `left`, recorded and left in
+        place): release their claims. A failure is logged: the claims then lapse, and whoever takes them
+        over finds the files gone, or recorded."""
+        if self.claims is None:
+            return
+        keys = [key for key in (self._claim_key(p) for p in prepared) if key is not None]
+        if not keys:
+            return
+        try:
+            if left:
+                self.claims.finish_left(keys)
+            else:
+                self.claims.release(keys)
+        except StoreError as exc:
+            log.warning("cannot release %d claims (they lapse by themselves): %s", len(keys), exc)
 
     def _start_rescan(self) -> None:
         if self.rescan is None:
@@ -497,8 +646,14 @@ class Pipeline:
                 self._log_skip(p)
             elif p.gone:
                 log.debug("%s is no longer in the inbox; nothing to do", p.item.path)
+        self._release_claims(p for p in batch if p.skipped is not None or p.gone)
         if not rows:
             return
+        for p in rows:  # scale-out: a worker that died between commit and move left this drop's row
+            with self._cond:
+                granted = self._granted.get(p.item.path)
+            if granted is not None and granted.result_id is not None:
+                p.row_id = granted.result_id
         try:
             self._match_existing(rows)
         except StoreError as exc:
@@ -509,13 +664,18 @@ class Pipeline:
         now = datetime.now(UTC)
         records = [self._record(p, now, inference_s) for p in new]
         try:
-            ids = self.store.add_results(records) if records else []
+            ids = self.store.add_results(records, claims=self.claims) if records else []
         except StoreError as exc:
             self._commit_failed(rows, exc)
             return
         self._commit_failures = 0
         for p, row_id in zip(new, ids, strict=True):
             p.row_id = row_id
+        if None in ids:  # claims taken over by another worker meanwhile: that worker records and moves them
+            lost = {id(p) for p in new if p.row_id is None}
+            rows = [p for p in rows if id(p) not in lost]
+            records = [r for p, r in zip(new, records, strict=True) if id(p) not in lost]
+            new = [p for p in new if id(p) not in lost]
         committed = time.monotonic()
         self._count(new, records, rows, committed)
         self._dispose(rows)
@@ -526,6 +686,8 @@ class Pipeline:
         hashes = sorted({p.sha256 for p in rows if p.sha256})
         first = self.store.first_by_content(hashes, model_id) if hashes else {}
         for p in rows:
+            if p.row_id is not None:
+                continue  # recorded by a worker that died before moving the file (its claim says so)
             if p.sha256 is not None and p.sha256 not in first:
                 continue  # new content: it cannot have been recorded before
             p.row_id = self.store.find_drop(p.file, p.sha256, model_id, str(p.item.path))
@@ -581,6 +743,8 @@ class Pipeline:
             total_ms=round(waited * 1000, 3),
             created_at=now - timedelta(seconds=waited),  # when the file was found ready
             worker=self.worker_id,
+            host=self.host,
+            claim_key=self._claim_key(p),
         )
 
     def _count(self, new: list[Prepared], records: list[ResultRecord], rows: list[Prepared],
@@ -606,17 +770,23 @@ class Pipeline:
             self._recent.append((committed, len(new)))
 
     def _dispose(self, rows: list[Prepared]) -> None:
-        """Move / leave / delete each committed file, then record the new locations in one call."""
+        """Move / leave / delete each committed file, then record the new locations in one call (and, in
+        scale-out, release the files' claims)."""
         locations: list[tuple[int, str]] = []
+        finished: list[Prepared] = []  # moved, deleted or vanished: their claims are released
+        left: list[Prepared] = []  # left in place: their claims are kept, marked done
         for p in rows:
             assert p.row_id is not None
             try:
                 dest = dispose(p.item.path, self.inbox, p.outcome, self.config)
             except OSError as exc:
                 if not os.path.lexists(p.item.path):
-                    log.warning("%s vanished from the inbox after its row %d was committed",
-                                p.item.path, p.row_id)
-                    locations.append((p.row_id, GONE))
+                    log.warning("%s vanished from the inbox after its row %d was committed%s",
+                                p.item.path, p.row_id, " (moved by a worker that took its claim over?)"
+                                if self.claims is not None else "")
+                    if self.claims is None:
+                        locations.append((p.row_id, GONE))
+                    finished.append(p)  # with claims, the worker that moved it records where to
                     continue
                 self.counters.disposition_errors += 1
                 delay = self._schedule_retry(p.item.path)
@@ -629,13 +799,17 @@ class Pipeline:
             location = DELETED if dest is None else str(dest)
             if location != str(p.item.path):
                 locations.append((p.row_id, location))
+                finished.append(p)
             else:
                 self._remember_left(p.item.path)
+                left.append(p)
         if locations:
             try:
                 self.store.set_locations(locations)
             except StoreError as exc:  # the files are safe where they are; only `location` is stale
                 log.error("cannot record the new location of %d files: %s", len(locations), exc)
+        self._release_claims(finished)
+        self._release_claims(left, left=True)
 
     # Faults and retries -------------------------------------------------------------------------------
     def _commit_failed(self, rows: list[Prepared], exc: StoreError) -> None:

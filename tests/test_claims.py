@@ -1,0 +1,229 @@
+"""worker/claims.py against a real PostgreSQL server (tests/pgserver.py): claims, leases, takeovers.
+
+Every test gets a fresh database on one throw-away server per module. Without the PostgreSQL binaries the
+tests skip with the reason; under CI (CI=true) they fail instead.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from pgserver import postgres_server
+from sqlalchemy.engine import make_url
+
+from worker.claims import Claims, drop_key
+from worker.exceptions import StoreError
+from worker.store import ResultRecord, Store
+from worker.store import claims as claims_table
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[str]:
+    with postgres_server() as url:
+        yield url
+
+
+def fresh_database(server_url: str) -> str:
+    """A new empty database on the server; its URL."""
+    name = f"t_{secrets.token_hex(6)}"
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    admin.dispose()
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def store(pg_server: str) -> Iterator[Store]:
+    with Store(fresh_database(pg_server), retry_s=5) as opened:
+        yield opened
+
+
+def keys(*names: str) -> dict[str, str]:
+    """{drop key: name} for files of 100 bytes with mtime 1 s."""
+    return {drop_key(name, 100, 1_000_000_000): name for name in names}
+
+
+def record(name: str, claims: Claims, key: str, sha: str) -> ResultRecord:
+    return ResultRecord(file=name, location=f"/inbox/{name}", status="ok", model_id="m" * 64, model_name="tiny",
+                        worker=claims.worker_id, host=claims.host, sha256=sha, category="red", confidence=0.9,
+                        claim_key=key)
+
+
+def claim_rows(store: Store) -> dict[str, tuple]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(claims_table.c.file, claims_table.c.worker_id, claims_table.c.result_id,
+                                      claims_table.c.done_at.is_not(None), claims_table.c.takeovers))
+        return {row[0]: tuple(row[1:]) for row in rows}
+
+
+def result_rows(store: Store) -> list[tuple]:
+    with store.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.text("SELECT file, worker, host FROM results ORDER BY id"))]
+
+
+# ---------------------------------------------------------------------------------------------------------
+def test_drop_key_depends_on_name_size_and_mtime_only() -> None:
+    base = drop_key("shoes/a.jpg", 100, 5)
+    assert base == drop_key("shoes/a.jpg", 100, 5) and len(base) == 64
+    assert len({base, drop_key("shoes/b.jpg", 100, 5), drop_key("shoes/a.jpg", 101, 5),
+                drop_key("shoes/a.jpg", 100, 6)}) == 4
+    assert drop_key("caf\udce9.jpg", 1, 1) != drop_key("café.jpg", 1, 1)  # undecodable names work too
+
+
+def test_claims_need_postgresql(tmp_path) -> None:
+    with Store(f"sqlite:///{tmp_path / 'r.db'}") as sqlite_store, pytest.raises(StoreError, match="need PostgreSQL"):
+        Claims(sqlite_store, "w", "h")
+
+
+def test_two_claimants_each_drop_goes_to_exactly_one(store: Store) -> None:
+    a = Claims(store, "a", "host-a", lease_s=30)
+    b = Claims(store, "b", "host-b", lease_s=30)
+    first = a.claim(keys("1.jpg", "2.jpg"))
+    assert set(first.granted) == set(keys("1.jpg", "2.jpg")) and not first.held
+    second = b.claim(keys("2.jpg", "3.jpg"))
+    (k2,), (k3,) = keys("2.jpg"), keys("3.jpg")
+    assert set(second.granted) == {k3}
+    held = second.held[k2]
+    assert (held.worker_id, held.host, held.done) == ("a", "host-a", False)
+    assert 25 < held.retry_in_s <= 30  # by the database clock: until a's lease ends
+    assert (a.held, b.held) == (2, 1)
+    assert claim_rows(store) == {"1.jpg": ("a", None, False, 0), "2.jpg": ("a", None, False, 0),
+                                 "3.jpg": ("b", None, False, 0)}
+
+
+@pytest.mark.timeout(60)
+def test_many_claimants_racing_on_the_same_drops_never_share_one(store: Store) -> None:
+    drops = keys(*[f"{i}.jpg" for i in range(300)])
+    claimants = [Claims(store, f"w{i}", "host", lease_s=30) for i in range(4)]
+    won: dict[str, set[str]] = {}
+    start = threading.Barrier(len(claimants))
+
+    def race(claims: Claims) -> None:
+        start.wait()
+        mine: set[str] = set()
+        names = sorted(drops)
+        random.Random(claims.worker_id).shuffle(names)  # each in its own order: real contention
+        for offset in range(0, len(names), 16):  # batch by batch, as the pipeline claims
+            mine.update(claims.claim({k: drops[k] for k in names[offset:offset + 16]}).granted)
+        won[claims.worker_id] = mine
+
+    threads = [threading.Thread(target=race, args=(c,)) for c in claimants]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(50)
+    assert sum(len(mine) for mine in won.values()) == len(drops)  # none granted twice…
+    assert set().union(*won.values()) == set(drops)  # …and none lost
+    print("drops won per claimant:", {w: len(m) for w, m in sorted(won.items())})
+
+
+@pytest.mark.timeout(30)
+def test_lapsed_lease_is_taken_over_and_the_old_holder_cannot_commit(store: Store) -> None:
+    a = Claims(store, "a", "host-a", lease_s=0.5)  # never renewed: a stalled or dead worker
+    b = Claims(store, "b", "host-b", lease_s=30)
+    (key, name), = keys("x.jpg").items()
+    assert key in a.claim({key: name}).granted
+    assert key in b.claim({key: name}).held
+    time.sleep(0.7)
+    granted = b.claim({key: name}).granted[key]
+    assert (granted.taken_over, granted.result_id) == (True, None)
+    assert b.takeovers == 1
+    # a wakes up and tries to record: its claim is gone, nothing is written for it.
+    assert store.add_results([record(name, a, key, "s" * 64)], claims=a) == [None]
+    assert a.held == 0
+    (row_id,) = store.add_results([record(name, b, key, "s" * 64)], claims=b)
+    assert row_id is not None
+    assert result_rows(store) == [("x.jpg", "b", "host-b")]
+    assert claim_rows(store) == {"x.jpg": ("b", row_id, False, 1)}
+
+
+@pytest.mark.timeout(30)
+def test_renewal_keeps_a_claim_past_its_lease(store: Store) -> None:
+    a = Claims(store, "a", "host-a", lease_s=0.6)
+    b = Claims(store, "b", "host-b", lease_s=30)
+    (key, name), = keys("x.jpg").items()
+    a.claim({key: name})
+    a.start()  # renews every 0.2 s
+    try:
+        deadline = time.monotonic() + 1.5  # well past the lease
+        while time.monotonic() < deadline:
+            assert key in b.claim({key: name}).held
+            time.sleep(0.1)
+    finally:
+        a.close()  # no row yet: the claim is deleted, free at once
+    granted = b.claim({key: name}).granted[key]
+    assert (granted.taken_over, granted.result_id) == (False, None)
+
+
+@pytest.mark.timeout(30)
+def test_a_recorded_claim_taken_over_carries_its_row(store: Store) -> None:
+    """The holder committed the drop's row and died before moving the file: whoever takes the claim over
+    learns the row id, so it only moves the file (whatever path it sees the file under)."""
+    a = Claims(store, "a", "host-a", lease_s=0.5)
+    b = Claims(store, "b", "host-b", lease_s=30)
+    (key, name), = keys("x.jpg").items()
+    a.claim({key: name})
+    (row_id,) = store.add_results([record(name, a, key, "s" * 64)], claims=a)
+    assert key in b.claim({key: name}).held  # recording renewed a's lease
+    time.sleep(0.7)
+    granted = b.claim({key: name}).granted[key]
+    assert (granted.taken_over, granted.result_id) == (True, row_id)
+    b.release([key])
+    assert claim_rows(store) == {}
+
+
+def test_close_deletes_unrecorded_claims_and_expires_recorded_ones_at_once(store: Store) -> None:
+    a = Claims(store, "a", "host-a", lease_s=300)
+    b = Claims(store, "b", "host-b", lease_s=30)
+    drops = keys("recorded.jpg", "unrecorded.jpg")
+    a.claim(drops)
+    (k_rec, k_unrec) = list(keys("recorded.jpg")) + list(keys("unrecorded.jpg"))
+    (row_id,) = store.add_results([record("recorded.jpg", a, k_rec, "s" * 64)], claims=a)
+    a.close()
+    assert claim_rows(store) == {"recorded.jpg": ("a", row_id, False, 0)}
+    outcome = b.claim(drops)  # no waiting for a's 300 s lease
+    assert outcome.granted[k_rec].result_id == row_id and outcome.granted[k_rec].taken_over
+    assert outcome.granted[k_unrec].result_id is None and not outcome.granted[k_unrec].taken_over
+
+
+def test_a_restart_under_the_same_worker_id_takes_its_claims_over_at_once(store: Store) -> None:
+    old = Claims(store, "web1", "web1", lease_s=300)  # killed: its claims would last 300 s
+    new = Claims(store, "web1", "web1", lease_s=300)  # the same configured id, a new process
+    assert old.owner != new.owner
+    (key, name), = keys("x.jpg").items()
+    old.claim({key: name})
+    assert new.claim({key: name}).granted[key].taken_over
+    assert store.add_results([record(name, old, key, "s" * 64)], claims=old) == [None]
+
+
+def test_files_left_in_place_keep_a_done_claim_nobody_takes(store: Store) -> None:
+    a = Claims(store, "a", "host-a", lease_s=0.1)
+    b = Claims(store, "b", "host-b", lease_s=30)
+    (key, name), = keys("x.jpg").items()
+    a.claim({key: name})
+    store.add_results([record(name, a, key, "s" * 64)], claims=a)
+    a.finish_left([key])
+    time.sleep(0.2)  # even with the lease long gone
+    held = b.claim({key: name}).held[key]
+    assert (held.done, held.retry_in_s) == (True, 0.0)
+    assert a.renew() == 0  # done claims are not renewed
+
+
+def test_release_only_touches_this_process_claims(store: Store) -> None:
+    a = Claims(store, "a", "host-a", lease_s=30)
+    b = Claims(store, "b", "host-b", lease_s=30)
+    (key, name), = keys("x.jpg").items()
+    a.claim({key: name})
+    b.release([key])
+    b.close()
+    assert claim_rows(store) == {"x.jpg": ("a", None, False, 0)}
+    assert a.renew() == 1
