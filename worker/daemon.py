@@ -45,6 +45,7 @@ from worker.metrics import Metrics
 from worker.model import Model
 from worker.notify import Notifier
 from worker.pipeline import Pipeline
+from worker.recovery import recover_locations
 from worker.store import Store
 from worker.watch import InboxWatcher
 
@@ -135,6 +136,7 @@ class Worker:
                 self.worker_lock.acquire()
             self.claims = Claims(self.store, self.worker_id, self.host, lease_s=config.database.claim_lease_s)
             self.claims.start()
+        recover_locations(self.store, config, self.host)  # rows a crashed worker left naming the inbox
         self.model = make_model(config)
         self.model.warm_up()
         info = self.model.info

@@ -1,0 +1,155 @@
+"""Crash recovery of `results.location`: where a file went when its worker died before saying so.
+
+The pipeline commits a batch's rows, moves the files, then records their new places in one
+`set_locations` call. A worker killed between the moves and that call leaves rows whose `location` still
+names the inbox although the file is in processed/ or failed/ (found by tests/test_reliability_crash.py:
+42 such rows after 25 SIGKILLs over 2,000 images). Nothing is lost, but the row no longer says where the
+file is.
+
+`recover_locations` runs at start-up, before the first heartbeat. It looks only at workers of this host
+whose row was never marked stopped and whose process is gone, and only at their rows that still name a
+path inside this inbox where no file is (the index on processed_at bounds the search to those runs). For
+each, the file is looked for where disposition puts it: the same relative name under processed/ (or
+failed/), or a numbered variant "name (n).ext", with the same sha256 and not already named by another
+row. Found: the row gets that location; not found: the row gets "" (gone), with a warning. Then the dead
+workers are marked stopped, so that the next start does not look again. Best effort: a database error
+is logged and start-up goes on (the files themselves are safe either way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
+
+from worker.config import Config
+from worker.disposition import _candidates
+from worker.exceptions import StoreError
+from worker.migrations import BEGIN_MODE
+from worker.store import Store, results, workers
+
+log = logging.getLogger(__name__)
+
+GONE = ""  # as worker.pipeline.GONE: the file is nowhere to be found
+MAX_NUMBERED = 10_000  # how many "name (n).ext" variants are looked at, at most
+
+
+def recover_locations(store: Store, config: Config, host: str) -> int:
+    """Fix rows left naming the inbox by workers of `host` that died; return how many were fixed."""
+    try:
+        return _recover(store, config, host)
+    except (SQLAlchemyError, StoreError) as exc:
+        log.warning("cannot check the locations recorded by crashed workers: %s", " ".join(str(exc).split()))
+        return 0
+
+
+def _recover(store: Store, config: Config, host: str) -> int:
+    inbox = os.path.realpath(config.inbox_path)  # the pipeline records paths under the real inbox path
+    with store.engine.connect() as conn:
+        dead = [
+            (row.worker_id, row.started_at)
+            for row in conn.execute(
+                sa.select(workers.c.worker_id, workers.c.pid, workers.c.started_at)
+                .where(workers.c.stopped_at.is_(None), workers.c.host == host)
+            )
+            if not _alive(row.pid)
+        ]
+        if not dead:
+            return 0
+        stale = []
+        for worker_id, started_at in dead:
+            query = sa.select(results.c.id, results.c.file, results.c.sha256, results.c.status,
+                              results.c.location).where(
+                results.c.worker == worker_id,
+                results.c.processed_at >= started_at,
+                results.c.location.startswith(inbox + os.sep, autoescape=True),
+            )
+            stale.extend(row for row in conn.execute(query) if not os.path.lexists(row.location))
+
+        assigned: set[Path] = set()
+
+        def named(path: Path) -> bool:
+            if path in assigned:
+                return True
+            query = sa.select(results.c.id).where(results.c.location == str(path)).limit(1)
+            return conn.execute(query).first() is not None
+
+        fixes = []
+        for row in stale:
+            found = _find(row.file, row.sha256, row.status, config, named)
+            fixes.append((row.id, GONE if found is None else str(found)))
+            if found is not None:
+                assigned.add(found)
+            else:
+                log.warning("%s (row %d) was recorded in the inbox by a worker that crashed, and is neither "
+                            "there nor in the %s folder", row.file, row.id,
+                            "failed" if row.status == "failed" else "processed")
+    if fixes:
+        store.set_locations(fixes)
+        log.info("recorded where %d file(s) went that a crashed worker had moved without saying so",
+                 len(fixes))
+    with store.engine.connect() as conn:
+        conn.execution_options(**{BEGIN_MODE: "immediate"})
+        with conn.begin():
+            conn.execute(
+                sa.update(workers)
+                .where(workers.c.worker_id.in_([worker_id for worker_id, _ in dead]),
+                       workers.c.stopped_at.is_(None))
+                .values(stopped_at=workers.c.heartbeat_at)
+            )
+    return len(fixes)
+
+
+def _find(file: str, sha256: str | None, status: str, config: Config,
+          named: Callable[[Path], bool]) -> Path | None:
+    """Where disposition would have put `file`: the first existing candidate with the same content that no
+    other row names; None when there is none (or the file was deleted: on_success = "delete")."""
+    if status == "ok" and config.files.on_success != "move":
+        return None
+    folder = config.failed_path if status == "failed" else config.processed_path
+    try:
+        candidates = _candidates(folder, file)
+    except ValueError:
+        return None
+    for index, candidate in enumerate(candidates):
+        if index > MAX_NUMBERED or not os.path.lexists(candidate):
+            return None
+        if named(candidate):
+            continue
+        if sha256 is None or _sha256(candidate) == sha256:
+            return candidate
+    return None
+
+
+def _sha256(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    with contextlib.suppress(OSError):
+        # A zombie (killed, not yet reaped by its parent) is dead for our purpose.
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):
+            return False
+    return True
