@@ -211,7 +211,7 @@ def test_files_left_in_place_keep_a_done_claim_nobody_takes(store: Store) -> Non
     (key, name), = keys("x.jpg").items()
     a.claim({key: name})
     store.add_results([record(name, a, key, "s" * 64)], claims=a)
-    a.finish_left([key])
+    a.release([], left=[key])
     time.sleep(0.2)  # even with the lease long gone
     held = b.claim({key: name}).held[key]
     assert (held.done, held.retry_in_s) == (True, 0.0)
@@ -227,3 +227,13 @@ def test_release_only_touches_this_process_claims(store: Store) -> None:
     b.close()
     assert claim_rows(store) == {"x.jpg": ("a", None, False, 0)}
     assert a.renew() == 1
+
+
+def test_claims_lapsed_long_ago_are_purged(store: Store) -> None:
+    dead = Claims(store, "dead", "host-a", lease_s=0.1)
+    live = Claims(store, "live", "host-b", lease_s=30)
+    dead.claim(keys("moved-before-the-death.jpg"))
+    live.claim(keys("in-progress.jpg"))
+    time.sleep(0.3)
+    assert live.purge_lapsed(older_than_s=0.1) == 1
+    assert claim_rows(store) == {"in-progress.jpg": ("live", None, False, 0)}

@@ -134,3 +134,28 @@ def test_render_stats_of_an_empty_database() -> None:
         "\n"
         "No workers have reported yet.\n"
     )
+
+
+def test_render_stats_of_workers_sharing_a_postgresql_database() -> None:
+    worker = {"started_at": "2025-01-31T11:00:00+00:00", "heartbeat_age_s": 2.0, "state": "running"}
+    stats = {
+        "database": "postgresql+psycopg://fw@db/results", "schema_version": 2, "total": 30,
+        "by_status": {"ok": 30, "failed": 0}, "by_category": {"shirt": 30}, "duplicates": 0,
+        "throughput": {"1m": 30.0, "5m": 6.0, "60m": 0.5},
+        "first_activity": "2025-01-31T12:59:00+00:00", "last_activity": "2025-01-31T13:00:00+00:00",
+        "workers": [
+            {**worker, "id": "web1:42", "host": "web1", "pid": 42, "heartbeat_at": "2025-01-31T13:00:05+00:00",
+             "processed": 20, "throughput_5m": 4.0, "claims": 16},
+            {**worker, "id": "gpu", "host": "web2", "pid": 7, "heartbeat_at": "2025-01-31T13:00:04+00:00",
+             "processed": 10, "throughput_5m": 2.0, "claims": 0},
+        ],
+        "claims": {"enabled": True, "held": 16, "lapsed": 3, "takeovers": 1},
+    }
+    assert render_stats(stats).split("\n\n")[0].splitlines()[-1] == (
+        "Claims:      16 held, 3 lapsed (their workers stopped renewing them)")
+    assert render_stats(stats).split("\n\n")[2] == (
+        "worker   host  state    heartbeat                  age  processed  rate 5m  claims\n"
+        "-------  ----  -------  -------------------------  ---  ---------  -------  ------\n"
+        "web1:42  web1  running  2025-01-31T13:00:05+00:00  2s          20  4.0/min      16\n"
+        "gpu      web2  running  2025-01-31T13:00:04+00:00  2s          10  2.0/min       0\n"
+    )

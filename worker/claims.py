@@ -24,11 +24,15 @@ only the worker holding the claim reads, classifies, records and moves that file
   a held one gets `result_id` set in the same transaction. So a drop gets at most one row, and a worker
   that takes over a claim with a `result_id` (the holder died between commit and move) only moves the
   file, whatever path it sees it under.
-- **Release** (`release`, `finish_left`): once the file is moved or deleted the claim is deleted; a file
-  left in place (`files.on_success = "leave"`) keeps a claim marked done, so that no other worker
-  records it again. A file that vanished or is skipped (FIFO, symlink…) releases its claim too.
+- **Release** (`release_in`, in the transaction that records the files' new places): once a file is moved
+  or deleted its claim is deleted; a file left in place (`files.on_success = "leave"`) keeps a claim
+  marked done, so that no other worker records it again. A file that vanished or is skipped (FIFO,
+  symlink…) releases its claim too (`release`).
 - **Shutdown** (`close`): claims without a row are deleted, claims with a row are expired at once, so that
   other workers take them over without waiting for the lease.
+- **Purge**: a claim nobody took over within PURGE_AFTER_S of its lapse (its worker died after moving the
+  file, so no other worker ever saw the file again) is deleted by the renewal threads, every
+  PURGE_EVERY_S.
 
 Only PostgreSQL: SQLite has one writer anyway and keeps the per-inbox lock file (worker.lock).
 """
@@ -39,6 +43,7 @@ import hashlib
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -54,6 +59,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_S = 30.0
 RENEWALS_PER_LEASE = 3  # a claim survives two missed renewals
+PURGE_AFTER_S = 3600.0  # lapsed claims nobody took over are deleted this long after their lease ended
+PURGE_EVERY_S = 300.0
 
 
 def drop_key(file: str, size: int, mtime_ns: int) -> str:
@@ -207,27 +214,23 @@ class Claims:
         conn.execute(statement, [{"key": key, "row_id": row_id} for key, row_id in result_ids.items()])
 
     # Releasing --------------------------------------------------------------------------------------
-    def release(self, keys: Iterable[str]) -> None:
-        """The drops are finished here (moved, deleted, vanished or skipped): delete their claims."""
-        wanted = sorted(set(keys))
-        if not wanted:
-            return
-        statement = sa.delete(claims).where(claims.c.drop_key.in_(wanted), claims.c.owner == self.owner)
-        self.store.write(f"releasing {len(wanted)} claims", lambda conn: conn.execute(statement))
-        with self._lock:
-            self._mine.difference_update(wanted)
+    def release(self, keys: Iterable[str], *, left: Iterable[str] = ()) -> None:
+        """The drops `keys` are finished here (moved, deleted, vanished or skipped): delete their claims.
+        The drops `left` were recorded and left in place (files.on_success = "leave"): mark their claims
+        done, so that no worker records them again while they stay unchanged. One transaction."""
+        self.store.write("releasing claims", lambda conn: self.release_in(conn, keys, left=left))
 
-    def finish_left(self, keys: Iterable[str]) -> None:
-        """The drops were recorded and left in place (files.on_success = "leave"): mark their claims done,
-        so that no worker records them again while they stay unchanged."""
-        wanted = sorted(set(keys))
-        if not wanted:
-            return
-        statement = (sa.update(claims).where(claims.c.drop_key.in_(wanted), claims.c.owner == self.owner)
-                     .values(done_at=sa.func.now()))
-        self.store.write(f"finishing {len(wanted)} claims", lambda conn: conn.execute(statement))
+    def release_in(self, conn: Connection, keys: Iterable[str], *, left: Iterable[str] = ()) -> None:
+        """`release` inside the caller's transaction (the pipeline's set_locations)."""
+        finished, kept = sorted(set(keys)), sorted(set(left))
+        if finished:
+            conn.execute(sa.delete(claims).where(claims.c.drop_key.in_(finished), claims.c.owner == self.owner))
+        if kept:
+            conn.execute(sa.update(claims).where(claims.c.drop_key.in_(kept), claims.c.owner == self.owner)
+                         .values(done_at=sa.func.now()))
         with self._lock:
-            self._mine.difference_update(wanted)
+            self._mine.difference_update(finished)
+            self._mine.difference_update(kept)
 
     def renew(self) -> int:
         """Extend the lease of every claim this process holds; return how many."""
@@ -237,6 +240,17 @@ class Claims:
         statement = (sa.update(claims).where(claims.c.drop_key.in_(mine.scalar_subquery()))
                      .values(lease_until=sa.func.now() + self._lease))
         return int(self.store.write("renewing claims", lambda conn: conn.execute(statement).rowcount))
+
+    def purge_lapsed(self, older_than_s: float = PURGE_AFTER_S) -> int:
+        """Delete claims (of any worker) whose lease ended more than `older_than_s` ago; return how many.
+        They belong to workers that died, and no worker has seen their files since: the files were moved
+        before the death (a claim with a row), or were never recorded (a claim without one is free anyway)."""
+        statement = sa.delete(claims).where(
+            claims.c.done_at.is_(None), claims.c.lease_until < sa.func.now() - timedelta(seconds=older_than_s))
+        count = int(self.store.write("purging lapsed claims", lambda conn: conn.execute(statement).rowcount))
+        if count:
+            log.info("purged %d claims that lapsed over %g s ago", count, older_than_s)
+        return count
 
     # The renewal thread ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -248,9 +262,13 @@ class Claims:
 
     def _renew_loop(self) -> None:
         interval = self.lease_s / RENEWALS_PER_LEASE
+        next_purge = time.monotonic() + PURGE_EVERY_S
         while not self._stop.wait(interval):
             try:
                 self.renew()
+                if time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + PURGE_EVERY_S
+                    self.purge_lapsed()
             except StoreError as exc:
                 log.warning("cannot renew this worker's claims (they lapse %g s after the last renewal): %s",
                             self.lease_s, exc)

@@ -130,8 +130,8 @@ def render_stats(stats: Mapping[str, Any]) -> str:
     ]
     claims = stats.get("claims") or {}
     if claims.get("enabled"):  # several workers on PostgreSQL
-        lines.append(f"Claims:      {claims.get('held', 0)} held, {claims.get('lapsed', 0)} lapsed (to be taken "
-                     f"over), {claims.get('takeovers', 0)} taken over")
+        lines.append(f"Claims:      {claims.get('held', 0)} held, {claims.get('lapsed', 0)} lapsed "
+                     "(their workers stopped renewing them)")
     categories = stats.get("by_category") or {}
     lines.append("")
     if categories:

@@ -563,20 +563,18 @@ class Pipeline:
             granted = self._granted.get(p.item.path)
         return None if granted is None else granted.key
 
-    def _release_claims(self, prepared: Iterable[Prepared], *, left: bool = False) -> None:
-        """The files are done here (moved, deleted, vanished, skipped; or, with `left`, recorded and left in
-        place): release their claims. A failure is logged: the claims then lapse, and whoever takes them
-        over finds the files gone, or recorded."""
-        if self.claims is None:
-            return
-        keys = [key for key in (self._claim_key(p) for p in prepared) if key is not None]
+    def _claim_keys(self, prepared: Iterable[Prepared]) -> list[str]:
+        return [key for key in (self._claim_key(p) for p in prepared) if key is not None]
+
+    def _release_claims(self, prepared: Iterable[Prepared]) -> None:
+        """The files are done here without a row (vanished, skipped): release their claims. A failure is
+        logged: the claims then lapse, and whoever takes them over finds the files gone, or skips them."""
+        keys = self._claim_keys(prepared) if self.claims is not None else []
         if not keys:
             return
+        assert self.claims is not None
         try:
-            if left:
-                self.claims.finish_left(keys)
-            else:
-                self.claims.release(keys)
+            self.claims.release(keys)
         except StoreError as exc:
             log.warning("cannot release %d claims (they lapse by themselves): %s", len(keys), exc)
 
@@ -803,13 +801,15 @@ class Pipeline:
             else:
                 self._remember_left(p.item.path)
                 left.append(p)
-        if locations:
+        release = None  # scale-out: the claims are released in the same transaction
+        if self.claims is not None and (finished or left):
+            claims, done, kept = self.claims, self._claim_keys(finished), self._claim_keys(left)
+            release = lambda conn: claims.release_in(conn, done, left=kept)  # noqa: E731
+        if locations or release is not None:
             try:
-                self.store.set_locations(locations)
+                self.store.set_locations(locations, also=release)
             except StoreError as exc:  # the files are safe where they are; only `location` is stale
                 log.error("cannot record the new location of %d files: %s", len(locations), exc)
-        self._release_claims(finished)
-        self._release_claims(left, left=True)
 
     # Faults and retries -------------------------------------------------------------------------------
     def _commit_failed(self, rows: list[Prepared], exc: StoreError) -> None:

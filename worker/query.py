@@ -187,8 +187,9 @@ def stats(store: Store, *, now: datetime | None = None, stale_after_s: float = 1
     "claims" (files it holds claims on now; always 0 on SQLite)}; the most recent heartbeat first.
 
     "claims" (several workers on PostgreSQL, worker.claims): {"enabled" (PostgreSQL), "held" (claims
-    whose lease runs), "lapsed" (claims of workers that stopped renewing, waiting to be taken over),
-    "takeovers" (times a claim was taken over from such a worker, over the claims still kept)}.
+    whose lease runs), "lapsed" (claims whose workers stopped renewing them: taken over by the next worker
+    that sees the file, or purged an hour later when no worker sees it any more, its file having been
+    moved), "takeovers" (how often the claims still kept were taken over)}.
     """
     now = (now or utcnow()).astimezone(UTC)
     windows = {f"{n}m": now - timedelta(minutes=n) for n in THROUGHPUT_WINDOWS_MIN}

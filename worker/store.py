@@ -518,16 +518,24 @@ class Store:
             found = conn.execute(query).scalar_one_or_none()
         return None if found is None else int(found)
 
-    def set_locations(self, pairs: list[tuple[int, str]]) -> None:
-        """Record where files are now, [(row id, absolute path)], in one transaction."""
-        if not pairs:
+    def set_locations(self, pairs: list[tuple[int, str]], also: Callable[[Connection], object] | None = None) -> None:
+        """Record where files are now, [(row id, absolute path)], in one transaction; `also(conn)` runs in the
+        same transaction (the pipeline releases the files' claims with it)."""
+        if not pairs and also is None:
             return
         statement = (
             sa.update(results).where(results.c.id == sa.bindparam("row_id"))
             .values(location=sa.bindparam("new_location"))
         )
         params = [{"row_id": row_id, "new_location": safe_text(location)} for row_id, location in pairs]
-        self._write(f"updating {len(pairs)} locations", lambda conn: conn.execute(statement, params))
+
+        def body(conn: Connection) -> None:
+            if params:
+                conn.execute(statement, params)
+            if also is not None:
+                also(conn)
+
+        self._write(f"updating {len(pairs)} locations", body)
 
     # Workers --------------------------------------------------------------------------------------
     def heartbeat(self, worker_id: str, host: str, pid: int, processed: int, *,

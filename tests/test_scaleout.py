@@ -1,0 +1,311 @@
+"""Scale-out (issue 7): several real worker processes sharing one real PostgreSQL database and one inbox.
+
+Each test starts a throw-away PostgreSQL server on loopback (tests/pgserver.py) and real `python -m worker
+run --db postgresql+psycopg://…` processes on a real inbox with the real inotify watcher and a generated
+ONNX model. Without the PostgreSQL binaries the tests skip with the reason; under CI they fail instead.
+
+`-m slow -k throughput -s` measures the throughput of 1, 2 and 3 workers (docs/scaleout.md).
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from conftest import make_model
+from pgserver import postgres_server
+from PIL import Image
+
+from worker.claims import Claims, drop_key
+from worker.cli import main as cli_main
+from worker.migrations import LATEST_VERSION, MIGRATIONS, Migration, migrate
+from worker.query import stats
+from worker.store import ResultRecord, Store
+
+pytestmark = pytest.mark.postgres
+
+LEASE_S = 2.0
+CONFIG = """\
+[inbox]
+path = "inbox"
+settle_s = 0.3
+[model]
+path = "model.onnx"
+intra_op_threads = 1
+[batch]
+decode_threads = 1
+[database]
+claim_lease_s = {lease}
+[service]
+worker_id = "{worker_id}"
+"""
+
+
+# Helpers -------------------------------------------------------------------------------------------------
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    with postgres_server() as url:
+        yield url
+
+
+def make_site(folder: Path, *, worker_id: str = "", lease: float = LEASE_S, model: Path | None = None) -> Path:
+    """config.toml, a model and an empty inbox: what `fashion-worker run` expects in its folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.toml").write_text(CONFIG.format(lease=lease, worker_id=worker_id))
+    if model is None:
+        make_model(folder / "model.onnx")
+    else:
+        (folder / "model.onnx").symlink_to(model)
+    (folder / "inbox").mkdir(exist_ok=True)
+    return folder
+
+
+def distinct_jpegs(folder: Path, count: int, size: tuple[int, int] = (160, 120)) -> list[Path]:
+    """`count` red JPEGs with distinct bytes (a different trailer after the end-of-image marker each): every
+    one is really decoded and has its own sha256."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 60, (size[1], size[0], 3), dtype=np.uint8)
+    pixels[..., 0] = 230
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=85)
+    base = buffer.getvalue()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"img-{i:04}.jpg"
+        path.write_bytes(base + f"trailer {i}".encode())
+        paths.append(path)
+    return paths
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.1)
+
+
+class Workers:
+    """Real `python -m worker run` processes, each logging to its own file; killed at the end if alive."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def start(self, site: Path, url: str, *args: str) -> subprocess.Popen[bytes]:
+        log_path = site / f"worker-{len(self.procs)}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "worker", "run", "--db", url, *args], cwd=site,
+                                    stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append((proc, log_path))
+        return proc
+
+    def log(self, proc: subprocess.Popen[bytes]) -> str:
+        return next(path for p, path in self.procs if p is proc).read_text(errors="replace")
+
+    def wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
+        wait_until(lambda: "watching inbox" in self.log(proc) or proc.poll() is not None, 90, "a worker to start")
+        assert proc.poll() is None, self.log(proc)
+
+    def stop_all(self) -> None:
+        for proc, _ in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def workers() -> Iterator[Workers]:
+    started = Workers()
+    yield started
+    started.stop_all()
+
+
+def query(url: str, sql: str) -> list[tuple]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(sa.text(sql))]
+    finally:
+        engine.dispose()
+
+
+def row_count(url: str) -> int:
+    try:
+        return query(url, "SELECT count(*) FROM results")[0][0]
+    except sa.exc.ProgrammingError:  # before the first worker created the table
+        return 0
+
+
+# Three workers, one inbox, one SIGKILL ---------------------------------------------------------------------
+@pytest.mark.timeout(240)
+def test_three_workers_share_one_inbox_and_survive_a_sigkill(tmp_path: Path, pg_url: str, workers: Workers) -> None:
+    site = make_site(tmp_path / "site")
+    staged = distinct_jpegs(tmp_path / "staging", 1000)
+    procs = [workers.start(site, pg_url) for _ in range(3)]  # default ids: HOST:PID, one inbox
+    for proc in procs:
+        workers.wait_ready(proc)
+    victim = procs[1]
+    victim_id = f"{os.uname().nodename}:{victim.pid}"
+    for path in staged:
+        os.rename(path, site / "inbox" / path.name)
+
+    def victim_rows() -> int:
+        return query(pg_url, f"SELECT count(*) FROM results WHERE worker = '{victim_id}'")[0][0]
+
+    wait_until(lambda: victim_rows() >= 20, 120, "the victim's first rows")
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+    killed_at, by_victim = row_count(pg_url), victim_rows()
+    assert killed_at < 900, "the burst should still have been running"
+
+    wait_until(lambda: row_count(pg_url) >= 1000 and not any((site / "inbox").iterdir()), 150,
+               "1,000 rows and an empty inbox")
+    time.sleep(2 * LEASE_S)  # a second row for any file would show up now
+    assert query(pg_url, "SELECT count(*), count(DISTINCT file), count(DISTINCT sha256), "
+                         "sum(CASE WHEN status = 'ok' THEN 1 ELSE 0 END), count(duplicate_of), "
+                         "count(DISTINCT worker), count(DISTINCT host) FROM results") == [
+        (1000, 1000, 1000, 1000, 0, 3, 1)]
+    assert query(pg_url, "SELECT DISTINCT category FROM results") == [("red",)]
+    # Every file moved exactly once: processed/ holds the 1,000 names, none twice ("name (1).jpg").
+    assert sorted(p.name for p in (site / "processed").iterdir()) == sorted(p.name for p in staged)
+    assert not (site / "failed").exists() or not any((site / "failed").iterdir())
+    # Every row names the file's place, except rows the victim committed and moved but was killed before
+    # recording the new place: those still name the inbox (the taker found the file gone).
+    stale = 0
+    for file, location, worker in query(pg_url, "SELECT file, location, worker FROM results"):
+        if location == str(site / "inbox" / file) and worker == victim_id:
+            stale += 1
+        else:
+            assert location == str(site / "processed" / file)
+
+    # stats aggregates across the workers (all three listed; the survivors still running).
+    with Store(pg_url) as store:
+        summary = stats(store)
+    assert summary["total"] == 1000 and summary["by_category"] == {"red": 1000}
+    assert len(summary["workers"]) == 3
+    assert sum(round(w["throughput_5m"] * 5) for w in summary["workers"]) == 1000
+    assert summary["claims"]["enabled"] and summary["claims"]["held"] == 0
+    assert cli_main(["stats", "--db", pg_url]) == 0
+
+    for proc in procs:
+        if proc is not victim:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0, workers.log(proc)
+    # What is left in claims: only the victim's, each for a file it recorded (and moved) before it died.
+    for worker, result_id in query(pg_url, "SELECT worker_id, result_id FROM claims"):
+        assert worker == victim_id and result_id is not None
+    taken = sum(int(n) for proc in procs if proc is not victim
+                for n in re.findall(r"took over (\d+) files", workers.log(proc)))
+    print(f"\n1,000 images, 3 workers, one SIGKILLed with {killed_at} rows committed ({by_victim} its own); "
+          f"{taken} of its claims taken over by the others; {stale} of its rows committed and moved just "
+          "before the kill still name the inbox; rows per worker: "
+          f"{query(pg_url, 'SELECT worker, count(*) FROM results GROUP BY worker ORDER BY worker')}")
+
+
+# A drop recorded by a worker that died before moving it -------------------------------------------------------
+@pytest.mark.timeout(90)
+def test_a_drop_recorded_by_a_dead_worker_is_moved_by_another_without_a_second_row(
+        tmp_path: Path, pg_url: str, workers: Workers) -> None:
+    """The dead worker saw the shared inbox under another path, so only its claim (not the row's
+    location, which Store.find_drop compares) tells the next worker that the drop is recorded."""
+    site = make_site(tmp_path / "site")
+    inbox = site / "inbox"
+    recorded, *others = distinct_jpegs(inbox, 3)
+    st = recorded.stat()
+    with Store(pg_url) as store:
+        dead = Claims(store, "web9:77", "web9", lease_s=1.0)
+        key = drop_key(recorded.name, st.st_size, st.st_mtime_ns)
+        assert key in dead.claim({key: recorded.name}).granted
+        (row_id,) = store.add_results([ResultRecord(
+            file=recorded.name, location=f"/mnt/share/inbox/{recorded.name}", status="ok", category="red",
+            confidence=0.9, sha256="0" * 64, model_id="m" * 64, model_name="tiny", worker="web9:77",
+            host="web9", claim_key=key)], claims=dead)
+        # …and web9 dies here: no release, no move, its lease lapses a second later.
+    proc = workers.start(site, pg_url, "--once")
+    assert proc.wait(timeout=60) == 0, workers.log(proc)
+    rows = {file: (row, worker, location)
+            for row, file, worker, location in query(pg_url, "SELECT id, file, worker, location FROM results")}
+    assert sorted(rows) == sorted(p.name for p in [recorded, *others])  # one row each: no second one
+    assert rows[recorded.name] == (row_id, "web9:77", str(site / "processed" / recorded.name))
+    for p in others:
+        assert rows[p.name][1:] == (f"{os.uname().nodename}:{proc.pid}", str(site / "processed" / p.name))
+    assert sorted(p.name for p in (site / "processed").iterdir()) == sorted(p.name for p in [recorded, *others])
+    assert not any(inbox.iterdir())
+    assert query(pg_url, "SELECT count(*), sum(takeovers) FROM claims") == [(0, None)]
+    assert "took over 1 files from workers whose lease lapsed (1 of them already recorded" in workers.log(proc)
+
+
+# One live process per worker id ------------------------------------------------------------------------------
+@pytest.mark.timeout(90)
+def test_a_second_worker_with_the_same_id_refuses_but_other_ids_share_the_inbox(
+        tmp_path: Path, pg_url: str, workers: Workers) -> None:
+    site = make_site(tmp_path / "site", worker_id="web1")
+    first = workers.start(site, pg_url)
+    workers.wait_ready(first)
+    second = subprocess.run([sys.executable, "-m", "worker", "run", "--db", pg_url], cwd=site,
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2 and second.stdout == ""
+    lines = second.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in second.stderr
+    assert lines[0].startswith(f"fashion-worker: error: another worker with id 'web1' (host {os.uname().nodename}, "
+                               f"pid {first.pid}, last heartbeat ")
+    assert lines[0].endswith("give each worker its own service.worker_id (empty = HOST:PID)")
+    # Another id on the same inbox and database starts: no inbox lock on PostgreSQL.
+    other = make_site(tmp_path / "other", worker_id="web2")
+    os.rmdir(other / "inbox")
+    os.symlink(site / "inbox", other / "inbox")
+    (other / "config.toml").write_text((other / "config.toml").read_text().replace(
+        'path = "inbox"', f'path = "{site / "inbox"}"'))
+    neighbour = workers.start(other, pg_url)
+    workers.wait_ready(neighbour)
+    first.send_signal(signal.SIGKILL)  # the lock dies with its process (its connection closes)
+    first.wait()
+    again = workers.start(site, pg_url)
+    workers.wait_ready(again)
+    for proc in (neighbour, again):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+
+
+# Migrations: several processes starting at once on a new database ------------------------------------------------
+def _slow_probe(conn: sa.Connection) -> None:
+    conn.execute(sa.text("CREATE TABLE probe (x INTEGER)"))  # fails if a second starter applied it again
+    time.sleep(0.3)
+
+
+def _start(url: str, start: Any, out: Any) -> None:
+    start.wait(20)
+    store = Store(url)  # round 1: all race on the real migrations of an empty database
+    start.wait(20)  # round 2: all race on an extra slow migration that breaks if applied twice
+    out.put((store.schema_version, migrate(store.engine, (*MIGRATIONS, Migration(LATEST_VERSION + 1, "probe",
+                                                                                  _slow_probe)))))
+    store.close()
+
+
+@pytest.mark.timeout(90)
+def test_workers_starting_at_once_migrate_the_database_once(pg_url: str) -> None:
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no connection pool shared by fork
+    start, out = ctx.Barrier(6), ctx.Queue()
+    procs = [ctx.Process(target=_start, args=(pg_url, start, out)) for _ in range(6)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(80)
+    assert [proc.exitcode for proc in procs] == [0] * 6
+    assert sorted(out.get(timeout=5) for _ in procs) == [(LATEST_VERSION, LATEST_VERSION + 1)] * 6
+    assert query(pg_url, "SELECT version FROM schema_version ORDER BY version") == [
+        (v,) for v in range(1, LATEST_VERSION + 2)]
+    assert query(pg_url, "SELECT count(*) FROM probe") == [(0,)]
