@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+from pgserver import postgres_server
 
 from worker.exceptions import InboxLocked
-from worker.lock import InboxLock, lock_path
+from worker.lock import InboxLock, WorkerIdLock, lock_path, uses_claims
+from worker.store import Store
 
 
 def sqlite_url(tmp_path: Path) -> str:
@@ -86,3 +89,34 @@ def test_sigkill_of_the_holder_releases_the_lock(inbox: Path, tmp_path: Path) ->
     finally:
         child.kill()
         child.wait()
+
+
+# PostgreSQL: a lock on the worker id instead of the inbox ----------------------------------------------------
+def test_only_postgresql_urls_use_claims() -> None:
+    assert uses_claims("postgresql+psycopg://u@db/results") and uses_claims("postgresql://u@db/results")
+    assert not uses_claims("sqlite:////srv/results.db") and not uses_claims("mysql://u@db/r")
+    assert not uses_claims("not a url")
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(60)
+def test_worker_id_lock_on_postgresql() -> None:
+    with postgres_server() as url, Store(url) as store:
+        store.heartbeat("web1", "host-a", 4242, 0)
+        first = WorkerIdLock(store, "web1")
+        first.acquire()
+        with pytest.raises(InboxLocked) as refused:
+            WorkerIdLock(store, "web1").acquire()
+        assert str(refused.value).startswith("another worker with id 'web1' (host host-a, pid 4242, last heartbeat ")
+        with WorkerIdLock(store, "web2"):  # another id: no conflict
+            pass
+        # The database drops the lock's connection (restart, network cut): check() takes the lock again.
+        with store.engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_locks "
+                                 "WHERE locktype = 'advisory' AND pid <> pg_backend_pid()"))
+        assert first.check() and first.held
+        with pytest.raises(InboxLocked):
+            WorkerIdLock(store, "web1").acquire()
+        first.release()
+        with WorkerIdLock(store, "web1") as again:
+            assert again.held
