@@ -773,6 +773,7 @@ class Pipeline:
         locations: list[tuple[int, str]] = []
         finished: list[Prepared] = []  # moved, deleted or vanished: their claims are released
         left: list[Prepared] = []  # left in place: their claims are kept, marked done
+        stuck: dict[tuple[Path, str, float | None], list[tuple[Prepared, str]]] = {}  # not moved, by cause
         for p in rows:
             assert p.row_id is not None
             try:
@@ -789,9 +790,8 @@ class Pipeline:
                 self.counters.disposition_errors += 1
                 delay = self._schedule_retry(p.item.path)
                 target = self.config.failed_path if p.outcome == "failed" else self.config.processed_path
-                log.error("cannot dispose of %s (row %d committed) into %s: %s; it stays in the inbox%s",
-                          p.file, p.row_id, target, exc.strerror or exc,
-                          f", retrying in {delay:g} s" if delay is not None else ", giving up")
+                cause = os.strerror(exc.errno) if exc.errno else str(exc)
+                stuck.setdefault((target, cause, delay), []).append((p, str(exc.strerror or exc)))
                 continue
             self._retries.pop(p.item.path, None)
             location = DELETED if dest is None else str(dest)
@@ -801,6 +801,15 @@ class Pipeline:
             else:
                 self._remember_left(p.item.path)
                 left.append(p)
+        for (target, cause, delay), files in stuck.items():  # one line per batch and cause, not per file
+            retry = f", retrying in {delay:g} s" if delay is not None else ", giving up"
+            if len(files) == 1:
+                (one, reason), = files
+                log.error("cannot dispose of %s (row %d committed) into %s: %s; it stays in the inbox%s",
+                          one.file, one.row_id, target, reason, retry)
+            else:
+                log.error("cannot dispose of %d files (%s, …; rows committed) into %s: %s; they stay in the "
+                          "inbox%s", len(files), ", ".join(f.file for f, _ in files[:3]), target, cause, retry)
         release = None  # scale-out: the claims are released in the same transaction
         if self.claims is not None and (finished or left):
             claims, done, kept = self.claims, self._claim_keys(finished), self._claim_keys(left)
