@@ -9,6 +9,7 @@ ONNX model. Without the PostgreSQL binaries the tests skip with the reason; unde
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -309,3 +311,97 @@ def test_workers_starting_at_once_migrate_the_database_once(pg_url: str) -> None
     assert query(pg_url, "SELECT version FROM schema_version ORDER BY version") == [
         (v,) for v in range(1, LATEST_VERSION + 2)]
     assert query(pg_url, "SELECT count(*) FROM probe") == [(0,)]
+
+
+# Throughput of 1, 2 and 3 workers (slow: run with -m slow; docs/scaleout.md) ------------------------------------
+BENCH_CONFIG = """\
+[inbox]
+path = "inbox"
+settle_s = 0.3
+[model]
+path = "{model}"
+"""
+
+
+def listing_photos(folder: Path, count: int, size: tuple[int, int] = (400, 533)) -> list[Path]:
+    """`count` distinct JPEGs shaped like listing photos (smooth shading with some texture)."""
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width]
+    rng = np.random.default_rng(1)
+    base = np.stack([(x * 255 // width), (y * 255 // height), ((x + y) * 127 // (width + height))], -1)
+    pixels = np.clip(base + rng.integers(-12, 12, base.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    data = buffer.getvalue()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"photo-{i:05}.jpg"
+        path.write_bytes(data + f"trailer {i}".encode())
+        paths.append(path)
+    return paths
+
+
+RUNS = (("sqlite", 1), ("shared", 1), ("shared", 2), ("shared", 3), ("separate", 3))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("model", ["generated", "default"])
+def test_throughput_of_one_two_and_three_workers(tmp_path: Path, model: str, workers: Workers) -> None:
+    """Not a speed assertion: prints images/s (first file moved in -> last row committed) of 1, 2 and 3
+    workers with default settings sharing one inbox and one PostgreSQL database; for comparison, one
+    worker on SQLite (no claims) and 3 workers on 3 inboxes (no contention for files). Each run must end
+    with every image recorded once."""
+    import worker
+
+    if model == "default":
+        model_path = Path(worker.__file__).parent / "models" / "default.onnx"
+        if not model_path.exists():
+            pytest.skip("worker/models/default.onnx has not landed yet")
+    else:
+        model_path = make_model(tmp_path / "generated.onnx")
+    count = int(os.environ.get("SCALEOUT_IMAGES", "1000"))
+    repeat = int(os.environ.get("SCALEOUT_REPEAT", "1"))  # the median of this many runs of each is shown
+    figures = []
+    for layout, n, attempt in [(layout, n, attempt) for attempt in range(repeat) for layout, n in RUNS]:
+        staged = listing_photos(tmp_path / f"staging-{layout}-{n}-{attempt}", count)
+        sites = [tmp_path / f"site-{layout}-{n}-{attempt}-{i}" for i in range(n if layout == "separate" else 1)]
+        for site in sites:
+            (site / "inbox").mkdir(parents=True)
+            (site / "config.toml").write_text(BENCH_CONFIG.format(model=model_path))
+        database = (contextlib.nullcontext(f"sqlite:///{sites[0]}/results.db") if layout == "sqlite"
+                    else postgres_server())
+        with database as url:
+            procs = [workers.start(sites[i % len(sites)], url) for i in range(n)]
+            for proc in procs:
+                workers.wait_ready(proc)
+            start = datetime.now(UTC)
+            for k, path in enumerate(staged):
+                os.rename(path, sites[k % len(sites)] / "inbox" / path.name)
+            wait_until(lambda url=url: row_count(url) >= count, 1200, f"{count} rows")
+            assert query(url, "SELECT count(*), count(DISTINCT file) FROM results") == [(count, count)]
+            with Store(url) as store:
+                summary = stats(store)
+            elapsed = (datetime.fromisoformat(summary["last_activity"]) - start).total_seconds()
+            per_worker = "/".join(str(c) for (c,) in query(
+                url, "SELECT count(*) FROM results GROUP BY worker ORDER BY count(*) DESC"))
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=30) == 0
+        figures.append((layout, n, count / elapsed, per_worker))
+    rates = {run: sorted(rate for layout, n, rate, _ in figures if (layout, n) == run) for run in RUNS}
+    median = {run: values[len(values) // 2] for run, values in rates.items()}
+    base = median[("shared", 1)]
+    print(f"\n{count} distinct 400x533 JPEGs, {model} model, {os.cpu_count()} cores, median of {repeat} runs "
+          f"each, load average {os.getloadavg()[0]:.1f} at the end")
+    print("| workers | database | inboxes | images/s (median) | all runs | vs 1 worker on PostgreSQL "
+          "| images per worker (last run) |")
+    print("|---|---|---|---|---|---|---|")
+    for layout, n in RUNS:
+        inboxes = n if layout == "separate" else 1
+        database = "SQLite" if layout == "sqlite" else "PostgreSQL"
+        last = [per for lay, k, _, per in figures if (lay, k) == (layout, n)][-1]
+        runs = ", ".join(f"{rate:.0f}" for rate in rates[(layout, n)])
+        print(f"| {n} | {database} | {inboxes} | {median[(layout, n)]:.0f} | {runs} | "
+              f"{median[(layout, n)] / base:.2f}x | {last} |")

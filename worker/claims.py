@@ -10,11 +10,12 @@ only the worker holding the claim reads, classifies, records and moves that file
   inboxes holding the same name, size and mtime (rsync -t copies) share a key: their drops are then
   classified one after the other instead of in parallel, never skipped (a claim is deleted once its file
   is moved).
-- **Claim** (`claim`): ONE statement per batch, `INSERT … ON CONFLICT (drop_key) DO UPDATE … WHERE the
-  existing claim's lease has lapsed (or it belongs to this worker id's previous, dead process) RETURNING`.
-  PostgreSQL runs it atomically per row: of several workers claiming one drop at once, exactly one gets
-  it. The others learn who holds it and when its lease ends, by the database clock, so that host clocks
-  never matter, and look again then.
+- **Claim** (`claim`): one transaction per batch: `INSERT … ON CONFLICT (drop_key) DO NOTHING RETURNING`
+  grants the free drops (PostgreSQL's unique index decides: of several workers claiming one drop at once,
+  exactly one inserts it); then `UPDATE … WHERE the lease has lapsed (or the claim is this worker id's,
+  left by its previous, dead process) RETURNING` takes over the lapsed ones (row locks make it atomic);
+  the others learn who holds each drop and when its lease ends, by the database clock, so that host
+  clocks never matter, and look again then. Losing a race takes no lock on the winner's claim.
 - **Lease**: a claim is valid until `lease_until`; a thread renews this worker's claims every third of the
   lease (`start`). A worker that dies (SIGKILL, power cut, network gone) stops renewing; one lease later
   another worker that sees the file takes the claim over and classifies it.
@@ -140,36 +141,41 @@ class Claims:
 
         def body(conn: Connection) -> ClaimOutcome:
             now = sa.func.now()
+            outcome = ClaimOutcome()
+            # 1. Free drops: inserted. A drop claimed by someone else is skipped without locking its row, so
+            #    a worker losing the race never makes the winner's commit wait.
             rows = [{"drop_key": key, "file": safe_text(drops[key]), "worker_id": self.worker_id,
                      "host": safe_text(self.host), "owner": self.owner, "claimed_at": now,
                      "lease_until": now + self._lease, "takeovers": 0} for key in keys]
-            insert = pg_insert(claims).values(rows)
-            new = insert.excluded
-            upsert = insert.on_conflict_do_update(
-                index_elements=[claims.c.drop_key],
-                set_={
-                    "file": new.file, "worker_id": new.worker_id, "host": new.host, "owner": new.owner,
-                    "claimed_at": new.claimed_at, "lease_until": new.lease_until,
-                    "takeovers": claims.c.takeovers + sa.case((claims.c.owner == new.owner, 0), else_=1),
-                },
-                where=sa.and_(
-                    claims.c.done_at.is_(None),
-                    sa.or_(claims.c.lease_until < now, claims.c.worker_id == new.worker_id),
-                ),
-            ).returning(claims.c.drop_key, claims.c.result_id, sa.literal_column("xmax = 0"))  # 0: inserted
-            outcome = ClaimOutcome()
-            with self._lock:
-                for key, result_id, inserted in conn.execute(upsert):
-                    taken_over = not inserted and key not in self._mine
-                    outcome.granted[key] = Granted(key, None if result_id is None else int(result_id), taken_over)
-            others = [key for key in keys if key not in outcome.granted]
+            insert = (pg_insert(claims).values(rows).on_conflict_do_nothing(index_elements=[claims.c.drop_key])
+                      .returning(claims.c.drop_key))
+            for key in conn.execute(insert).scalars():
+                outcome.granted[key] = Granted(key, None, False)
+            # 2. Lapsed claims, and this worker id's own (from its previous, dead process): taken over.
+            rest = [key for key in keys if key not in outcome.granted]
+            if rest:
+                takeover = (
+                    sa.update(claims)
+                    .where(claims.c.drop_key.in_(rest), claims.c.done_at.is_(None),
+                           sa.or_(claims.c.lease_until < now, claims.c.worker_id == self.worker_id))
+                    .values(worker_id=self.worker_id, host=safe_text(self.host), owner=self.owner, claimed_at=now,
+                            lease_until=now + self._lease,
+                            takeovers=claims.c.takeovers + sa.case((claims.c.owner == self.owner, 0), else_=1))
+                    .returning(claims.c.drop_key, claims.c.result_id)
+                )
+                with self._lock:
+                    for key, result_id in conn.execute(takeover):
+                        outcome.granted[key] = Granted(key, None if result_id is None else int(result_id),
+                                                       key not in self._mine)
+            # 3. The rest are held by live workers (or done): who, and when to look again.
+            others = [key for key in rest if key not in outcome.granted]
             if others:
                 left = sa.func.greatest(sa.extract("epoch", claims.c.lease_until - now), 0)
                 query = sa.select(claims.c.drop_key, claims.c.worker_id, claims.c.host,
                                   claims.c.done_at.is_not(None), left).where(claims.c.drop_key.in_(others))
                 for key, worker_id, host, done, retry_in in conn.execute(query):
                     outcome.held[key] = Held(key, worker_id, host, bool(done), 0.0 if done else float(retry_in))
-                for key in others:  # released between the two statements: free to claim again at once
+                for key in others:  # released between the statements: free to claim again at once
                     outcome.held.setdefault(key, Held(key, "", "", False, 0.0))
             return outcome
 
