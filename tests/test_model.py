@@ -10,7 +10,7 @@ from conftest import LABELS, make_model
 from onnx import TensorProto
 
 from worker.exceptions import ModelError
-from worker.model import DEFAULT_MODEL, Model, choose_providers
+from worker.model import DEFAULT_MODEL, DEFAULT_MODEL_FP32, Model, choose_providers, model_file
 
 
 def test_contract_model_loads_and_predicts(tiny_model):
@@ -75,6 +75,11 @@ def test_unavailable_provider_names_the_available_ones():
 @pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="the trained default model has not been exported yet")
 def test_shipped_default_model_honours_the_contract():
     model = Model(None)
+    assert model.info.path == DEFAULT_MODEL and model.info.metadata["precision"] == "int8"
+    assert model_file(None, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == DEFAULT_MODEL_FP32
+    fp32 = Model(DEFAULT_MODEL_FP32)
+    assert fp32.info.metadata["precision"] == "fp32"
+    assert fp32.info.metadata["data_fingerprint"] == model.info.metadata["data_fingerprint"]
     assert model.info.labels == ["dress", "hat", "longsleeve", "outwear", "pants", "shirt", "shoes",
                                  "shorts", "skirt", "t-shirt"]
     assert float(model.info.metadata["val_accuracy"]) >= 0.92

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from worker.exceptions import ConfigError
-from worker.model import Model, model_file
+from worker.model import DEFAULT_MODEL, DEFAULT_MODEL_FP32, Model, model_file
 from worker.preprocess import load_pixels
 
 log = logging.getLogger(__name__)
@@ -83,12 +83,12 @@ def run(options: BenchOptions) -> dict:
         "large_12mp_images_per_s": decode_rate(large_bytes, size),
     }
 
-    int8_path = options.int8_model or sibling_int8(options.model)
-    if int8_path is not None and int8_path.exists():
+    fp32_path, int8_path = precision_pair(options)
+    if int8_path is not None and int8_path.exists() and fp32_path.exists():
         say("int8 against fp32")
         best = max(options.batch_sizes)
         threads = max(options.threads)
-        fp32 = model_throughput(model_path, batch, [best], [threads])[0]["images_per_s"]
+        fp32 = model_throughput(fp32_path, batch, [best], [threads])[0]["images_per_s"]
         int8 = model_throughput(int8_path, batch, [best], [threads])[0]["images_per_s"]
         report["int8"] = {"model": str(int8_path), "fp32_images_per_s": fp32, "int8_images_per_s": int8,
                           "speedup": round(int8 / fp32, 2)}
@@ -113,10 +113,12 @@ def image_files(folder: Path) -> list[Path]:
     return files
 
 
-def sibling_int8(model: Path | None) -> Path | None:
-    path = model_file(model)
-    candidate = path.with_suffix(".int8.onnx")
-    return candidate if candidate.exists() else None
+def precision_pair(options: BenchOptions) -> tuple[Path, Path | None]:
+    """(fp32, int8) models to compare: the shipped pair, or the given model and its .int8.onnx sibling."""
+    if options.model is None:
+        return DEFAULT_MODEL_FP32, options.int8_model or DEFAULT_MODEL
+    sibling = options.model.with_suffix(".int8.onnx")
+    return options.model, options.int8_model or (sibling if sibling.exists() else None)
 
 
 def machine() -> dict:
