@@ -36,7 +36,9 @@ def parse_args(argv: list[str] | None = None):
                         help="validation images the parity check runs on")
     parser.add_argument("--tolerance", type=float, default=defaults.tolerance,
                         help="largest accepted |p_onnx - p_torch|")
-    parser.add_argument("--opset", type=int, default=defaults.opset)
+    parser.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                        help="keep the softmax temperature at 1 instead of fitting it on validation")
+    parser.add_argument("--opset", type=int, default=defaults.opset, help="ONNX opset")
     args = parser.parse_args(argv)
     return ExportConfig(**{f.name: getattr(args, f.name) for f in fields(ExportConfig)})
 

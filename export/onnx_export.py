@@ -29,6 +29,7 @@ import torch
 
 from export.flops import count_macs
 from train.model import Classifier, ExportWrapper, ModelSpec
+from train.report import expected_calibration_error
 from worker.exceptions import DataError, ModelError
 from worker.model import Model
 from worker.preprocess import load_pixels
@@ -47,6 +48,7 @@ class ExportConfig:
     version: str = "1.0.0"
     int8: bool = False  # also write <out>.int8.onnx and compare it with fp32
     calibration_images: int = 300  # training images that calibrate the int8 ranges
+    calibrate: bool = True  # fit a softmax temperature on validation so confidences mean what they say
     parity_images: int = 64  # validation images the parity check runs on
     tolerance: float = 1e-4  # max |p_onnx - p_torch| accepted
     opset: int = 17
@@ -61,11 +63,13 @@ def main(config: ExportConfig) -> dict:
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
+    temperature = fit_temperature(model, val_files, val_labels, spec.image_size) if config.calibrate else 1.0
+    exported = ExportWrapper(model, temperature).eval()
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
-        export_graph(model, spec.image_size, raw, config.opset)
-        parity = check_parity(model, raw, val_files[: config.parity_images], spec.image_size, config.tolerance)
-        macs = count_macs(ExportWrapper(model), torch.zeros(1, spec.image_size, spec.image_size, 3, dtype=torch.uint8))
+        export_graph(exported, spec.image_size, raw, config.opset)
+        parity = check_parity(exported, raw, val_files[: config.parity_images], spec.image_size, config.tolerance)
+        macs = count_macs(exported, torch.zeros(1, spec.image_size, spec.image_size, 3, dtype=torch.uint8))
         params = sum(p.numel() for p in model.parameters())
         metadata = {
             "labels": json.dumps(checkpoint["classes"]),
@@ -78,6 +82,7 @@ def main(config: ExportConfig) -> dict:
             "macs_per_image": str(macs),
             "parameters": str(params),
             "precision": "fp32",
+            "temperature": f"{temperature:.4f}",
             "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "training": json.dumps({k: checkpoint["config"][k] for k in
                                     ("arch", "frozen_blocks", "views", "epochs", "lr", "seed")}),
@@ -88,7 +93,7 @@ def main(config: ExportConfig) -> dict:
         write_metadata(raw, metadata)
         raw.replace(out)
     report = {"model": str(out), "parity_max_abs_diff": parity, "macs_per_image": macs,
-              "parameters": params, "fp32": fp32}
+              "parameters": params, "temperature": round(temperature, 4), "fp32": fp32}
     log.info("wrote %s: validation accuracy %.4f through the worker path, parity %.2e, %.2f GMACs",
              out, fp32["accuracy"], parity, macs / 1e9)
 
@@ -127,8 +132,7 @@ def rebuild(checkpoint: dict) -> Classifier:
     return model.eval()
 
 
-def export_graph(model: Classifier, size: int, path: Path, opset: int) -> None:
-    wrapper = ExportWrapper(model).eval()
+def export_graph(wrapper: ExportWrapper, size: int, path: Path, opset: int) -> None:
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -169,10 +173,10 @@ def pixels(files: list[Path], size: int) -> np.ndarray:
 
 
 @torch.inference_mode()
-def check_parity(model: Classifier, path: Path, files: list[Path], size: int, tolerance: float) -> float:
+def check_parity(wrapper: ExportWrapper, path: Path, files: list[Path], size: int, tolerance: float) -> float:
     """Max |onnxruntime - torch| over real images; raises ModelError above `tolerance`."""
     batch = pixels(files, size)
-    expected = ExportWrapper(model)(torch.from_numpy(batch)).numpy()
+    expected = wrapper(torch.from_numpy(batch)).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (actual,) = session.run(["probabilities"], {"images": batch})
     diff = float(np.abs(actual - expected).max())
@@ -180,6 +184,31 @@ def check_parity(model: Classifier, path: Path, files: list[Path], size: int, to
         raise ModelError(f"ONNX and PyTorch disagree: max probability difference {diff:.2e} > {tolerance:.0e}; "
                          "model not written")
     return diff
+
+
+def fit_temperature(model: Classifier, files: list[Path], labels: list[int], size: int) -> float:
+    """The softmax temperature minimising validation log-loss (Guo et al. 2017, temperature scaling).
+
+    Label smoothing trains the network to be under-confident; one scalar fitted on held-out data makes
+    "confidence 0.9" mean right about 90 % of the time again. Accuracy is unchanged.
+    """
+    with torch.no_grad():  # not inference_mode: the logits take part in the autograd fit below
+        logits = torch.cat([model(torch.from_numpy(pixels(files[i:i + 32], size)).permute(0, 3, 1, 2).float())
+                            for i in range(0, len(files), 32)])
+    targets = torch.tensor(labels)
+    log_t = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    temperature = float(log_t.detach().exp())
+    log.info("softmax temperature %.3f fitted on %d validation images", temperature, len(files))
+    return temperature
 
 
 def evaluate(path: Path, files: list[Path], labels: list[int], batch: int = 32) -> dict:
@@ -195,7 +224,8 @@ def evaluate(path: Path, files: list[Path], labels: list[int], batch: int = 32) 
     for index, label in enumerate(model.info.labels):
         mask = np.array(labels) == index
         recall[label] = round(float((probs[mask].argmax(1) == index).mean()), 4) if mask.any() else None
-    return {"accuracy": round(correct / len(files), 4), "n": len(files), "recall": recall}
+    ece = expected_calibration_error(np.array(labels), probs)
+    return {"accuracy": round(correct / len(files), 4), "n": len(files), "ece": round(ece, 4), "recall": recall}
 
 
 def calibration_set(files: list[Path], count: int) -> list[Path]:

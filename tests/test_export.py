@@ -52,6 +52,8 @@ def test_export_honours_the_contract_and_agrees_with_pytorch(checkpoint, tmp_pat
     assert float(meta["val_accuracy"]) == report["fp32"]["accuracy"]
     assert meta["data_fingerprint"] == torch.load(best, weights_only=False)["data_fingerprint"]
     assert int(meta["macs_per_image"]) > 0
+    assert float(meta["temperature"]) == report["temperature"] > 0
+    assert 0.0 <= report["fp32"]["ece"] <= 1.0
 
     model = Model(out)  # the worker's own loader accepts it
     files = sorted((data / "validation").rglob("*.jpg"))
@@ -63,7 +65,7 @@ def test_export_honours_the_contract_and_agrees_with_pytorch(checkpoint, tmp_pat
 
     network = onnx_export.rebuild(torch.load(best, weights_only=False))
     with torch.inference_mode():
-        expected = ExportWrapper(network)(torch.from_numpy(batch)).numpy()
+        expected = ExportWrapper(network, float(meta["temperature"]))(torch.from_numpy(batch)).numpy()
     assert np.abs(probs - expected).max() <= 1e-4
 
 
@@ -103,3 +105,18 @@ def test_help_shows_defaults_and_example():
     result = subprocess.run([sys.executable, "-m", "export", "--help"], capture_output=True, text=True)
     assert "(default: 0.0001)" in result.stdout
     assert "example: fashion-export runs/lite2/best.pt" in result.stdout
+
+
+def test_temperature_changes_confidence_never_the_winner(checkpoint, tmp_path):
+    best, data = checkpoint
+    files = sorted((data / "validation").rglob("*.jpg"))
+    batch = np.stack([load_pixels(f.read_bytes(), (64, 64), max_pixels=10**8) for f in files])
+    network = onnx_export.rebuild(torch.load(best, weights_only=False))
+    with torch.inference_mode():
+        plain = ExportWrapper(network)(torch.from_numpy(batch))
+        sharper = ExportWrapper(network, 0.5)(torch.from_numpy(batch))
+    assert torch.equal(plain.argmax(1), sharper.argmax(1))
+    assert (sharper.max(1).values >= plain.max(1).values - 1e-6).all()
+    out = tmp_path / "m.onnx"
+    report = onnx_export.main(onnx_export.ExportConfig(checkpoint=str(best), out=str(out), calibrate=False))
+    assert report["temperature"] == 1.0

@@ -115,15 +115,20 @@ class Classifier(nn.Module):
 
 
 class ExportWrapper(nn.Module):
-    """The ONNX contract: uint8 NHWC RGB in, softmax probabilities out."""
+    """The ONNX contract: uint8 NHWC RGB in, softmax probabilities out.
 
-    def __init__(self, model: Classifier) -> None:
+    `temperature` divides the logits before the softmax (temperature scaling): it changes how confident
+    the probabilities are, never which class wins.
+    """
+
+    def __init__(self, model: Classifier, temperature: float = 1.0) -> None:
         super().__init__()
         self.model = model
+        self.register_buffer("temperature", torch.tensor(float(temperature)), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pixels = images.permute(0, 3, 1, 2).to(torch.float32)
-        return torch.softmax(self.model(pixels), dim=1)
+        return torch.softmax(self.model(pixels) / self.temperature, dim=1)
 
 
 def build(spec: ModelSpec, pretrained: bool = True) -> Classifier:
