@@ -82,6 +82,10 @@ def test_int8_model_is_written_scored_and_timed(checkpoint, tmp_path):
     assert report["int8"]["images_per_s"]["int8"] > 0 and report["int8"]["images_per_s"]["fp32"] > 0
     quantized = onnx.load(str(tmp_path / "model.int8.onnx"))
     assert any(node.op_type == "QuantizeLinear" for node in quantized.graph.node)
+    # the head stays in float, so probabilities are not rounded to steps of 1/255
+    producers = {output: node.op_type for node in quantized.graph.node for output in node.output}
+    softmax = next(node for node in quantized.graph.node if node.op_type == "Softmax")
+    assert producers[softmax.input[0]] == "Div" and softmax.output[0] == "probabilities"
 
 
 def test_failed_parity_writes_nothing(checkpoint, tmp_path):
