@@ -93,7 +93,7 @@ def check_load(tmp_path: Path, workers, capsys, small: int, large: int) -> None:
     assert b["ready_queue_overflows_logged"] >= 1, line  # the backlog really exceeded what is held in memory
     # The backlog is not held decoded: each extra waiting file costs under a tenth of its pixels (150 KB) in
     # peak RSS. Measured: 2.3-3.5 KB per waiting file, the bookkeeping of its path by the rescans and the
-    # watcher; later bursts do not add to it (docs/reliability.md: bursts of 2,000, RSS 116 -> 119 -> 119 MB).
+    # watcher; later bursts do not add to it (README.md, Reliability: bursts of 2,000, RSS 116 -> 119 -> 119 MB).
     assert per_file < MAX_BYTES_PER_WAITING_FILE, line
 
 

@@ -79,7 +79,7 @@ class Readers:
             self._done("fashion-worker results", started, error)
 
     def _sqlite3_shell(self, busy_timeout: bool = True) -> None:
-        """The sqlite3 shell as people run it. With `.timeout 5000` (what docs/reliability.md tells them)
+        """The sqlite3 shell as people run it. With `.timeout 5000` (what README.md, Reliability tells them)
         its errors fail the test; without a busy timeout its errors are counted and reported only: the
         sqlite3 3.40 shell then sees "database is locked" now and then while ANY writer commits (the
         same happens with a plain Python writer and no worker at all), which no writer can prevent."""

@@ -4,7 +4,7 @@ Each test starts a throw-away PostgreSQL server on loopback (tests/pgserver.py) 
 run --db postgresql+psycopg://…` processes on a real inbox with the real inotify watcher and a generated
 ONNX model. Without the PostgreSQL binaries the tests skip with the reason; under CI they fail instead.
 
-`-m slow -k throughput -s` measures the throughput of 1, 2 and 3 workers (docs/scaleout.md).
+`-m slow -k throughput -s` measures the throughput of 1, 2 and 3 workers (README.md, Scale-out).
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ def test_workers_starting_at_once_migrate_the_database_once(pg_url: str) -> None
     assert query(pg_url, "SELECT count(*) FROM probe") == [(0,)]
 
 
-# Throughput of 1, 2 and 3 workers (slow: run with -m slow; docs/scaleout.md) ------------------------------------
+# Throughput of 1, 2 and 3 workers (slow: run with -m slow; README.md, Scale-out) ------------------------------------
 BENCH_CONFIG = """\
 [inbox]
 path = "inbox"

@@ -14,7 +14,7 @@ Where the lock file lives (never inside the watched inbox):
 several (inbox, database) pairs. flock is local to a machine: it does not guard an inbox shared over NFS
 by workers on several hosts.
 
-PostgreSQL (scale-out, docs/scaleout.md): several workers may share an inbox, on one host or several,
+PostgreSQL (scale-out, README.md, Scale-out): several workers may share an inbox, on one host or several,
 because each file is claimed in the database before it is read (worker.claims), so no inbox lock is
 taken. What must stay unique there is the worker id (results, heartbeats and claims are kept under it):
 `WorkerIdLock` holds a session-level `pg_try_advisory_lock` on the worker id for the life of the worker,
