@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -81,6 +82,24 @@ def write_image(path: Path, color: tuple[int, int, int] = (255, 0, 0), size: tup
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path, format=fmt)
     return path
+
+
+def distinct_jpegs(folder: Path, count: int, size: tuple[int, int] = (160, 120), prefix: str = "img-") -> list[Path]:
+    """`count` red JPEGs with distinct bytes: one noisy image with a different trailer after the
+    end-of-image marker each (decoders ignore it), so each costs a real decode but has its own sha256."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 60, (size[1], size[0], 3), dtype=np.uint8)
+    pixels[..., 0] = 230
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=85)
+    base = buffer.getvalue()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"{prefix}{i:04}.jpg"
+        path.write_bytes(base + f"trailer {i}".encode())
+        paths.append(path)
+    return paths
 
 
 @pytest.fixture

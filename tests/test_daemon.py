@@ -7,7 +7,6 @@ bursts); they read the results with plain sqlite3 while the worker writes.
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import sqlite3
@@ -17,10 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import make_model, write_image
-from PIL import Image
+from conftest import distinct_jpegs, make_model, write_image
 
 from worker import config as config_mod
 from worker.daemon import Worker, layout_problems
@@ -125,22 +122,9 @@ def daemons():
         daemon.kill()
 
 
-def burst_files(folder: Path, count: int, size: tuple[int, int] = (800, 600)) -> list[Path]:
-    """`count` distinct JPEGs: one noisy photo-sized image with a different trailer each (a decoder
-    ignores bytes after the end-of-image marker), so each costs a real decode but has its own sha256."""
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    pixels[..., 0] = 255
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=85)
-    base = buffer.getvalue()
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        path = folder / f"burst-{i:04}.jpg"
-        path.write_bytes(base + f"trailer {i}".encode())
-        paths.append(path)
-    return paths
+def burst_files(folder: Path, count: int) -> list[Path]:
+    """`count` distinct photo-sized (800x600) JPEGs."""
+    return distinct_jpegs(folder, count, (800, 600), prefix="burst-")
 
 
 def move_all(paths: list[Path], inbox: Path) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from conftest import make_model
+from conftest import distinct_jpegs, make_model
 from pgserver import postgres_server
 from PIL import Image
 
@@ -72,24 +72,6 @@ def make_site(folder: Path, *, worker_id: str = "", lease: float = LEASE_S, mode
         (folder / "model.onnx").symlink_to(model)
     (folder / "inbox").mkdir(exist_ok=True)
     return folder
-
-
-def distinct_jpegs(folder: Path, count: int, size: tuple[int, int] = (160, 120)) -> list[Path]:
-    """`count` red JPEGs with distinct bytes (a different trailer after the end-of-image marker each): every
-    one is really decoded and has its own sha256."""
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 60, (size[1], size[0], 3), dtype=np.uint8)
-    pixels[..., 0] = 230
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=85)
-    base = buffer.getvalue()
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        path = folder / f"img-{i:04}.jpg"
-        path.write_bytes(base + f"trailer {i}".encode())
-        paths.append(path)
-    return paths
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
