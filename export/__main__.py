@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--name", default=defaults.name, help="model name in the metadata; empty = fashion-<arch>")
     parser.add_argument("--version", default=defaults.version, help="model version in the metadata")
     parser.add_argument("--int8", action="store_true", help="also write OUT.int8.onnx (static quantisation)")
+    parser.add_argument("--fp16", action="store_true",
+                        help="also write OUT.fp16.onnx (half precision, for GPUs) and score it")
     parser.add_argument("--calibration-images", type=int, default=defaults.calibration_images,
                         help="training images that calibrate int8 activation ranges")
     parser.add_argument("--parity-images", type=int, default=defaults.parity_images,
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     line = f"wrote {config.out}: validation accuracy {report['fp32']['accuracy']:.4f}"
     if "int8" in report:
         line += f"; int8 {report['int8']['accuracy']:.4f} at {report['int8']['speedup']}x the speed"
+    if "fp16" in report:
+        line += f"; fp16 {report['fp16']['accuracy']:.4f}"
     print(f"{line}; metrics in {metrics_path}")
     return 0
 

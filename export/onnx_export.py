@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import tempfile
@@ -48,6 +49,7 @@ class ExportConfig:
     name: str = ""  # model name in the metadata; empty: fashion-<arch>
     version: str = "1.0.0"
     int8: bool = False  # also write <out>.int8.onnx and compare it with fp32
+    fp16: bool = False  # also write <out>.fp16.onnx (half-precision weights and activations, for GPUs)
     calibration_images: int = 300  # training images that calibrate the int8 ranges
     calibrate: bool = True  # fit a softmax temperature on validation so confidences mean what they say
     parity_images: int = 64  # validation images the parity check runs on
@@ -111,7 +113,27 @@ def main(config: ExportConfig) -> dict:
         report["int8"]["speedup"] = round(speed["int8"] / speed["fp32"], 2)
         log.info("int8: validation accuracy %.4f (fp32 %.4f), %.1f vs %.1f images/s", int8["accuracy"],
                  fp32["accuracy"], speed["int8"], speed["fp32"])
+
+    if config.fp16:
+        fp16_path = out.with_suffix(".fp16.onnx")
+        half = ExportWrapper(copy.deepcopy(model).half(), temperature).eval()
+        export_graph(half, spec.image_size, fp16_path, config.opset)
+        write_metadata(fp16_path, {**metadata, "precision": "fp16", "val_accuracy": "pending"})
+        fp16 = evaluate(fp16_path, val_files, val_labels)  # on the CPU, onnxruntime casts where it must
+        write_metadata(fp16_path, {**metadata, "precision": "fp16", "val_accuracy": f"{fp16['accuracy']:.4f}"})
+        report["fp16"] = {"model": str(fp16_path), **fp16,
+                          "accuracy_drop_points": round(100 * (fp32["accuracy"] - fp16["accuracy"]), 2),
+                          "max_abs_diff_vs_fp32": onnx_difference(out, fp16_path, val_files[: config.parity_images],
+                                                                  spec.image_size)}
+        log.info("fp16: validation accuracy %.4f (fp32 %.4f)", fp16["accuracy"], fp32["accuracy"])
     return report
+
+
+def onnx_difference(first: Path, second: Path, files: list[Path], size: int) -> float:
+    """Max |p_first - p_second| of two ONNX models on real images."""
+    batch = pixels(files, size)
+    outputs = [Model(path).probabilities(batch) for path in (first, second)]
+    return round(float(np.abs(outputs[0] - outputs[1]).max()), 6)
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -124,3 +124,18 @@ def test_temperature_changes_confidence_never_the_winner(checkpoint, tmp_path):
     out = tmp_path / "m.onnx"
     report = onnx_export.main(onnx_export.ExportConfig(checkpoint=str(best), out=str(out), calibrate=False))
     assert report["temperature"] == 1.0
+
+
+@pytest.mark.timeout(300)
+def test_fp16_variant_is_written_scored_and_close_to_fp32(checkpoint, tmp_path):
+    best, _ = checkpoint
+    report = onnx_export.main(onnx_export.ExportConfig(checkpoint=str(best), out=str(tmp_path / "m.onnx"),
+                                                       fp16=True))
+    half = onnx.load(str(tmp_path / "m.fp16.onnx"))
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in half.graph.initializer)
+    assert half.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert half.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    model = Model(tmp_path / "m.fp16.onnx")  # the worker's loader accepts it: same contract
+    assert model.info.metadata["precision"] == "fp16"
+    assert report["fp16"]["max_abs_diff_vs_fp32"] < 0.05
+    assert abs(report["fp16"]["accuracy_drop_points"]) <= 100 / 6 + 1e-9  # at most one of 6 images

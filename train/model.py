@@ -127,8 +127,9 @@ class ExportWrapper(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature)), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = images.permute(0, 3, 1, 2).to(torch.float32)
-        return torch.softmax(self.model(pixels) / self.temperature, dim=1)
+        # The network's own dtype (float32, or float16 for the GPU variant); probabilities always float32.
+        pixels = images.permute(0, 3, 1, 2).to(self.model.mean.dtype)
+        return torch.softmax(self.model(pixels).float() / self.temperature, dim=1)
 
 
 def build(spec: ModelSpec, pretrained: bool = True) -> Classifier:
