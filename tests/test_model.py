@@ -10,7 +10,7 @@ from conftest import LABELS, make_model
 from onnx import TensorProto
 
 from worker.exceptions import ModelError
-from worker.model import DEFAULT_MODEL, DEFAULT_MODEL_FP32, Model, choose_providers, model_file
+from worker.model import DEFAULT_MODEL, DEFAULT_MODEL_FP32, DEFAULT_MODEL_GPU, Model, choose_providers, model_file
 
 
 def test_contract_model_loads_and_predicts(tiny_model):
@@ -76,7 +76,8 @@ def test_unavailable_provider_names_the_available_ones():
 def test_shipped_default_model_honours_the_contract():
     model = Model(None)
     assert model.info.path == DEFAULT_MODEL and model.info.metadata["precision"] == "int8"
-    assert model_file(None, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == DEFAULT_MODEL_FP32
+    assert model_file(None, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == DEFAULT_MODEL_GPU
+    assert Model(DEFAULT_MODEL_GPU).info.metadata["precision"] == "fp16"
     fp32 = Model(DEFAULT_MODEL_FP32)
     assert fp32.info.metadata["precision"] == "fp32"
     assert fp32.info.metadata["data_fingerprint"] == model.info.metadata["data_fingerprint"]
