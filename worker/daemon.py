@@ -81,6 +81,7 @@ def make_model(config: Config) -> Model:
         providers=config.model.providers,
         intra_op_threads=config.model.intra_op_threads,
         inter_op_threads=config.model.inter_op_threads,
+        spin_wait=config.model.spin_wait,
         optimized_cache=cache,
     )
 

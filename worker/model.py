@@ -124,6 +124,7 @@ class Model:
         providers: list[str] | None = None,
         intra_op_threads: int = 0,
         inter_op_threads: int = 1,
+        spin_wait: bool = True,
         optimized_cache: Path | None = None,
     ) -> None:
         chosen = choose_providers(providers or ["auto"])
@@ -138,6 +139,8 @@ class Model:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
+        # Spinning threads answer the next batch a little sooner but burn cores that decoding needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         if optimized_cache is not None:

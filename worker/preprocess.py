@@ -90,7 +90,7 @@ def decode(data: bytes, *, max_pixels: int, draft_size: tuple[int, int] | None =
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image.load()
-            image = ImageOps.exif_transpose(image) or image
+            ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to rotate
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageRejected(f"corrupt or truncated {image.format}: {exc}") from None
     except MemoryError:
