@@ -335,12 +335,12 @@ def test_throughput_of_one_two_and_three_workers(tmp_path: Path, model: str, wor
     workers with default settings sharing one inbox and one PostgreSQL database; for comparison, one
     worker on SQLite (no claims) and 3 workers on 3 inboxes (no contention for files). Each run must end
     with every image recorded once."""
-    import worker
+    from worker.model import DEFAULT_MODEL
 
     if model == "default":
-        model_path = Path(worker.__file__).parent / "models" / "default.onnx"
+        model_path = DEFAULT_MODEL  # the shipped model the workers use by default (int8 on the CPU)
         if not model_path.exists():
-            pytest.skip("worker/models/default.onnx has not landed yet")
+            pytest.skip(f"{DEFAULT_MODEL} has not landed yet")
     else:
         model_path = make_model(tmp_path / "generated.onnx")
     count = int(os.environ.get("SCALEOUT_IMAGES", "1000"))
