@@ -494,10 +494,10 @@ class Pipeline:
         """The files of `items` this worker wins the claims of, topped up from the queue when others hold
         some; the rest are given back (gone), deferred (held elsewhere) or remembered as done."""
         won: list[QueuedFile] = []
-        for _ in range(1 + CLAIM_TOP_UP_ROUNDS):
-            won += self._claim(items)
+        for top_ups in range(CLAIM_TOP_UP_ROUNDS + 1):
+            won += self._claim(items)  # every path taken from the queue is claimed: won, deferred or released
             missing = self._max_batch - len(won)
-            if missing <= 0 or self._stopping:
+            if missing <= 0 or self._stopping or top_ups == CLAIM_TOP_UP_ROUNDS:
                 break
             items = self.queue.take_ready(missing)
             if not items:
