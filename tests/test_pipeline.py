@@ -307,3 +307,39 @@ def test_classify_files_keeps_order_and_reports_bad_files(tmp_path: Path, tiny_m
         (str(good), "ok", "green"),
     ]
     assert results[2]["error"] == "no such file"
+
+
+def test_an_unexpected_error_while_forming_a_batch_loses_nothing_and_the_feeder_carries_on(
+        cfg: Config, caplog: pytest.LogCaptureFixture) -> None:
+    from worker.metrics import Metrics
+
+    class FailsOnceInTheFeeder(Metrics):
+        """A bug cannot be written into the real code on purpose: this real Metrics raises once, on the
+        batching thread, where an unexpected error used to end the thread (and all work) silently."""
+
+        failed = False
+
+        def set_queue_depth(self, depth: int) -> None:
+            if threading.current_thread().name == "batcher" and not self.failed:
+                self.failed = True
+                raise RuntimeError("boom")
+            super().set_queue_depth(depth)
+
+    holder: dict[str, Harness] = {}
+    h = Harness(cfg, metrics=FailsOnceInTheFeeder(), rescan=lambda: holder["h"].submit_all())
+    holder["h"] = h
+    try:
+        write_image(cfg.inbox_path / "a.jpg", (250, 0, 0))
+        assert h.submit_all() == 1
+        h.drain()
+        deadline = time.monotonic() + 10
+        while not h.rows() and time.monotonic() < deadline:  # the rescan offers the file again
+            h.pipeline.process_next(0.5)
+        assert [r[:3] for r in h.rows()] == [("a.jpg", "ok", "red")]
+        assert "unexpected error while forming a batch; its 1 files stay in the inbox" in caplog.text
+        write_image(cfg.inbox_path / "b.jpg", (0, 250, 0))  # the feeder is still alive
+        assert h.submit_all() == 1
+        h.drain()
+        assert [r[:3] for r in h.rows()][-1] == ("b.jpg", "ok", "green")
+    finally:
+        h.close()

@@ -5,7 +5,8 @@ Readers run continuously while the worker records a burst: `fashion-worker resul
 with Python's default 5 s busy timeout, as people open them. None may ever see "database is locked", and
 the row count a reader sees never goes backwards; the slowest query of each kind is reported. (With
 timeout=0, WAL readers do very rarely get SQLITE_BUSY while the WAL index is being reset: 1 of ~2,000
-queries in one CI run, none in others; a busy timeout absorbs it, so that is what readers are told to use.) The shell WITHOUT a busy timeout is measured too and its
+queries in one CI run, none in others; a busy timeout absorbs it, so that is what readers are told to use.)
+The shell WITHOUT a busy timeout is measured too and its
 "locked" rate reported (see Readers._sqlite3_shell for why it is not asserted).
 
 Then another process takes the write lock (BEGIN IMMEDIATE) and holds it for several seconds while files

@@ -165,6 +165,11 @@ class ReadyQueue:
                     return [self._items.popleft() for _ in range(count)]
                 self._cond.wait(_earliest(due - now, until_rescan))
 
+    def known(self, path: Path) -> bool:
+        """Queued, in flight or deferred."""
+        with self._cond:
+            return path in self._known
+
     def take_ready(self, count: int) -> list[QueuedFile]:
         """Up to `count` paths that wait now, without waiting (tops up a batch the claims thinned out)."""
         with self._cond:
@@ -355,6 +360,7 @@ class Pipeline:
         self._skips_logged: set[tuple[Any, ...]] = set()
         self._recent: deque[tuple[float, int]] = deque()  # (monotonic, rows) per batch, last minute
         self._feeder: threading.Thread | None = None
+        self._taken: list[QueuedFile] = []  # what the feeder holds and has not handed over yet
         self._commit_failures = 0
 
     # Input -------------------------------------------------------------------------------------------
@@ -466,28 +472,48 @@ class Pipeline:
     # The feeder thread -------------------------------------------------------------------------------
     def _feed(self) -> None:
         while not self._stopping:
-            items = self.queue.take(self._max_batch, self._max_wait_s)
-            if self.queue.take_overflow():
-                self._start_rescan()
-            if items and self.claims is not None:
-                items = self._claim_batch(items)
-            if not items:
-                continue
-            if self.metrics is not None:
-                self.metrics.set_queue_depth(self.queue.depth)
+            self._taken = []
             try:
-                futures = [self._pool.submit(self._prepare, item) for item in items]
-            except RuntimeError:  # the pool was shut down: we are stopping
-                self.queue.release(item.path for item in items)
-                return
-            with self._cond:
-                while self._handoff and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    self.queue.release(item.path for item in items)
+                if not self._feed_once():
                     return
-                self._handoff.append((items, futures))
-                self._cond.notify_all()
+            except Exception:  # a bug must not silently stop all work while the worker looks alive
+                log.exception("unexpected error while forming a batch; its %d files stay in the inbox and are "
+                              "offered again by a rescan", len(self._taken))
+                self.queue.release(item.path for item in self._taken)
+                self._start_rescan()
+                with self._cond:
+                    for item in self._taken:
+                        self._granted.pop(item.path, None)
+                    if not self._stopping:
+                        self._cond.wait(RETRY_FIRST_S)
+
+    def _feed_once(self) -> bool:
+        """Take, claim and hand over one batch; False once stopping."""
+        items = self.queue.take(self._max_batch, self._max_wait_s)
+        self._taken = list(items)
+        if self.queue.take_overflow():
+            self._start_rescan()
+        if items and self.claims is not None:
+            items = self._claim_batch(items)
+        if not items:
+            return True
+        if self.metrics is not None:
+            self.metrics.set_queue_depth(self.queue.depth)
+        try:
+            futures = [self._pool.submit(self._prepare, item) for item in items]
+        except RuntimeError:  # the pool was shut down: we are stopping
+            self.queue.release(item.path for item in items)
+            return False
+        with self._cond:
+            while self._handoff and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                self.queue.release(item.path for item in items)
+                return False
+            self._handoff.append((items, futures))
+            self._taken = []
+            self._cond.notify_all()
+        return True
 
     # Claims (scale-out) ---------------------------------------------------------------------------------
     def _claim_batch(self, items: list[QueuedFile]) -> list[QueuedFile]:
@@ -500,6 +526,7 @@ class Pipeline:
             if missing <= 0 or self._stopping or top_ups == CLAIM_TOP_UP_ROUNDS:
                 break
             items = self.queue.take_ready(missing)
+            self._taken += items
             if not items:
                 break
         return won
@@ -518,13 +545,17 @@ class Pipeline:
             except (OSError, FileSkipped):  # cannot be read: _prepare logs the skip, and no row is written
                 won.append(item)
                 continue
-            drops[drop_key(name, st.st_size, st.st_mtime_ns)] = (item, name)
+            key = drop_key(name, st.st_size, st.st_mtime_ns)
+            if key in drops:  # two spellings of one file (a `..` or a symlinked inbox): claim it once
+                self.queue.release([item.path])
+                continue
+            drops[key] = (item, name)
         if not drops:
             return won
         outcome = self._claim_with_retry({key: name for key, (_, name) in drops.items()})
-        if outcome is None:  # stopping
+        if outcome is None:  # stopping: the feeder releases what it returns
             self.queue.release(item.path for item, _ in drops.values())
-            return []
+            return won
         for key, (item, _) in drops.items():
             granted = outcome.granted.get(key)
             if granted is not None:
@@ -849,6 +880,11 @@ class Pipeline:
     def _requeue_due(self) -> None:
         now = time.monotonic()
         for path, retry in list(self._retries.items()):
+            if retry.due == float("inf") and not self.queue.known(path):
+                # Re-queued, then given back by the feeder without reaching a batch (gone, or recorded
+                # by another worker): the retry is over.
+                del self._retries[path]
+                continue
             if retry.due > now:
                 continue
             if self.queue.put(path):
