@@ -92,12 +92,17 @@ def distinct_jpegs(folder: Path, count: int, size: tuple[int, int] = (160, 120),
     pixels[..., 0] = 230
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=85)
-    base = buffer.getvalue()
+    return write_with_trailers(folder, buffer.getvalue(), count, f"{prefix}{{:04}}.jpg")
+
+
+def write_with_trailers(folder: Path, jpeg: bytes, count: int, name: str) -> list[Path]:
+    """`count` copies of `jpeg`, each with its own trailer after the end-of-image marker (decoders ignore
+    it): distinct sha256s, a real decode each. `name` is a format string taking the index."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
-        path = folder / f"{prefix}{i:04}.jpg"
-        path.write_bytes(base + f"trailer {i}".encode())
+        path = folder / name.format(i)
+        path.write_bytes(jpeg + f"trailer {i}".encode())
         paths.append(path)
     return paths
 

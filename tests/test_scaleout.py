@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from conftest import distinct_jpegs, make_model
+from conftest import distinct_jpegs, make_model, write_with_trailers
 from pgserver import postgres_server
 from PIL import Image
 
@@ -314,14 +314,7 @@ def listing_photos(folder: Path, count: int, size: tuple[int, int] = (400, 533))
     pixels = np.clip(base + rng.integers(-12, 12, base.shape), 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-    data = buffer.getvalue()
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        path = folder / f"photo-{i:05}.jpg"
-        path.write_bytes(data + f"trailer {i}".encode())
-        paths.append(path)
-    return paths
+    return write_with_trailers(folder, buffer.getvalue(), count, "photo-{:05}.jpg")
 
 
 RUNS = (("sqlite", 1), ("shared", 1), ("shared", 2), ("shared", 3), ("separate", 3))
