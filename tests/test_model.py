@@ -27,7 +27,7 @@ def test_contract_model_loads_and_predicts(tiny_model):
     assert [p.category for p in predictions] == LABELS
     assert predictions[0].top3[0] == ("red", predictions[0].confidence)
     assert [label for label, _ in predictions[0].top3] == ["red", "green", "blue"]
-    model.warm_up(batch=2)
+    model.warm_up(max_batch=2)
 
 
 def test_missing_model_file(tmp_path):

@@ -1,16 +1,21 @@
 """`fashion-worker bench`: speed figures for this machine, measured on the real worker.
 
 1. Model throughput: onnxruntime on pre-decoded batches, per batch size and thread count.
-2. Decode-and-resize throughput of one core, for listing photos and for 12-megapixel phone photos.
+2. Decode-and-resize throughput of one core, for listing photos and for 12-megapixel phone photos, and of
+   all the decode threads together (how far decoding scales with cores).
 3. End to end: the real worker (`python -m worker run`, a subprocess) on a temp inbox; a burst of N
    distinct images is renamed in and timed until the last row is committed; single drops give the latency
    from the file's close to its committed row (p50/p95); a burst of 12 MP photos gives their cost per
    image; the worker's peak RSS and its CPU use while idle are read from /proc.
-4. Optional: the int8 model's throughput against fp32, and the naive approach (a per-image Python loop
-   with PyTorch eager) for comparison.
+4. The reduced-precision model against fp32 (int8 on the CPU, fp16 on a GPU); optionally the naive
+   approach (a per-image Python loop with PyTorch eager) for comparison, and the pipeline's ceiling: the
+   same end-to-end burst with a model that does no work (needs the `onnx` package), which shows what
+   decoding and per-file bookkeeping alone allow.
+5. Where the bottleneck sits: the slowest of decoding (all decode threads), inference and the rest.
 
-Where more images are needed than the folder holds, distinct content is made by changing one pixel and
-re-encoding, so the worker's duplicate detection does not short-cut the work.
+Where more images are needed than the folder holds, distinct files are made by appending a trailer after
+the JPEG's end (decoders ignore it): new bytes, so the worker's duplicate detection does not short-cut the
+work, and a full decode each. 12-megapixel photos are re-encoded with one pixel changed.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +40,14 @@ import numpy as np
 from PIL import Image
 
 from worker.exceptions import ConfigError
-from worker.model import DEFAULT_MODEL, DEFAULT_MODEL_FP32, Model, model_file
+from worker.model import (
+    DEFAULT_MODEL,
+    DEFAULT_MODEL_FP32,
+    DEFAULT_MODEL_GPU,
+    Model,
+    choose_providers,
+    model_file,
+)
 from worker.preprocess import load_pixels
 
 log = logging.getLogger(__name__)
@@ -50,56 +63,78 @@ class BenchOptions:
     drops: int = 20  # single drops timed for latency
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32])
     threads: list[int] = field(default_factory=lambda: [1, os.cpu_count() or 1])
-    model: Path | None = None  # fp32 model; None = the shipped default
+    model: Path | None = None  # None = the shipped default for the providers
     int8_model: Path | None = None  # compared with fp32 when given (or shipped beside the default)
+    providers: list[str] = field(default_factory=lambda: ["auto"])  # onnxruntime execution providers
     max_batch: int = 16
     max_wait_ms: int = 20
     decode_threads: int = 2
+    max_queue: int = 1024
+    decode_on: str = "cpu"  # the worker's batch.decode_on: cpu | gpu (nvJPEG)
+    spin_wait: bool = False  # the worker's model.spin_wait
     idle_seconds: float = 10.0
     naive: bool = False  # also time a per-image PyTorch eager loop (needs the train extra)
+    ceiling: bool = False  # also run the burst with a model that does no work (needs onnx)
     workdir: Path | None = None  # where the temp inbox goes; None = a temp folder
     progress: Callable[[str], None] = lambda message: None
 
 
 def run(options: BenchOptions) -> dict:
     files = image_files(options.images)
-    model_path = model_file(options.model)
-    model = Model(model_path)
+    providers = choose_providers(options.providers)
+    model_path = model_file(options.model, providers)
+    model = Model(model_path, providers=providers)
+    gpu = model.device != "cpu"
+    if gpu:
+        options.threads = [max(options.threads)]  # onnxruntime's CPU threads play no part on a GPU
     size = model.input_size
     say = options.progress
     report: dict = {"machine": machine(), "model": {"path": str(model_path), "name": model.info.name,
-                                                   "version": model.info.version, "input_size": list(size)}}
+                                                   "version": model.info.version, "input_size": list(size),
+                                                   "providers": model.providers}}
 
     say("model throughput (pre-decoded batches)")
     batch = np.stack([load_pixels(f.read_bytes(), size, max_pixels=MAX_PIXELS) for f in files[:32]])
-    report["model_throughput"] = model_throughput(model_path, batch, options.batch_sizes, options.threads)
+    report["model_throughput"] = model_throughput(model_path, batch, options.batch_sizes, options.threads,
+                                                  providers)
     single = [r for r in report["model_throughput"] if r["batch"] == 1 and r["threads"] == max(options.threads)]
     report["single_image_inference_ms"] = round(1000 / single[0]["images_per_s"], 2) if single else None
 
-    say("decode and resize throughput (one core)")
+    say("decode and resize throughput (one core, then all decode threads)")
     large_bytes = [make_large(f) for f in files[:4]]
+    listing = [f.read_bytes() for f in files[:64]]
     report["decode"] = {
-        "listing_images_per_s": decode_rate([f.read_bytes() for f in files[:50]], size),
+        "listing_images_per_s": decode_rate(listing, size),
         "large_12mp_images_per_s": decode_rate(large_bytes, size),
+        "threads": options.decode_threads,
+        "listing_images_per_s_all_threads": decode_rate(listing, size, options.decode_threads),
     }
+    if options.decode_on == "gpu":
+        say("decode and resize throughput on the GPU (nvJPEG, batches of max_batch)")
+        report["decode"]["gpu_listing_images_per_s"] = gpu_decode_rate(listing, size, options.max_batch)
 
-    fp32_path, int8_path = precision_pair(options)
-    if int8_path is not None and int8_path.exists() and fp32_path.exists():
-        say("int8 against fp32")
-        best = max(options.batch_sizes)
+    pair = precision_pair(options, gpu)
+    if pair is not None:
+        reference, reduced, name = pair
+        say(f"{name} against fp32")
+        best = max(b for b in options.batch_sizes if b <= max(options.max_batch, min(options.batch_sizes)))
         threads = max(options.threads)
-        fp32 = model_throughput(fp32_path, batch, [best], [threads])[0]["images_per_s"]
-        int8 = model_throughput(int8_path, batch, [best], [threads])[0]["images_per_s"]
-        report["int8"] = {"model": str(int8_path), "fp32_images_per_s": fp32, "int8_images_per_s": int8,
-                          "speedup": round(int8 / fp32, 2)}
+        fp32 = model_throughput(reference, batch, [best], [threads], providers)[0]["images_per_s"]
+        fast = model_throughput(reduced, batch, [best], [threads], providers)[0]["images_per_s"]
+        report[name] = {"model": str(reduced), "batch": best, "fp32_images_per_s": fp32,
+                        f"{name}_images_per_s": fast, "speedup": round(fast / fp32, 2)}
 
     with tempfile.TemporaryDirectory(dir=options.workdir, prefix="fashion-bench-") as tmp:
         report["end_to_end"] = end_to_end(Path(tmp), files, model_path, options)
+    if options.ceiling:
+        with tempfile.TemporaryDirectory(dir=options.workdir, prefix="fashion-bench-") as tmp:
+            report["ceiling"] = ceiling(Path(tmp), files, model, options)
 
     if options.naive:
         say("naive baseline: per-image PyTorch eager loop")
         report["naive"] = naive_baseline(files[:24], model)
 
+    report["bottleneck"] = bottleneck(report, options)
     report["targets"] = targets(report, options)
     return report
 
@@ -113,12 +148,23 @@ def image_files(folder: Path) -> list[Path]:
     return files
 
 
-def precision_pair(options: BenchOptions) -> tuple[Path, Path | None]:
-    """(fp32, int8) models to compare: the shipped pair, or the given model and its .int8.onnx sibling."""
+def precision_pair(options: BenchOptions, gpu: bool) -> tuple[Path, Path, str] | None:
+    """(fp32, reduced, "int8" | "fp16") to compare: int8 on the CPU, fp16 on a GPU; the shipped pair, or
+    the given model and its sibling (`--int8-model` names the CPU one)."""
+    name = "fp16" if gpu else "int8"
     if options.model is None:
-        return DEFAULT_MODEL_FP32, options.int8_model or DEFAULT_MODEL
-    sibling = options.model.with_suffix(".int8.onnx")
-    return options.model, options.int8_model or (sibling if sibling.exists() else None)
+        reduced = DEFAULT_MODEL_GPU if gpu else options.int8_model or DEFAULT_MODEL
+        reference = DEFAULT_MODEL_FP32
+    else:
+        reference = options.model
+        if reference.name.endswith((".int8.onnx", ".fp16.onnx")):
+            reference = reference.with_name(reference.name.rsplit(".", 2)[0] + ".onnx")
+        reduced = reference.with_suffix(f".{name}.onnx")
+        if not gpu and options.int8_model is not None:
+            reduced = options.int8_model
+    if reference == reduced or not reference.exists() or not reduced.exists():
+        return None
+    return reference, reduced, name
 
 
 def machine() -> dict:
@@ -130,15 +176,30 @@ def machine() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": ort.__version__,
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu_name(), "onnxruntime": ort.__version__,
             "providers": ort.get_available_providers(), "python": sys.version.split()[0]}
 
 
-def model_throughput(path: Path, decoded: np.ndarray, batch_sizes: list[int], threads: list[int]) -> list[dict]:
-    """Images/s of onnxruntime alone, per (threads, batch size), each timed for about a second."""
+def gpu_name() -> str | None:
+    """The NVIDIA GPU's name from nvidia-smi, or None."""
+    try:
+        found = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    names = found.stdout.strip().splitlines()
+    return names[0].strip() if found.returncode == 0 and names else None
+
+
+def model_throughput(path: Path, decoded: np.ndarray, batch_sizes: list[int], threads: list[int],
+                     providers: list[str] | None = None) -> list[dict]:
+    """Images/s of onnxruntime alone, per (threads, batch size), each timed for about a second.
+
+    On a GPU this includes copying the batch to the device and the probabilities back, as the worker does.
+    """
     rows = []
     for count in threads:
-        model = Model(path, intra_op_threads=count)
+        model = Model(path, intra_op_threads=count, providers=providers)
         for size in batch_sizes:
             batch = np.resize(decoded, (size, *decoded.shape[1:]))
             model.probabilities(batch)
@@ -151,13 +212,39 @@ def model_throughput(path: Path, decoded: np.ndarray, batch_sizes: list[int], th
     return rows
 
 
-def decode_rate(blobs: list[bytes], size: tuple[int, int]) -> float:
-    """Images/s of the worker's decode + resize on one thread."""
+def decode_rate(blobs: list[bytes], size: tuple[int, int], threads: int = 1) -> float:
+    """Images/s of the worker's decode + resize on `threads` threads (as the worker's decode pool runs it)."""
     load_pixels(blobs[0], size, max_pixels=MAX_PIXELS)
+
+    def work(start: int) -> int:
+        count, started = 0, time.perf_counter()
+        while count < len(blobs) or time.perf_counter() - started < 1.0:
+            load_pixels(blobs[(start + count) % len(blobs)], size, max_pixels=MAX_PIXELS)
+            count += 1
+        return count
+
+    started = time.perf_counter()
+    if threads <= 1:
+        done = work(0)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            done = sum(pool.map(work, range(threads)))
+    return round(done / (time.perf_counter() - started), 1)
+
+
+def gpu_decode_rate(blobs: list[bytes], size: tuple[int, int], batch: int) -> float:
+    """Images/s of worker.gpudecode on batches of `batch` listing photos (decode, resize, synchronise)."""
+    from worker.gpudecode import GpuDecoder
+
+    decoder = GpuDecoder(size)
+    chunk = [blobs[i % len(blobs)] for i in range(batch)]
+    decoder.decode(chunk)
+    decoder.synchronize()
     count, started = 0, time.perf_counter()
-    while count < len(blobs) or time.perf_counter() - started < 1.0:
-        load_pixels(blobs[count % len(blobs)], size, max_pixels=MAX_PIXELS)
-        count += 1
+    while count < 3 * batch or time.perf_counter() - started < 1.0:
+        decoder.decode(chunk)
+        decoder.synchronize()
+        count += batch
     return round(count / (time.perf_counter() - started), 1)
 
 
@@ -177,14 +264,22 @@ def make_large(path: Path) -> bytes:
     return distinct(path.read_bytes(), 0, large=True)
 
 
+def with_trailer(data: bytes, tag: str) -> bytes:
+    """`data` with a trailer after the image's end: new bytes (a new sha256), the same decoding work."""
+    return data + f"fashion-bench {tag}".encode()
+
+
 def generate(files: list[Path], count: int, folder: Path, prefix: str, large: bool = False) -> list[Path]:
+    """`count` files with distinct bytes made from `files` (12 MP photos from the first four when `large`)."""
     folder.mkdir(parents=True, exist_ok=True)
+    sources = [(f.suffix.lower(), f.read_bytes()) for f in files[: min(count, 4 if large else count)]]
+    if large:
+        sources = [(".jpg", distinct(data, 0, large=True)) for _, data in sources]
     out = []
     for i in range(count):
-        source = files[i % len(files)]
-        data = distinct(source.read_bytes(), i + 1, large=large) if large or i >= len(files) else source.read_bytes()
-        path = folder / f"{prefix}{i:05d}.jpg"
-        path.write_bytes(data)
+        suffix, data = sources[i % len(sources)]
+        path = folder / f"{prefix}{i:05d}{suffix}"
+        path.write_bytes(with_trailer(data, f"{prefix}{i}"))
         out.append(path)
     return out
 
@@ -200,9 +295,11 @@ class WorkerProcess:
         config = root / "config.toml"
         config.write_text(
             f'[inbox]\npath = "inbox"\n\n'
-            f'[model]\npath = "{model}"\n\n'
+            f'[model]\npath = "{model}"\nproviders = {json.dumps(options.providers)}\n'
+            f"spin_wait = {str(options.spin_wait).lower()}\n\n"
             f"[batch]\nmax_batch = {options.max_batch}\nmax_wait_ms = {options.max_wait_ms}\n"
-            f"decode_threads = {options.decode_threads}\n\n"
+            f"decode_threads = {options.decode_threads}\nmax_queue = {options.max_queue}\n"
+            f'decode_on = "{options.decode_on}"\n\n'
             f'[database]\nurl = "sqlite:///data/results.db"\n\n[service]\nlog_level = "WARNING"\n'
         )
         self.log = open(root / "worker.log", "w")  # noqa: SIM115 (closed in stop())
@@ -279,7 +376,7 @@ def end_to_end(root: Path, files: list[Path], model: Path, options: BenchOptions
         latencies = []
         for i in range(options.drops):
             name = f"drop-{i:03d}.jpg"
-            data = files[i % len(files)].read_bytes() if i < len(files) else distinct(files[0].read_bytes(), 10**6 + i)
+            data = with_trailer(files[i % len(files)].read_bytes(), name)
             with open(worker.inbox / name, "wb") as handle:
                 handle.write(data)
             closed = time.time()
@@ -314,6 +411,73 @@ def end_to_end(root: Path, files: list[Path], model: Path, options: BenchOptions
         results_code = worker.stop()
     results["worker_exit_code"] = results_code
     return results
+
+
+def ceiling(root: Path, files: list[Path], model: Model, options: BenchOptions) -> dict:
+    """The end-to-end burst again with a model that does no work: what decoding and bookkeeping allow."""
+    try:
+        noop = noop_model(root / "noop.onnx", model)
+    except ImportError:
+        return {"skipped": "needs the onnx package (the test or train extra)"}
+    options.progress(f"ceiling: the burst of {options.burst} with a model that does no work")
+    staging = root / "staging"
+    burst = generate(files, options.burst, staging / "burst", "ceiling-")
+    warm = generate(files, 1, staging / "warm", "ceiling-warm-")
+    cheap = BenchOptions(**{**options.__dict__, "model": noop})
+    worker = WorkerProcess(root, noop, cheap)
+    try:
+        os.rename(warm[0], worker.inbox / warm[0].name)
+        worker.wait_rows(1, timeout=120)
+        started = time.time()
+        for path in burst:
+            os.rename(path, worker.inbox / path.name)
+        worker.wait_rows(1 + len(burst), timeout=60 + 2 * len(burst))
+        seconds = max(worker.processed_at([p.name for p in burst]).values()) - started
+    finally:
+        worker.stop()
+    return {"images": len(burst), "seconds": round(seconds, 2), "images_per_s": round(len(burst) / seconds, 1)}
+
+
+def noop_model(path: Path, like: Model) -> Path:
+    """A contract-honouring model of `like`'s input size and labels that only averages the pixels."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    height, width = like.input_size
+    labels = like.info.labels
+    nodes = [
+        helper.make_node("Cast", ["images"], ["pixels"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["pixels", "axes"], ["mean"], keepdims=0),
+        helper.make_node("MatMul", ["mean", "weight"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    weight = np.full((3, len(labels)), 0.01, dtype=np.float32)
+    graph = helper.make_graph(
+        nodes, "noop", [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", height, width, 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(labels)])],
+        initializer=[helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2]),
+                     helper.make_tensor("weight", TensorProto.FLOAT, weight.shape, weight.flatten().tolist())],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 9
+    meta = {key: like.info.metadata[key] for key in ("labels", "input_size", "resize")}
+    helper.set_model_props(proto, {**meta, "name": "noop", "version": "0"})
+    onnx.save(proto, path)
+    return path
+
+
+def bottleneck(report: dict, options: BenchOptions) -> dict:
+    """Which stage limits the end-to-end burst: decoding, inference or per-file bookkeeping."""
+    model = [r["images_per_s"] for r in report["model_throughput"] if r["batch"] <= options.max_batch]
+    decode = report["decode"]
+    stages = {"decode": decode.get("gpu_listing_images_per_s", decode["listing_images_per_s_all_threads"]),
+              "inference": max(model) if model else None}
+    if "images_per_s" in report.get("ceiling", {}):
+        stages["decode_and_bookkeeping"] = report["ceiling"]["images_per_s"]
+    known = {k: v for k, v in stages.items() if v}
+    slowest = min(known, key=known.get)
+    return {"stages_images_per_s": stages, "end_to_end_images_per_s": report["end_to_end"]["burst"]["images_per_s"],
+            "slowest": slowest}
 
 
 def failed_rows(db: Path) -> int:
@@ -366,6 +530,9 @@ def targets(report: dict, options: BenchOptions) -> dict:
     if "int8" in report:
         speedup = report["int8"]["speedup"]
         out["int8_speedup"] = {"ratio": speedup, "target": ">= 1.6", "met": speedup >= 1.6}
+    if report["model"]["providers"][0] != "CPUExecutionProvider":
+        rate = e2e["burst"]["images_per_s"]
+        out["gpu_end_to_end"] = {"images_per_s": rate, "target": ">= 3000", "met": rate >= 3000}
     out["idle_cpu"] = {"percent": e2e["idle_cpu_percent"], "target": "< 1", "met": e2e["idle_cpu_percent"] < 1}
     ratio = e2e["large_burst"]["ms_per_image"] / e2e["burst"]["ms_per_image"]
     out["large_vs_listing"] = {"ratio": round(ratio, 2), "target": "<= 3", "met": ratio <= 3}
@@ -374,10 +541,12 @@ def targets(report: dict, options: BenchOptions) -> dict:
 
 def format_report(report: dict) -> str:
     """Human-readable lines for the terminal."""
-    lines = [f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
-             f"onnxruntime {report['machine']['onnxruntime']}",
+    gpu = report["machine"].get("gpu")
+    lines = [f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores"
+             + (f", {gpu}" if gpu else "") + f", onnxruntime {report['machine']['onnxruntime']}",
              f"model: {report['model']['name']} {report['model']['version']} "
-             f"{report['model']['input_size'][0]}x{report['model']['input_size'][1]}", "",
+             f"{report['model']['input_size'][0]}x{report['model']['input_size'][1]} "
+             f"on {report['model']['providers'][0]}", "",
              "model throughput (images/s, pre-decoded):"]
     threads = sorted({r["threads"] for r in report["model_throughput"]})
     sizes = sorted({r["batch"] for r in report["model_throughput"]})
@@ -387,17 +556,28 @@ def format_report(report: dict) -> str:
         lines.append(f"  {t:>7} " + "".join(f"{cells[s]:>11.1f}" for s in sizes))
     decode = report["decode"]
     lines += ["", f"decode+resize, one core: {decode['listing_images_per_s']:.1f} listing photos/s, "
-                  f"{decode['large_12mp_images_per_s']:.1f} 12 MP photos/s"]
-    if "int8" in report:
-        i8 = report["int8"]
-        lines.append(f"int8: {i8['int8_images_per_s']:.1f} images/s vs fp32 {i8['fp32_images_per_s']:.1f} "
-                     f"({i8['speedup']}x)")
+                  f"{decode['large_12mp_images_per_s']:.1f} 12 MP photos/s; {decode['threads']} threads: "
+                  f"{decode['listing_images_per_s_all_threads']:.1f} listing photos/s"]
+    if "gpu_listing_images_per_s" in decode:
+        lines.append(f"decode+resize on the GPU (nvJPEG): {decode['gpu_listing_images_per_s']:.1f} listing photos/s")
+    for name in ("int8", "fp16"):
+        if name in report:
+            low = report[name]
+            lines.append(f"{name}: {low[name + '_images_per_s']:.1f} images/s vs fp32 {low['fp32_images_per_s']:.1f} "
+                         f"({low['speedup']}x, batch {low['batch']})")
     e2e = report["end_to_end"]
     lines += ["", "end to end (real worker, inbox -> committed row):",
               f"  burst of {e2e['burst']['images']}: {e2e['burst']['images_per_s']:.1f} images/s",
               f"  12 MP burst of {e2e['large_burst']['images']}: {e2e['large_burst']['images_per_s']:.1f} images/s",
               f"  single-drop latency: p50 {e2e['latency_ms']['p50']:.1f} ms, p95 {e2e['latency_ms']['p95']:.1f} ms",
               f"  idle CPU: {e2e['idle_cpu_percent']:.2f} %   peak RSS: {e2e['peak_rss_mb']:.0f} MB"]
+    if "ceiling" in report:
+        top = report["ceiling"]
+        lines.append("  ceiling (same burst, a model doing no work): "
+                     + (f"{top['images_per_s']:.1f} images/s" if "images_per_s" in top else top["skipped"]))
+    slow = report["bottleneck"]
+    lines.append("  stages (images/s): " + ", ".join(f"{k} {v:.0f}" for k, v in slow["stages_images_per_s"].items()
+                                                     if v) + f"; slowest: {slow['slowest']}")
     if "naive" in report:
         naive = report["naive"]
         lines.append(f"naive per-image PyTorch eager loop: {naive.get('images_per_s', naive.get('skipped'))}"

@@ -182,9 +182,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     options = BenchOptions(
         images=Path(args.images), burst=args.burst, large=args.large, drops=args.drops,
         batch_sizes=args.batch_sizes, threads=args.threads or [1, os.cpu_count() or 1], model=cfg.model_path,
-        int8_model=Path(args.int8_model) if args.int8_model else None, max_batch=cfg.batch.max_batch,
-        max_wait_ms=cfg.batch.max_wait_ms, decode_threads=cfg.batch.decode_threads,
-        idle_seconds=args.idle_seconds, naive=args.naive,
+        int8_model=Path(args.int8_model) if args.int8_model else None, providers=cfg.model.providers,
+        max_batch=args.max_batch or cfg.batch.max_batch, max_wait_ms=cfg.batch.max_wait_ms,
+        decode_threads=args.decode_threads or cfg.batch.decode_threads, max_queue=cfg.batch.max_queue,
+        decode_on=cfg.batch.decode_on, spin_wait=cfg.model.spin_wait,
+        idle_seconds=args.idle_seconds, naive=args.naive, ceiling=args.ceiling,
         progress=lambda message: print(f"bench: {message}", file=sys.stderr, flush=True),
     )
     report = run(options)
@@ -336,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long idle CPU is measured (default: %(default)s)")
     bench.add_argument("--naive", action="store_true",
                        help="also time a per-image PyTorch eager loop (needs the train extra)")
+    bench.add_argument("--max-batch", type=int, default=None, metavar="N",
+                       help="the worker's batch.max_batch (default: from the config)")
+    bench.add_argument("--decode-threads", type=int, default=None, metavar="N",
+                       help="the worker's batch.decode_threads (default: from the config)")
+    bench.add_argument("--ceiling", action="store_true",
+                       help="also run the burst with a model doing no work: what decoding and bookkeeping allow")
     bench.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
 
     inst = sub["install-service"]

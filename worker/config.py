@@ -16,6 +16,7 @@ from typing import Any
 from worker.exceptions import ConfigError
 
 ON_SUCCESS = ("move", "leave", "delete")
+DECODE_ON = ("cpu", "gpu")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -57,6 +58,7 @@ class BatchConfig:
     max_wait_ms: int = 20  # a batch is run when its oldest image has waited this long
     max_queue: int = 1024  # ready files held in memory; beyond, the next rescan picks them up
     decode_threads: int = 2  # threads decoding and resizing images in parallel with inference
+    decode_on: str = "cpu"  # cpu | gpu: JPEGs decoded and resized by nvJPEG on the model's GPU (gpu extra)
 
 
 @dataclass
@@ -181,6 +183,8 @@ def validate(config: Config) -> None:
          f"batch.max_queue ({config.batch.max_queue}) must be >= batch.max_batch ({config.batch.max_batch})"),
         (config.batch.decode_threads >= 1,
          f"batch.decode_threads must be at least 1, got {config.batch.decode_threads}"),
+        (config.batch.decode_on in DECODE_ON,
+         f"batch.decode_on must be one of {', '.join(DECODE_ON)}, got {config.batch.decode_on!r}"),
         (config.files.max_pixels > 0, f"files.max_pixels must be positive, got {config.files.max_pixels}"),
         (config.files.max_file_bytes > 0,
          f"files.max_file_bytes must be positive, got {config.files.max_file_bytes}"),

@@ -139,7 +139,10 @@ class Worker:
             self.claims.start()
         recover_locations(self.store, config, self.host)  # rows a crashed worker left naming the inbox
         self.model = make_model(config)
-        self.model.warm_up()
+        if config.batch.decode_on == "gpu" and self.model.device != "cuda":
+            raise ConfigError(f'batch.decode_on = "gpu" needs the model on CUDA; it runs on '
+                              f'{", ".join(self.model.providers)} (install onnxruntime-gpu, or use "cpu")')
+        self.model.warm_up(config.batch.max_batch)
         info = self.model.info
         self.metrics.set_model(info.model_id, info.name, info.version)
         if config.service.metrics_port:

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from worker.config import Config
-from worker.files import relative_name
+from worker.files import real_inbox, relative_name
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def _ancestor_mtimes(inbox: Path, rel: str) -> list[tuple[Path, float]]:
     """The folders between the file `rel` and the inbox (innermost first), with their mtimes before the move."""
     result = []
     parts = rel.split("/")[:-1]
-    root = Path(os.path.realpath(inbox))
+    root = Path(real_inbox(inbox))
     while parts:
         folder = root.joinpath(*parts)
         try:

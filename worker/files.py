@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import functools
 import hashlib
 import os
 import stat
@@ -41,12 +42,24 @@ def relative_name(inbox: Path, path: Path) -> str:
     itself was configured through a symlink, a path under its resolved location is accepted too.
     """
     target = os.path.abspath(path)
-    for base in (os.path.abspath(inbox), os.path.realpath(inbox)):
-        rel = os.path.relpath(target, base)
-        parts = PurePosixPath(Path(rel).as_posix()).parts
-        if rel != "." and parts and parts[0] != "..":
-            return "/".join(parts)
+    for base in inbox_bases(os.path.abspath(inbox)):
+        if target.startswith(base) and len(target) > len(base):
+            return target[len(base):]
     raise FileSkipped(f"{path!s} is not inside the inbox {inbox!s}")
+
+
+@functools.lru_cache(maxsize=64)
+def inbox_bases(inbox: str) -> tuple[str, str]:
+    """The absolute path `inbox` and its resolved form, each with a trailing "/" (cached: this runs per
+    file, and resolving symlinks is a system call per path component; the worker fixes its inbox at
+    start-up)."""
+    return tuple(base if base.endswith("/") else base + "/"  # type: ignore[return-value]
+                 for base in (inbox, os.path.realpath(inbox)))
+
+
+def real_inbox(inbox: Path | str) -> str:
+    """The inbox's resolved path (cached, see inbox_bases)."""
+    return inbox_bases(os.path.abspath(inbox))[1].rstrip("/") or "/"
 
 
 def describe_entry(mode: int) -> str:
@@ -77,7 +90,7 @@ def read_image_file(inbox: Path, path: Path, max_bytes: int) -> tuple[bytes, os.
     rel = relative_name(inbox, path)
     parts = rel.split("/")
     try:
-        dir_fd = os.open(os.path.realpath(inbox), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dir_fd = os.open(real_inbox(inbox), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         raise FileSkipped(f"cannot open the inbox {inbox!s}: {exc.strerror}") from None
     try:

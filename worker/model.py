@@ -9,11 +9,13 @@ The contract (written by `fashion-export`, relied on here):
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -103,11 +105,42 @@ def read_contract(session: ort.InferenceSession, path: Path, model_id: str) -> M
     return ModelInfo(path, model_id, meta["name"], meta["version"], labels, (height, width), meta["resize"], meta)
 
 
+def tensorrt_loadable() -> bool:
+    """onnxruntime-gpu lists TensorRT as available whether or not TensorRT itself is installed; it is only
+    usable when its library loads (otherwise onnxruntime prints an error and retries without it)."""
+    for name in ("libnvinfer.so.10", "libnvinfer.so.11", "libnvinfer.so"):
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return True
+    return False
+
+
+def preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the nvidia-* pip packages (or torch) when they are not on the library path.
+
+    onnxruntime-gpu does not find pip-installed CUDA by itself; `onnxruntime.preload_dlls()` (1.21+) does.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # a missing library shows up again, clearly, when the CUDA session starts
+        log.debug("onnxruntime.preload_dlls failed: %s", exc)
+
+
 def choose_providers(requested: list[str]) -> list[str]:
-    """Resolve ["auto"] to the best available providers; check explicit ones exist."""
+    """Resolve ["auto"] to the best usable providers; check explicit ones exist."""
     available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available:
+        preload_cuda_libraries()
     if requested in ([], ["auto"]):
-        return [p for p in AUTO_PROVIDERS if p in available] or ["CPUExecutionProvider"]
+        usable = [p for p in AUTO_PROVIDERS if p in available]
+        if "TensorrtExecutionProvider" in usable and not tensorrt_loadable():
+            usable.remove("TensorrtExecutionProvider")
+        return usable or ["CPUExecutionProvider"]
     unknown = [p for p in requested if p not in available]
     if unknown:
         raise ModelError(f"execution provider(s) {', '.join(unknown)} not available; available: {', '.join(available)}")
@@ -128,6 +161,7 @@ class Model:
         optimized_cache: Path | None = None,
     ) -> None:
         chosen = choose_providers(providers or ["auto"])
+        default = path is None
         path = model_file(path, chosen)
         try:
             data = path.read_bytes()
@@ -151,8 +185,20 @@ class Model:
         except Exception as exc:  # onnxruntime raises its own classes for every kind of bad file
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ModelError(f"model file {path} cannot be loaded: {first}") from None
-        self.info = read_contract(self.session, path, model_id)
         self.providers = self.session.get_providers()
+        if default and path == DEFAULT_MODEL_GPU and not any(p in GPU_PROVIDERS for p in self.providers):
+            # onnxruntime-gpu without a usable GPU (no device, no CUDA libraries) starts on the CPU: the
+            # int8 model is twice as fast there as the fp16 one.
+            log.warning("no GPU provider could start (have %s); using the CPU model", ", ".join(self.providers))
+            path, data = DEFAULT_MODEL, DEFAULT_MODEL.read_bytes()
+            model_id = hashlib.sha256(data).hexdigest()
+            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            self.providers = self.session.get_providers()
+        self.info = read_contract(self.session, path, model_id)
+        # On CUDA the batch goes through IO binding: the output buffer stays on the device between batches
+        # of one size and onnxruntime copies once each way, without allocating per run.
+        self.device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
+        self._outputs: dict[int, ort.OrtValue] = {}
         log.info("model %s %s (%s…) on %s, labels %s, input %sx%s", self.info.name, self.info.version,
                  model_id[:12], ",".join(self.providers), len(self.info.labels), *self.info.input_size)
 
@@ -160,12 +206,43 @@ class Model:
     def input_size(self) -> tuple[int, int]:
         return self.info.input_size
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N, H, W, 3] → float32 [N, num_classes]."""
-        (probs,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: images})
-        return probs
+    def probabilities(self, images: np.ndarray | Any) -> np.ndarray:
+        """uint8 [N, H, W, 3] → float32 [N, num_classes]. On CUDA `images` may also be a torch tensor on
+        the GPU (worker.gpudecode), which the model reads where it is."""
+        if self.device == "cpu":
+            if hasattr(images, "data_ptr"):  # a torch tensor from worker.gpudecode run on the CPU (tests)
+                images = images.cpu().numpy()
+            (probs,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: images})
+            return probs
+        # cuDNN picks its algorithms per input shape, slowly, the first time it meets one: batches are
+        # padded to a power of two so that a few shapes, all met in warm_up(), serve every batch size.
+        rows = len(images)
+        bucket = 1 << max(rows - 1, 0).bit_length()
+        if bucket != rows:
+            padded = images.new_zeros((bucket, *images.shape[1:])) if hasattr(images, "data_ptr") \
+                else np.zeros((bucket, *images.shape[1:]), dtype=np.uint8)
+            padded[:rows] = images
+            images = padded
+        binding = self.session.io_binding()
+        if hasattr(images, "data_ptr"):  # a torch tensor on the GPU (worker.gpudecode): read in place
+            images = images.contiguous()
+            binding.bind_input(INPUT_NAME, "cuda", images.device.index or 0, np.uint8, list(images.shape),
+                               images.data_ptr())
+        else:
+            binding.bind_cpu_input(INPUT_NAME, np.ascontiguousarray(images))
+        binding.bind_ortvalue_output(OUTPUT_NAME, self._output(bucket))
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()[:rows]
 
-    def predict(self, images: np.ndarray) -> list[Prediction]:
+    def _output(self, rows: int) -> ort.OrtValue:
+        """The device buffer the probabilities of a batch of `rows` images land in (kept per size)."""
+        value = self._outputs.get(rows)
+        if value is None:
+            value = ort.OrtValue.ortvalue_from_shape_and_type([rows, len(self.info.labels)], np.float32, "cuda", 0)
+            self._outputs[rows] = value
+        return value
+
+    def predict(self, images: np.ndarray | Any) -> list[Prediction]:
         return [self.prediction(row) for row in self.probabilities(images)]
 
     def prediction(self, probs: np.ndarray) -> Prediction:
@@ -173,7 +250,12 @@ class Model:
         top3 = [(self.info.labels[i], round(float(probs[i]), 6)) for i in order]
         return Prediction(top3[0][0], top3[0][1], top3)
 
-    def warm_up(self, batch: int = 1) -> None:
-        """Run a dummy batch so the first real image does not pay for lazy initialisation."""
+    def warm_up(self, max_batch: int = 1) -> None:
+        """Run dummy batches so the first real images do not pay for lazy initialisation (on a GPU: every
+        padded batch shape up to `max_batch`)."""
         height, width = self.input_size
-        self.probabilities(np.zeros((batch, height, width, 3), dtype=np.uint8))
+        sizes = [1]
+        while self.device != "cpu" and sizes[-1] < max_batch:
+            sizes.append(sizes[-1] * 2)
+        for size in sizes:
+            self.probabilities(np.zeros((size, height, width, 3), dtype=np.uint8))

@@ -53,7 +53,7 @@ from worker.disposition import dispose
 from worker.exceptions import FileSkipped, ImageRejected, StoreError
 from worker.files import read_image_file, relative_name, sha256_hex
 from worker.model import Model, Prediction
-from worker.preprocess import load_pixels
+from worker.preprocess import load_pixels, open_image
 from worker.store import ResultRecord, Store, StoredResult
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ RETRY_MAX_S = 30.0
 REQUEUE_AGAIN_S = 0.5
 #: After the last path dropped by a full queue, wait settle_s plus this before the rescan that finds it.
 RESCAN_MARGIN_S = 0.2
+JPEG_END = b"\xff\xd9"  # decode_on = "gpu": a JPEG without its end marker near the end is truncated
+TRAILER_LIMIT = 4096  # bytes after the end marker (cameras and editors append some) still eligible
 #: `location` of a row whose file was deleted (files.on_success = "delete"), or vanished before its move.
 DELETED = ""
 GONE = ""
@@ -255,6 +257,7 @@ class Prepared:
     sha256: str | None = None
     size_bytes: int | None = None
     pixels: np.ndarray | None = None
+    jpeg: bytes | None = None  # decode_on = "gpu": a plain JPEG left for the GPU to decode
     error: str | None = None  # set: the file becomes a failed row
     skipped: str | None = None  # set: logged once and left alone, no row
     gone: bool = False  # vanished before it was read (moved away, or already disposed of)
@@ -283,6 +286,7 @@ class Counters:
     failed: int = 0
     duplicates: int = 0  # rows copying an earlier result of the same content
     inferred: int = 0  # images run through the model
+    gpu_decoded: int = 0  # of those, decoded on the GPU (batch.decode_on = "gpu")
     recovered: int = 0  # drops committed before a crash and only moved now
     skipped: int = 0  # FIFOs, symlinks… (each logged once)
     commit_errors: int = 0
@@ -348,6 +352,12 @@ class Pipeline:
         self._max_batch = config.batch.max_batch
         self._max_wait_s = config.batch.max_wait_ms / 1000
         self._pool = ThreadPoolExecutor(config.batch.decode_threads, thread_name_prefix="decode")
+        self._gpu = None
+        self._gpu_batch: Any = None  # decode_on = "gpu": the batch's pixels on the device
+        if config.batch.decode_on == "gpu":
+            from worker.gpudecode import GpuDecoder
+
+            self._gpu = GpuDecoder(model.input_size, device="cuda" if model.device == "cuda" else "cpu")
         self._cond = threading.Condition(threading.RLock())  # guards the hand-off and the state below
         self._handoff: deque[tuple[list[QueuedFile], list[Future[Prepared]]]] = deque()
         self._stopping = False
@@ -641,8 +651,11 @@ class Pipeline:
             data, st = read_image_file(self.inbox, item.path, self.config.files.max_file_bytes)
             p.size_bytes = st.st_size
             p.sha256 = sha256_hex(data)
-            p.pixels = load_pixels(data, self.model.input_size, max_pixels=self.config.files.max_pixels,
-                                   policy=self.model.info.resize)
+            if self._gpu is not None and self._gpu_eligible(data):
+                p.jpeg = data
+            else:
+                p.pixels = load_pixels(data, self.model.input_size, max_pixels=self.config.files.max_pixels,
+                                       policy=self.model.info.resize)
         except FileSkipped as exc:
             if not os.path.lexists(item.path):  # disposed of already, or moved away by someone: no news
                 p.gone = True
@@ -665,6 +678,14 @@ class Pipeline:
             p.file = item.path.name
         p.decode_ms = (time.perf_counter() - start) * 1000
         return p
+
+    def _gpu_eligible(self, data: bytes) -> bool:
+        """A complete plain JPEG that nvJPEG decodes as the CPU path would (see worker.gpudecode)."""
+        from worker.gpudecode import gpu_eligible
+
+        if JPEG_END not in data[-TRAILER_LIMIT:]:  # truncated: the CPU path names the problem
+            return False
+        return gpu_eligible(open_image(data, max_pixels=self.config.files.max_pixels), self.model.input_size)
 
     # One batch -------------------------------------------------------------------------------------
     def process(self, batch: list[Prepared]) -> None:
@@ -727,22 +748,64 @@ class Pipeline:
         """Run the model once over the distinct contents of `todo`; return the inference seconds."""
         unique: dict[str, Prepared] = {}
         for p in todo:
-            if p.pixels is not None:
+            if p.pixels is not None or p.jpeg is not None:
                 unique.setdefault(p.sha256 or str(id(p)), p)
         if not unique:
             return 0.0
         start = time.perf_counter()
-        predictions = self.model.predict(np.stack([p.pixels for p in unique.values()]))
+        if self._gpu is None:
+            order = list(unique)
+            predictions = self.model.predict(np.stack([p.pixels for p in unique.values()]))
+        else:
+            order = self._decode_on_gpu(unique)
+            predictions = self.model.predict(self._gpu_batch) if order else []
+            self._gpu_batch = None
         inference_s = time.perf_counter() - start
-        by_hash = dict(zip(unique, predictions, strict=True))
+        by_hash = dict(zip(order, predictions, strict=True))
         for p in todo:
-            if p.pixels is not None:
-                p.prediction = by_hash[p.sha256 or str(id(p))]
-            p.pixels = None  # free the memory now
-        self.counters.inferred += len(unique)
+            key = p.sha256 or str(id(p))
+            if key in by_hash and p.error is None:
+                p.prediction = by_hash[key]
+            elif key in unique and unique[key].error is not None:  # the GPU refused it, the CPU too
+                p.error = unique[key].error
+            p.pixels = p.jpeg = None  # free the memory now
+        if not order:
+            return 0.0
+        self.counters.inferred += len(order)
         if self.metrics is not None:
-            self.metrics.observe_batch(len(unique), inference_s)
-        return inference_s / len(unique)
+            self.metrics.observe_batch(len(order), inference_s)
+        return inference_s / len(order)
+
+    def _decode_on_gpu(self, unique: dict[str, Prepared]) -> list[str]:
+        """Decode the batch's JPEGs on the GPU (the rest were decoded by the pool) into `_gpu_batch`, one
+        tensor on the device; return the keys of `unique` in its row order. When nvJPEG refuses the batch,
+        its files are decoded on the CPU here; those that fail there get their error (a failed row)."""
+        assert self._gpu is not None
+        jpegs = [key for key, p in unique.items() if p.jpeg is not None]
+        parts, order = [], []
+        if jpegs:
+            try:
+                parts.append(self._gpu.decode([unique[key].jpeg for key in jpegs]))
+                order += jpegs
+                self.counters.gpu_decoded += len(jpegs)
+            except RuntimeError as exc:
+                log.info("the GPU could not decode a batch of %d JPEGs (%s); decoding them on the CPU",
+                         len(jpegs), str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                for key in jpegs:
+                    p = unique[key]
+                    try:
+                        p.pixels = load_pixels(p.jpeg, self.model.input_size, max_pixels=self.config.files.max_pixels,
+                                               policy=self.model.info.resize)
+                    except ImageRejected as rejected:
+                        p.error = str(rejected)
+                    p.jpeg = None
+        decoded = [key for key, p in unique.items() if p.pixels is not None]
+        if decoded:
+            parts.append(self._gpu.upload(np.stack([unique[key].pixels for key in decoded])))
+            order += decoded
+        self._gpu_batch = self._gpu.concat(parts) if parts else None
+        self._gpu.synchronize()
+        return order
 
     def _record(self, p: Prepared, now: datetime, inference_s: float) -> ResultRecord:
         info = self.model.info
