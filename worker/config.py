@@ -48,7 +48,7 @@ class ModelConfig:
     providers: list[str] = field(default_factory=lambda: ["auto"])  # auto = TensorRT, CUDA, then CPU
     intra_op_threads: int = 0  # threads inside one operator; 0 = one per core
     inter_op_threads: int = 1  # operators run in parallel; 1 suits these sequential CNNs
-    spin_wait: bool = False  # onnxruntime threads spin between operators: faster alone, slower beside decoding
+    spin_wait: bool = False  # onnxruntime threads also spin between batches (within one they always do)
     optimized_cache: str = ""  # file to cache the graph-optimised model in; empty = no cache
 
 
