@@ -215,11 +215,21 @@ def test_doctor_all_ok(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
         f"OK    model: <site>/model.onnx (tiny-test-model 1, 3 labels, input 32x32, id {model_id}",
     ]
     assert lines[6].startswith("OK    providers: using CPUExecutionProvider (available: ")
-    assert lines[7] == "OK    database: <site>/data/results.db does not exist yet; the worker creates it"
-    assert re.fullmatch(r"OK    lock: free \(<site>/data/\.fashion-worker-[0-9a-f]{16}\.lock\)", lines[8])
+    assert lines[7] == "OK    decode: on the CPU, 2 thread(s)"
+    assert lines[8] == "OK    database: <site>/data/results.db does not exist yet; the worker creates it"
+    assert re.fullmatch(r"OK    lock: free \(<site>/data/\.fashion-worker-[0-9a-f]{16}\.lock\)", lines[9])
     assert re.fullmatch(r"OK    inotify: max_user_watches \d+, max_user_instances \d+; the inbox needs 1 "
-                        r"watch\(es\)", lines[9])
-    assert len(lines) == 10
+                        r"watch\(es\)", lines[10])
+    assert len(lines) == 11
+
+
+def test_doctor_fails_gpu_decoding_without_a_gpu_model(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (site / "config.toml").write_text((site / "config.toml").read_text() + '\n[batch]\ndecode_on = "gpu"\n')
+    code, out, _ = run_cli(capsys, "doctor")
+    assert code == 1
+    assert [line for line in out.splitlines() if line.startswith("FAIL")] == [
+        'FAIL  decode: batch.decode_on = "gpu" needs the model on CUDA; it runs on CPUExecutionProvider '
+        '(install onnxruntime-gpu, or use "cpu")']
 
 
 def test_doctor_fails_on_a_bad_model_and_unwritable_folder(site: Path, capsys: pytest.CaptureFixture[str]) -> None:

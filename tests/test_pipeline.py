@@ -131,6 +131,40 @@ def test_queue_take_returns_empty_on_wake_and_close() -> None:
     assert not queue.put(Path("/in/x"))
 
 
+def test_queue_shows_a_partial_batch_to_the_caller_before_waiting_for_its_window() -> None:
+    queue = ReadyQueue(max_queue=10)
+    queue.put(Path("/in/a"))
+    shown: list[list[str]] = []
+    batch = queue.take(max_batch=4, max_wait_s=0.05, waiting=lambda items: shown.append([q.path.name for q in items]))
+    assert [q.path.name for q in batch] == ["a"]
+    assert shown and shown[0] == ["a"]  # before the 50 ms window closed
+    queue.put(Path("/in/b"))
+    for name in "cdef":
+        queue.put(Path(f"/in/{name}"))
+    shown.clear()
+    assert len(queue.take(max_batch=4, max_wait_s=60, waiting=lambda items: shown.append(items))) == 4
+    assert shown == []  # a full batch is due at once: nothing to start early
+
+
+def test_a_lone_drop_is_read_and_decoded_while_its_batching_window_is_open(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, **{"batch.max_wait_ms": 3000})
+    harness = Harness(cfg)
+    try:
+        path = write_image(cfg.inbox_path / "lone.png", (20, 20, 230))
+        assert harness.pipeline.submit(path)
+        deadline = time.monotonic() + 2.5  # inside the 3 s window
+        early = harness.pipeline._early
+        while not any(item.path.name == "lone.png" and future.done() for item, future in list(early.items())):
+            assert time.monotonic() < deadline, "decoding did not start during the batching window"
+            time.sleep(0.01)
+        assert harness.pipeline.queue.depth == 1  # the batch itself has not been formed yet
+        assert harness.pipeline.process_next(10) == 1
+        assert harness.rows() == [("lone.png", "ok", "blue", None, str(cfg.processed_path / "lone.png"), None)]
+        assert early == {}
+    finally:
+        harness.close()
+
+
 # Processing ----------------------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_mixed_batch_good_bad_and_odd_files(harness: Harness, cfg: Config,

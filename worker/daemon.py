@@ -140,8 +140,7 @@ class Worker:
         recover_locations(self.store, config, self.host)  # rows a crashed worker left naming the inbox
         self.model = make_model(config)
         if config.batch.decode_on == "gpu" and self.model.device != "cuda":
-            raise ConfigError(f'batch.decode_on = "gpu" needs the model on CUDA; it runs on '
-                              f'{", ".join(self.model.providers)} (install onnxruntime-gpu, or use "cpu")')
+            raise ConfigError(gpu_decode_problem(self.model))
         self.model.warm_up(config.batch.max_batch)
         info = self.model.info
         self.metrics.set_model(info.model_id, info.name, info.version)
@@ -352,6 +351,26 @@ class Check:
         return f"{'OK' if self.ok else 'FAIL':<4}  {self.name}: {self.detail}"
 
 
+def gpu_decode_problem(model: Model) -> str:
+    return (f'batch.decode_on = "gpu" needs the model on CUDA; it runs on {", ".join(model.providers)} '
+            '(install onnxruntime-gpu, or use "cpu")')
+
+
+def _check_decode(config: Config, model: Model) -> Check:
+    threads = config.batch.decode_threads
+    if config.batch.decode_on == "cpu":
+        return Check("decode", True, f"on the CPU, {threads} thread(s)")
+    if model.device != "cuda":
+        return Check("decode", False, gpu_decode_problem(model))
+    try:
+        from worker.gpudecode import GpuDecoder
+
+        GpuDecoder(model.input_size)
+    except ConfigError as exc:
+        return Check("decode", False, str(exc))
+    return Check("decode", True, f"JPEGs on the GPU (nvJPEG), other formats on the CPU; {threads} thread(s) read")
+
+
 def run_checks(load_config: Callable[[], Config], config_source: str = "") -> Iterator[Check]:
     """Yield one Check per item: config, folders, model, providers, database, lock, inotify limits.
 
@@ -381,6 +400,7 @@ def run_checks(load_config: Callable[[], Config], config_source: str = "") -> It
                                    f"input {info.input_size[0]}x{info.input_size[1]}, id {info.model_id[:12]})")
         available = ", ".join(ort.get_available_providers())
         yield Check("providers", True, f"using {', '.join(model.providers)} (available: {available})")
+        yield _check_decode(config, model)
     yield _check_database(config)
     yield _check_lock(config)
     yield _check_inotify(config)

@@ -9,7 +9,12 @@
   paths, or when its oldest path has waited `max_wait_ms`; a single drop is answered quickly and a burst
   runs in full batches.
 - **Overlap**: the feeder thread forms batch k+1 and hands it to the decode pool (Pillow releases the GIL)
-  while the caller's thread runs batch k through onnxruntime (which releases it too).
+  while the caller's thread runs batch k through onnxruntime (which releases it too). While a partial
+  batch waits for its window to close, its files are already being read and decoded (not with claims),
+  so a lone drop waits `max_wait_ms` for company, not `max_wait_ms` plus its decoding.
+- **GPU decoding** (`batch.decode_on = "gpu"`, worker.gpudecode): the pool only reads, hashes and checks
+  headers; plain JPEGs are decoded by nvJPEG in the caller's thread, one call per batch, and the model
+  reads the pixels on the device.
 - **Bounded memory**: at most `max_queue` paths wait, plus three batches of decoded pixels (one in
   inference, one handed off, one decoding). A path that finds the queue full is dropped and the queue
   remembers it: once the backlog has drained, a rescan of the inbox picks the files up again. Nothing
@@ -136,11 +141,14 @@ class ReadyQueue:
             self._cond.notify_all()
             return True
 
-    def take(self, max_batch: int, max_wait_s: float) -> list[QueuedFile]:
+    def take(self, max_batch: int, max_wait_s: float,
+             waiting: Callable[[list[QueuedFile]], None] | None = None) -> list[QueuedFile]:
         """Block until a batch is due and return it; [] when closed, woken by `wake()`, or a rescan is
         due (see the class docstring).
 
-        A batch is due when `max_batch` paths wait, or when the oldest has waited `max_wait_s`.
+        A batch is due when `max_batch` paths wait, or when the oldest has waited `max_wait_s`. Before
+        each wait for a partial batch, `waiting` (if given) is called with the paths that will form it
+        so far (under the queue's lock: it must be quick), so their work can start during the window.
         """
         with self._cond:
             wakeups = self._wakeups
@@ -165,6 +173,8 @@ class ReadyQueue:
                 if len(self._items) >= max_batch or now >= due:
                     count = min(max_batch, len(self._items))
                     return [self._items.popleft() for _ in range(count)]
+                if waiting is not None:
+                    waiting(list(self._items))
                 self._cond.wait(_earliest(due - now, until_rescan))
 
     def known(self, path: Path) -> bool:
@@ -371,6 +381,9 @@ class Pipeline:
         self._recent: deque[tuple[float, int]] = deque()  # (monotonic, rows) per batch, last minute
         self._feeder: threading.Thread | None = None
         self._taken: list[QueuedFile] = []  # what the feeder holds and has not handed over yet
+        # Files whose reading and decoding started while their batch's window was still open (feeder
+        # thread only). Not with claims: there a file is claimed before it is read.
+        self._early: dict[QueuedFile, Future[Prepared]] = {}
         self._commit_failures = 0
 
     # Input -------------------------------------------------------------------------------------------
@@ -406,6 +419,7 @@ class Pipeline:
         if self._feeder is not None:
             self._feeder.join(timeout=10)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._early.clear()
         with self._cond:
             left = list(self._handoff)
             self._handoff.clear()
@@ -490,6 +504,8 @@ class Pipeline:
                 log.exception("unexpected error while forming a batch; its %d files stay in the inbox and are "
                               "offered again by a rescan", len(self._taken))
                 self.queue.release(item.path for item in self._taken)
+                for item in self._taken:
+                    self._early.pop(item, None)
                 self._start_rescan()
                 with self._cond:
                     for item in self._taken:
@@ -499,7 +515,8 @@ class Pipeline:
 
     def _feed_once(self) -> bool:
         """Take, claim and hand over one batch; False once stopping."""
-        items = self.queue.take(self._max_batch, self._max_wait_s)
+        items = self.queue.take(self._max_batch, self._max_wait_s,
+                                waiting=self._start_early if self.claims is None else None)
         self._taken = list(items)
         if self.queue.take_overflow():
             self._start_rescan()
@@ -510,7 +527,7 @@ class Pipeline:
         if self.metrics is not None:
             self.metrics.set_queue_depth(self.queue.depth)
         try:
-            futures = [self._pool.submit(self._prepare, item) for item in items]
+            futures = [self._early.pop(item, None) or self._pool.submit(self._prepare, item) for item in items]
         except RuntimeError:  # the pool was shut down: we are stopping
             self.queue.release(item.path for item in items)
             return False
@@ -524,6 +541,16 @@ class Pipeline:
             self._taken = []
             self._cond.notify_all()
         return True
+
+    def _start_early(self, waiting: list[QueuedFile]) -> None:
+        """Start reading and decoding the files of a partial batch while its window is open (a lone drop
+        then waits max_wait_ms for company, not max_wait_ms plus its decoding)."""
+        for item in waiting[: self._max_batch]:
+            if item not in self._early:
+                try:
+                    self._early[item] = self._pool.submit(self._prepare, item)
+                except RuntimeError:  # the pool was shut down: we are stopping
+                    return
 
     # Claims (scale-out) ---------------------------------------------------------------------------------
     def _claim_batch(self, items: list[QueuedFile]) -> list[QueuedFile]:
