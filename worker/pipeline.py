@@ -784,9 +784,11 @@ class Pipeline:
             order = list(unique)
             predictions = self.model.predict(np.stack([p.pixels for p in unique.values()]))
         else:
-            order = self._decode_on_gpu(unique)
-            predictions = self.model.predict(self._gpu_batch) if order else []
-            self._gpu_batch = None
+            try:
+                order = self._decode_on_gpu(unique)
+                predictions = self.model.predict(self._gpu_batch) if order else []
+            finally:
+                self._gpu_batch = None  # free the device memory now, also when inference failed
         inference_s = time.perf_counter() - start
         by_hash = dict(zip(order, predictions, strict=True))
         for p in todo:
