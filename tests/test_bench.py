@@ -20,7 +20,7 @@ def test_bench_reports_every_figure(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "worker", "bench", str(images), "--model", str(model), "--burst", "12",
          "--large", "2", "--drops", "3", "--batch-sizes", "1,4", "--threads", "1", "--idle-seconds", "1",
-         "--json", str(out)],
+         "--ceiling", "--json", str(out)],
         capture_output=True, text=True, cwd=tmp_path, timeout=280,
     )
     assert result.returncode == 0, result.stderr
@@ -35,7 +35,13 @@ def test_bench_reports_every_figure(tmp_path):
     assert e2e["idle_cpu_percent"] >= 0 and e2e["peak_rss_mb"] > 0
     assert e2e["failed_rows"] == 0 and e2e["worker_exit_code"] == 0
     assert set(report["targets"]) == {"burst_vs_model", "latency_p50", "idle_cpu", "large_vs_listing"}
-    for heading in ("model throughput", "decode+resize", "end to end", "single-drop latency", "targets:"):
+    assert report["decode"]["threads"] == 2 and report["decode"]["listing_images_per_s_all_threads"] > 0
+    assert report["ceiling"]["images"] == 12 and report["ceiling"]["images_per_s"] > 0
+    assert set(report["bottleneck"]["stages_images_per_s"]) == {"decode", "inference", "decode_and_bookkeeping"}
+    assert 0 < report["bottleneck"]["best_possible_ratio"] < 1
+    assert report["model"]["providers"] == ["CPUExecutionProvider"]
+    for heading in ("model throughput", "decode+resize", "end to end", "single-drop latency", "ceiling (same burst",
+                    "stages (images/s)", "targets:"):
         assert heading in result.stdout
     assert "bench: starting the worker" in result.stderr
 

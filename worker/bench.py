@@ -488,7 +488,13 @@ def bottleneck(report: dict, options: BenchOptions) -> dict:
     end_to_end = report["end_to_end"]["burst"]["images_per_s"]
     if end_to_end < 0.5 * known[slowest]:  # no stage measured alone explains the end-to-end rate
         slowest = "the worker between the stages (per-file and per-batch work, contention)"
-    return {"stages_images_per_s": stages, "end_to_end_images_per_s": end_to_end, "slowest": slowest}
+    out = {"stages_images_per_s": stages, "end_to_end_images_per_s": end_to_end, "slowest": slowest}
+    ceiling_rate, model_rate = stages.get("decode_and_bookkeeping"), stages["inference"]
+    if ceiling_rate and model_rate and report["model"]["providers"][0] == "CPUExecutionProvider":
+        # On the CPU both the model and the rest use every core: per image they cost cores/model_rate and
+        # cores/ceiling_rate core-seconds, so the burst can reach at most this share of the model alone.
+        out["best_possible_ratio"] = round(ceiling_rate / (ceiling_rate + model_rate), 3)
+    return out
 
 
 def failed_rows(db: Path) -> int:
@@ -589,6 +595,9 @@ def format_report(report: dict) -> str:
     slow = report["bottleneck"]
     lines.append("  stages (images/s): " + ", ".join(f"{k} {v:.0f}" for k, v in slow["stages_images_per_s"].items()
                                                      if v) + f"; slowest: {slow['slowest']}")
+    if "best_possible_ratio" in slow:
+        lines.append("  the model and the rest share every core: the burst can reach at most "
+                     f"{slow['best_possible_ratio']} x the model alone")
     if "naive" in report:
         naive = report["naive"]
         lines.append(f"naive per-image PyTorch eager loop: {naive.get('images_per_s', naive.get('skipped'))}"
