@@ -7,8 +7,10 @@ bursts); they read the results with plain sqlite3 while the worker writes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -292,3 +294,48 @@ def test_second_worker_on_the_same_inbox_and_database_refuses(site: Path, daemon
     first.signal(signal.SIGINT)
     first.signal(signal.SIGTERM)
     assert first.wait() in (128 + signal.SIGINT, 128 + signal.SIGTERM)
+
+
+@pytest.mark.timeout(60)
+def test_watchdog_pings_stop_once_the_batching_thread_has_ended(site: Path, monkeypatch, caplog) -> None:
+    """systemd restarts a worker whose WATCHDOG=1 pings stop: they must stop when no batch can form.
+
+    The batching thread survives every Exception; to end it the test makes its step raise SystemExit
+    (a BaseException, which nothing real here raises on cue). The notify socket is a real AF_UNIX socket."""
+    sock_path = site / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+        monkeypatch.setenv("WATCHDOG_USEC", "200000")
+        monkeypatch.delenv("WATCHDOG_PID", raising=False)
+        worker = Worker(config_mod.load(site / "config.toml"))
+        worker.start_up()
+        try:
+            worker.housekeeping()
+            messages = [sock.recv(4096) for _ in range(3)]  # READY=1, WATCHDOG=1, STATUS=…
+            assert b"WATCHDOG=1\n" in messages
+            assert worker.pipeline is not None and worker.pipeline.feeding
+
+            def fail() -> bool:
+                raise SystemExit("simulated")
+            monkeypatch.setattr(worker.pipeline, "_feed_once", fail)
+            worker.pipeline.queue.wake()  # the thread leaves its wait and runs the failing step
+            wait_until(lambda: not worker.pipeline.feeding, what="the batching thread to end")
+            worker._next_watchdog = 0.0
+            with caplog.at_level("ERROR", logger="worker.daemon"):
+                worker.housekeeping()
+                worker._next_watchdog = 0.0
+                worker.housekeeping()
+            sent = []
+            sock.settimeout(0.5)
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    sent.append(sock.recv(4096))
+            assert b"WATCHDOG=1\n" not in sent
+            assert sent == [b"STATUS=batching thread ended; waiting for the watchdog restart\n"]
+            assert [r.getMessage() for r in caplog.records if r.name == "worker.daemon"] == [
+                "the batching thread has ended; no batch can form, so the worker stops telling systemd it is "
+                "alive (WatchdogSec restarts it)"]
+        finally:
+            worker.shut_down()

@@ -107,6 +107,7 @@ class Worker:
         self._watchdog_s = self.notifier.watchdog_interval()
         self._next_watchdog = 0.0
         self._next_heartbeat = 0.0
+        self._feeder_dead_logged = False
 
     # The whole run ------------------------------------------------------------------------------------
     def run(self, once: bool = False) -> int:
@@ -245,8 +246,14 @@ class Worker:
         self.metrics.heartbeat()
         self.metrics.set_queue_depth(self.pipeline.queue_depth)
         if self._watchdog_s is not None and now >= self._next_watchdog:
-            self.notifier.watchdog()
-            self.notifier.status(self.pipeline.status_line())
+            if self.pipeline.feeding:
+                self.notifier.watchdog()
+                self.notifier.status(self.pipeline.status_line())
+            elif not self._feeder_dead_logged:  # no more pings: systemd's watchdog restarts the worker
+                self._feeder_dead_logged = True
+                log.error("the batching thread has ended; no batch can form, so the worker stops telling "
+                          "systemd it is alive (WatchdogSec restarts it)")
+                self.notifier.status("batching thread ended; waiting for the watchdog restart")
             self._next_watchdog = now + self._watchdog_s
         if now >= self._next_heartbeat:
             self._heartbeat()

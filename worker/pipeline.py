@@ -433,6 +433,12 @@ class Pipeline:
             self._cond.notify_all()
 
     # State -------------------------------------------------------------------------------------------
+    @property
+    def feeding(self) -> bool:
+        """The batching thread runs (or was not started yet). It survives any Exception; only something
+        like a BaseException from a library could end it, and then no batch would ever form again."""
+        return self._feeder is None or self._feeder.is_alive() or self._stopping
+
     def busy(self) -> bool:
         """Anything queued, in flight, being rescanned or waiting for a retry."""
         return self.queue.pending > 0 or self._rescanning or bool(self._retries) or self.queue.overflowed
