@@ -30,6 +30,11 @@ def test_bench_reports_every_figure(tmp_path):
     assert report["decode"]["listing_images_per_s"] > 0 and report["decode"]["large_12mp_images_per_s"] > 0
     e2e = report["end_to_end"]
     assert e2e["burst"]["images"] == 12 and e2e["burst"]["images_per_s"] > 0
+    per_batch = e2e["burst"]["per_batch"]  # from the worker's own Prometheus metrics, burst only
+    assert per_batch["batches"] >= 1 and 0 < per_batch["images_per_batch"] <= 16
+    assert per_batch["batches"] * per_batch["images_per_batch"] == pytest.approx(12, abs=0.6)
+    assert all(per_batch[f"{stage}_ms"] >= 0 for stage in ("wait", "match", "inference", "commit", "dispose"))
+    assert per_batch["inference_ms"] > 0 and per_batch["commit_ms"] > 0
     assert e2e["large_burst"]["images"] == 2
     assert e2e["latency_ms"]["drops"] == 3 and 0 < e2e["latency_ms"]["p50"] <= e2e["latency_ms"]["p95"]
     assert e2e["idle_cpu_percent"] >= 0 and e2e["peak_rss_mb"] > 0
@@ -40,7 +45,8 @@ def test_bench_reports_every_figure(tmp_path):
     assert set(report["bottleneck"]["stages_images_per_s"]) == {"decode", "inference", "decode_and_bookkeeping"}
     assert 0 < report["bottleneck"]["best_possible_ratio"] < 1
     assert report["model"]["providers"] == ["CPUExecutionProvider"]
-    for heading in ("model throughput", "decode+resize", "end to end", "single-drop latency", "ceiling (same burst",
+    for heading in ("model throughput", "decode+resize", "end to end", "per batch (", "single-drop latency",
+                    "ceiling (same burst",
                     "stages (images/s)", "targets:"):
         assert heading in result.stdout
     assert "bench: starting the worker" in result.stderr

@@ -48,6 +48,8 @@ def test_scrape_reports_every_metric_after_observations(served):
     metrics.observe_batch(16, 0.200)
     for status, seconds in [("ok", 0.3), ("ok", 0.7), ("failed", 0.05), ("duplicate", 0.01)]:
         metrics.observe_image(status, seconds)
+    for stage, seconds in [("inference", 0.2), ("inference", 0.02), ("commit", 0.003)]:
+        metrics.observe_stage(stage, seconds)
 
     code, content_type, body = get(port, "/metrics")
     assert code == 200
@@ -67,6 +69,11 @@ def test_scrape_reports_every_metric_after_observations(served):
     assert s[("fashion_worker_inference_seconds_bucket", (("le", "0.025"),))] == 1
     assert s[("fashion_worker_end_to_end_seconds_count", ())] == 4
     assert s[("fashion_worker_end_to_end_seconds_bucket", (("le", "0.5"),))] == 3
+    stage = "fashion_worker_batch_stage_seconds"
+    assert s[(f"{stage}_count", (("stage", "inference"),))] == 2
+    assert s[(f"{stage}_sum", (("stage", "inference"),))] == pytest.approx(0.22)
+    assert s[(f"{stage}_count", (("stage", "commit"),))] == 1
+    assert s[(f"{stage}_bucket", (("le", "0.005"), ("stage", "commit")))] == 1
     model = (("model_id", "sha256abc"), ("name", "efficientnet-lite2"), ("version", "1.2.0"))
     assert s[("fashion_worker_model_info", model)] == 1
     assert s[("fashion_worker_ready", ())] == 0

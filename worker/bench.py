@@ -25,11 +25,13 @@ import json
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -292,6 +294,7 @@ class WorkerProcess:
         self.inbox = root / "inbox"
         self.db = root / "data" / "results.db"
         self.inbox.mkdir(parents=True)
+        self.metrics_port = free_port()
         config = root / "config.toml"
         config.write_text(
             f'[inbox]\npath = "inbox"\n\n'
@@ -301,6 +304,7 @@ class WorkerProcess:
             f"decode_threads = {options.decode_threads}\nmax_queue = {options.max_queue}\n"
             f'decode_on = "{options.decode_on}"\n\n'
             f'[database]\nurl = "sqlite:///data/results.db"\n\n[service]\nlog_level = "WARNING"\n'
+            f"metrics_port = {self.metrics_port}\n"
         )
         self.log = open(root / "worker.log", "w")  # noqa: SIM115 (closed in stop())
         self._reader: sqlite3.Connection | None = None
@@ -320,6 +324,25 @@ class WorkerProcess:
             return self._reader.execute("select count(*) from results").fetchone()[0]
         except sqlite3.OperationalError:  # the worker has not created the table yet
             return 0
+
+    def stage_totals(self) -> dict[str, tuple[float, float]]:
+        """{stage: (seconds, batches)} so far, from the worker's Prometheus metrics, plus "images" as
+        (images in batches, batches)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        totals: dict[str, list[float]] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if family.name == "fashion_worker_batch_stage_seconds" and sample.name.endswith(("_sum", "_count")):
+                    key = sample.labels["stage"]
+                elif family.name == "fashion_worker_batch_size" and sample.name.endswith(("_sum", "_count")):
+                    key = "images"
+                else:
+                    continue
+                totals.setdefault(key, [0.0, 0.0])[0 if sample.name.endswith("_sum") else 1] = sample.value
+        return {key: (value[0], value[1]) for key, value in totals.items()}
 
     def processed_at(self, names: list[str]) -> dict[str, float]:
         with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5) as db:
@@ -360,6 +383,27 @@ class WorkerProcess:
         return code
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def per_batch(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict:
+    """Mean images per batch and milliseconds per batch in each stage between two stage_totals()."""
+    def delta(key: str) -> tuple[float, float]:
+        total, count = after.get(key, (0.0, 0.0))
+        earlier = before.get(key, (0.0, 0.0))
+        return total - earlier[0], count - earlier[1]
+
+    images, batches = delta("images")
+    out: dict[str, float] = {"batches": int(batches), "images_per_batch": round(images / batches, 1) if batches else 0}
+    for stage in ("wait", "match", "inference", "commit", "dispose"):
+        seconds, count = delta(stage)
+        out[f"{stage}_ms"] = round(1000 * seconds / count, 2) if count else 0.0
+    return out
+
+
 def parse_time(value: str | datetime) -> float:
     moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
     if moment.tzinfo is None:
@@ -398,6 +442,7 @@ def end_to_end(root: Path, files: list[Path], model: Path, options: BenchOptions
                                   "p95": round(percentile(latencies, 95), 1), "drops": len(latencies)}}
         for label, batch in (("burst", burst), ("large_burst", large)):
             say(f"{label.replace('_', ' ')}: {len(batch)} images")
+            before = worker.stage_totals()
             started = time.time()
             for path in batch:
                 os.rename(path, worker.inbox / path.name)
@@ -407,7 +452,8 @@ def end_to_end(root: Path, files: list[Path], model: Path, options: BenchOptions
             seconds = finished - started
             results[label] = {"images": len(batch), "seconds": round(seconds, 2),
                               "images_per_s": round(len(batch) / seconds, 1),
-                              "ms_per_image": round(1000 * seconds / len(batch), 2)}
+                              "ms_per_image": round(1000 * seconds / len(batch), 2),
+                              "per_batch": per_batch(before, worker.stage_totals())}
 
         say(f"idle CPU over {options.idle_seconds:.0f} s")
         time.sleep(2.0)
@@ -585,6 +631,9 @@ def format_report(report: dict) -> str:
     e2e = report["end_to_end"]
     lines += ["", "end to end (real worker, inbox -> committed row):",
               f"  burst of {e2e['burst']['images']}: {e2e['burst']['images_per_s']:.1f} images/s",
+              "    per batch ({images_per_batch} images): waiting for decoding {wait_ms} ms, earlier results "
+              "{match_ms} ms, inference {inference_ms} ms, commit {commit_ms} ms, moves {dispose_ms} ms"
+              .format(**e2e["burst"]["per_batch"]),
               f"  12 MP burst of {e2e['large_burst']['images']}: {e2e['large_burst']['images_per_s']:.1f} images/s",
               f"  single-drop latency: p50 {e2e['latency_ms']['p50']:.1f} ms, p95 {e2e['latency_ms']['p95']:.1f} ms",
               f"  idle CPU: {e2e['idle_cpu_percent']:.2f} %   peak RSS: {e2e['peak_rss_mb']:.0f} MB"]

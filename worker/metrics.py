@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 STATUSES = ("ok", "failed", "duplicate")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STAGES = ("wait", "match", "inference", "commit", "dispose")
 END_TO_END_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 THROUGHPUT_WINDOW_S = 60
 
@@ -59,6 +60,10 @@ class Metrics:
         self._inference = Histogram(
             "inference_seconds", "Model inference time per batch.", buckets=INFERENCE_BUCKETS,
             namespace=namespace, registry=r)
+        self._stage = Histogram(
+            "batch_stage_seconds", "Time per batch in each step of the processing thread: waiting for a "
+            "decoded batch, looking up earlier results, inference (GPU decoding included), the commit, "
+            "moving the files.", ["stage"], buckets=INFERENCE_BUCKETS, namespace=namespace, registry=r)
         self._end_to_end = Histogram(
             "end_to_end_seconds", "From a file being ready in the inbox to its result row committed.",
             buckets=END_TO_END_BUCKETS, namespace=namespace, registry=r)
@@ -89,6 +94,10 @@ class Metrics:
     def observe_batch(self, size: int, inference_s: float) -> None:
         self._batch_size.observe(size)
         self._inference.observe(inference_s)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        """One batch spent `seconds` in `stage` (one of STAGES)."""
+        self._stage.labels(stage=stage).observe(seconds)
 
     def observe_image(self, status: str, end_to_end_s: float | None = None) -> None:
         """One image finished with `status` (ok, failed, duplicate); end_to_end_s None = not timed."""

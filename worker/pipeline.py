@@ -472,6 +472,7 @@ class Pipeline:
         wait = self._until_next_retry(timeout)
         with self._cond:
             wakeups = self._wakeups
+            waiting_since = time.perf_counter()
             deadline = None if wait is None else time.monotonic() + wait
             while not self._handoff:
                 if self._stopping or self._wakeups != wakeups or (until_idle and not self.busy()):
@@ -484,6 +485,7 @@ class Pipeline:
             self._cond.notify_all()
         try:
             batch = [future.result() for future in futures]  # _prepare never raises
+            self._stage("wait", waiting_since)
             self.process(batch)
         finally:
             for item in items:  # a retry that was queued and not rescheduled by this batch is over
@@ -737,12 +739,15 @@ class Pipeline:
                 granted = self._granted.get(p.item.path)
             if granted is not None and granted.result_id is not None:
                 p.row_id = granted.result_id
+        started = time.perf_counter()
         try:
             self._match_existing(rows)
         except StoreError as exc:
             self._commit_failed(rows, exc)
             return
+        started = self._stage("match", started)
         inference_s = self._infer([p for p in rows if p.row_id is None and p.same_as is None])
+        started = self._stage("inference", started)
         new = [p for p in rows if p.row_id is None]
         now = datetime.now(UTC)
         records = [self._record(p, now, inference_s) for p in new]
@@ -751,6 +756,7 @@ class Pipeline:
         except StoreError as exc:
             self._commit_failed(rows, exc)
             return
+        started = self._stage("commit", started)
         self._commit_failures = 0
         for p, row_id in zip(new, ids, strict=True):
             p.row_id = row_id
@@ -762,6 +768,14 @@ class Pipeline:
         committed = time.monotonic()
         self._count(new, records, rows, committed)
         self._dispose(rows)
+        self._stage("dispose", started)
+
+    def _stage(self, stage: str, started: float) -> float:
+        """Record that this batch spent perf_counter() - `started` in `stage` (metrics); return now."""
+        now = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.observe_stage(stage, now - started)
+        return now
 
     def _match_existing(self, rows: list[Prepared]) -> None:
         """Find content already classified under this model, and drops already committed (recovery)."""
