@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from worker.exceptions import ConfigError
+from worker.metrics import STAGES
 from worker.model import (
     DEFAULT_MODEL,
     DEFAULT_MODEL_FP32,
@@ -398,7 +399,7 @@ def per_batch(before: dict[str, tuple[float, float]], after: dict[str, tuple[flo
 
     images, batches = delta("images")
     out: dict[str, float] = {"batches": int(batches), "images_per_batch": round(images / batches, 1) if batches else 0}
-    for stage in ("wait", "match", "inference", "commit", "dispose"):
+    for stage in STAGES:
         seconds, count = delta(stage)
         out[f"{stage}_ms"] = round(1000 * seconds / count, 2) if count else 0.0
     return out
@@ -442,18 +443,8 @@ def end_to_end(root: Path, files: list[Path], model: Path, options: BenchOptions
                                   "p95": round(percentile(latencies, 95), 1), "drops": len(latencies)}}
         for label, batch in (("burst", burst), ("large_burst", large)):
             say(f"{label.replace('_', ' ')}: {len(batch)} images")
-            before = worker.stage_totals()
-            started = time.time()
-            for path in batch:
-                os.rename(path, worker.inbox / path.name)
             expected += len(batch)
-            worker.wait_rows(expected, timeout=60 + 2 * len(batch))
-            finished = max(worker.processed_at([p.name for p in batch]).values())
-            seconds = finished - started
-            results[label] = {"images": len(batch), "seconds": round(seconds, 2),
-                              "images_per_s": round(len(batch) / seconds, 1),
-                              "ms_per_image": round(1000 * seconds / len(batch), 2),
-                              "per_batch": per_batch(before, worker.stage_totals())}
+            results[label] = time_burst(worker, batch, expected)
 
         say(f"idle CPU over {options.idle_seconds:.0f} s")
         time.sleep(2.0)
@@ -466,6 +457,20 @@ def end_to_end(root: Path, files: list[Path], model: Path, options: BenchOptions
         results_code = worker.stop()
     results["worker_exit_code"] = results_code
     return results
+
+
+def time_burst(worker: WorkerProcess, batch: list[Path], expected_rows: int) -> dict:
+    """Rename `batch` into the worker's inbox at once and time it until its last row is committed (the
+    worker then holds `expected_rows` rows); with the worker's per-batch stage times for the burst."""
+    before = worker.stage_totals()
+    started = time.time()
+    for path in batch:
+        os.rename(path, worker.inbox / path.name)
+    worker.wait_rows(expected_rows, timeout=60 + 2 * len(batch))
+    seconds = max(worker.processed_at([p.name for p in batch]).values()) - started
+    return {"images": len(batch), "seconds": round(seconds, 2), "images_per_s": round(len(batch) / seconds, 1),
+            "ms_per_image": round(1000 * seconds / len(batch), 2),
+            "per_batch": per_batch(before, worker.stage_totals())}
 
 
 def ceiling(root: Path, files: list[Path], model: Model, options: BenchOptions) -> dict:
@@ -483,14 +488,10 @@ def ceiling(root: Path, files: list[Path], model: Model, options: BenchOptions) 
     try:
         os.rename(warm[0], worker.inbox / warm[0].name)
         worker.wait_rows(1, timeout=120)
-        started = time.time()
-        for path in burst:
-            os.rename(path, worker.inbox / path.name)
-        worker.wait_rows(1 + len(burst), timeout=60 + 2 * len(burst))
-        seconds = max(worker.processed_at([p.name for p in burst]).values()) - started
+        timed = time_burst(worker, burst, 1 + len(burst))
     finally:
         worker.stop()
-    return {"images": len(burst), "seconds": round(seconds, 2), "images_per_s": round(len(burst) / seconds, 1)}
+    return {key: timed[key] for key in ("images", "seconds", "images_per_s")}
 
 
 def noop_model(path: Path, like: Model) -> Path:

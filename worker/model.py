@@ -10,6 +10,7 @@ The contract (written by `fashion-export`, relied on here):
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import logging
@@ -105,6 +106,7 @@ def read_contract(session: ort.InferenceSession, path: Path, model_id: str) -> M
     return ModelInfo(path, model_id, meta["name"], meta["version"], labels, (height, width), meta["resize"], meta)
 
 
+@functools.cache
 def tensorrt_loadable() -> bool:
     """onnxruntime-gpu lists TensorRT as available whether or not TensorRT itself is installed; it is only
     usable when its library loads (otherwise onnxruntime prints an error and retries without it)."""
@@ -117,6 +119,7 @@ def tensorrt_loadable() -> bool:
     return False
 
 
+@functools.cache
 def preload_cuda_libraries() -> None:
     """Load CUDA and cuDNN from the nvidia-* pip packages (or torch) when they are not on the library path.
 

@@ -689,8 +689,7 @@ class Pipeline:
             if self._gpu is not None and self._gpu_eligible(data):
                 p.jpeg = data
             else:
-                p.pixels = load_pixels(data, self.model.input_size, max_pixels=self.config.files.max_pixels,
-                                       policy=self.model.info.resize)
+                p.pixels = self._pixels(data)
         except FileSkipped as exc:
             if not os.path.lexists(item.path):  # disposed of already, or moved away by someone: no news
                 p.gone = True
@@ -713,6 +712,11 @@ class Pipeline:
             p.file = item.path.name
         p.decode_ms = (time.perf_counter() - start) * 1000
         return p
+
+    def _pixels(self, data: bytes) -> np.ndarray:
+        """The CPU path: decode and resize for the model (ImageRejected for a bad image)."""
+        return load_pixels(data, self.model.input_size, max_pixels=self.config.files.max_pixels,
+                           policy=self.model.info.resize)
 
     def _gpu_eligible(self, data: bytes) -> bool:
         """A complete plain JPEG that nvJPEG decodes as the CPU path would (see worker.gpudecode)."""
@@ -843,8 +847,7 @@ class Pipeline:
                 for key in jpegs:
                     p = unique[key]
                     try:
-                        p.pixels = load_pixels(p.jpeg, self.model.input_size, max_pixels=self.config.files.max_pixels,
-                                               policy=self.model.info.resize)
+                        p.pixels = self._pixels(p.jpeg)
                     except ImageRejected as rejected:
                         p.error = str(rejected)
                     p.jpeg = None
