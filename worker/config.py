@@ -46,7 +46,7 @@ class FilesConfig:
 class ModelConfig:
     path: str = ""  # ONNX model file; empty = the default model shipped inside the worker package
     providers: list[str] = field(default_factory=lambda: ["auto"])  # auto = TensorRT, CUDA, then CPU
-    intra_op_threads: int = 0  # threads inside one operator; 0 = one per core
+    intra_op_threads: int = 0  # threads inside one operator; 0 = one per physical core, each pinned to its own
     inter_op_threads: int = 1  # operators run in parallel; 1 suits these sequential CNNs
     spin_wait: bool = False  # onnxruntime threads also spin between batches (within one they always do)
     optimized_cache: str = ""  # file to cache the graph-optimised model in; empty = no cache

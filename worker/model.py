@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from worker.affinity import held_on, place
 from worker.exceptions import ModelError
 from worker.preprocess import RESIZE_POLICIES
 
@@ -174,7 +175,10 @@ class Model:
             raise ModelError(f"cannot read model file {path}: {exc.strerror}") from None
         model_id = hashlib.sha256(data).hexdigest()
         options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
+        placement = place(intra_op_threads)
+        options.intra_op_num_threads = placement.threads
+        if placement.pool_affinities:
+            options.add_session_config_entry("session.intra_op_thread_affinities", placement.pool_affinities)
         options.inter_op_num_threads = inter_op_threads
         # Inside a batch, onnxruntime's threads spin between operators (waking a sleeping thread per
         # operator made a single image 25 % slower); between batches they sleep unless `spin_wait`, so
@@ -204,6 +208,8 @@ class Model:
         # On CUDA the batch goes through IO binding: the output buffer stays on the device between batches
         # of one size and onnxruntime copies once each way, without allocating per run.
         self.device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
+        self.placement = placement
+        self._caller_cpus = placement.caller_cpus if self.device == "cpu" else frozenset()
         self._outputs: dict[int, ort.OrtValue] = {}
         log.info("model %s %s (%s…) on %s, labels %s, input %sx%s", self.info.name, self.info.version,
                  model_id[:12], ",".join(self.providers), len(self.info.labels), *self.info.input_size)
@@ -218,7 +224,8 @@ class Model:
         if self.device == "cpu":
             if hasattr(images, "data_ptr"):  # a torch tensor from worker.gpudecode run on the CPU (tests)
                 images = images.cpu().numpy()
-            (probs,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: images})
+            with held_on(self._caller_cpus):  # off the pool threads' cores (see worker.affinity)
+                (probs,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: images})
             return probs
         # cuDNN picks its algorithms per input shape, slowly, the first time it meets one: batches are
         # padded to a power of two so that a few shapes, all met in warm_up(), serve every batch size.
