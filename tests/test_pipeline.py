@@ -79,6 +79,29 @@ def harness(cfg: Config):
 
 
 # The ready queue -----------------------------------------------------------------------------------------
+class LookupLog(Store):
+    """The real store, noting which thread looks content up (what is asserted is where, not what)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.lookups: list[str] = []
+
+    def first_by_content(self, sha256s: list[str], model_id: str):  # type: ignore[no-untyped-def]
+        self.lookups.append(threading.current_thread().name)
+        return super().first_by_content(sha256s, model_id)
+
+
+def wait_early(harness: Harness, name: str, seconds: float = 1.5):  # type: ignore[no-untyped-def]
+    """The Prepared of `name` once its early read has finished (inside a window longer than `seconds`)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        for item, future in list(harness.pipeline._early.items()):
+            if item.path.name == name and future.done():
+                return future.result()
+        assert time.monotonic() < deadline, "reading did not start during the batching window"
+        time.sleep(0.01)
+
+
 def test_queue_forms_full_batches_at_once_and_partial_ones_after_max_wait() -> None:
     queue = ReadyQueue(max_queue=10)
     for i in range(5):
@@ -147,20 +170,66 @@ def test_queue_shows_a_partial_batch_to_the_caller_before_waiting_for_its_window
 
 
 def test_a_lone_drop_is_read_and_decoded_while_its_batching_window_is_open(tmp_path: Path) -> None:
-    cfg = make_config(tmp_path, **{"batch.max_wait_ms": 3000})
+    cfg = make_config(tmp_path, **{"batch.max_wait_ms": 2000})
     harness = Harness(cfg)
     try:
         path = write_image(cfg.inbox_path / "lone.png", (20, 20, 230))
         assert harness.pipeline.submit(path)
-        deadline = time.monotonic() + 2.5  # inside the 3 s window
-        early = harness.pipeline._early
-        while not any(item.path.name == "lone.png" and future.done() for item, future in list(early.items())):
-            assert time.monotonic() < deadline, "decoding did not start during the batching window"
-            time.sleep(0.01)
+        assert wait_early(harness, "lone.png").pixels is not None
         assert harness.pipeline.queue.depth == 1  # the batch itself has not been formed yet
         assert harness.pipeline.process_next(10) == 1
         assert harness.rows() == [("lone.png", "ok", "blue", None, str(cfg.processed_path / "lone.png"), None)]
-        assert early == {}
+        assert harness.pipeline._early == {}
+    finally:
+        harness.close()
+
+
+def test_known_content_dropped_alone_is_looked_up_in_its_window_and_not_decoded(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, **{"batch.max_wait_ms": 2000})
+    store = LookupLog(cfg.database_url)
+    harness = Harness(cfg, store=store)
+    try:
+        first = write_image(cfg.inbox_path / "first.png", (20, 20, 230))
+        assert harness.pipeline.submit(first) and harness.pipeline.process_next(10) == 1
+        store.lookups.clear()
+        (cfg.inbox_path / "copy.png").write_bytes((cfg.processed_path / "first.png").read_bytes())
+        assert harness.pipeline.submit(cfg.inbox_path / "copy.png")
+        early = wait_early(harness, "copy.png")
+        assert early.matched and early.same_as is not None and early.same_as.id == 1
+        assert early.pixels is None  # known content: not decoded
+        assert store.lookups and all(name.startswith("decode") for name in store.lookups)
+        assert harness.pipeline.process_next(10) == 1
+        assert all(name.startswith("decode") for name in store.lookups)  # the batch did not ask again
+        assert harness.rows() == [
+            ("first.png", "ok", "blue", None, str(cfg.processed_path / "first.png"), None),
+            ("copy.png", "ok", "blue", 1, str(cfg.processed_path / "copy.png"), None),
+        ]
+        assert harness.pipeline.counters.inferred == 1 and harness.pipeline.counters.duplicates == 1
+    finally:
+        harness.close()
+
+
+def test_content_recorded_after_its_early_lookup_is_still_recorded_as_a_duplicate(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, **{"batch.max_wait_ms": 2000})
+    harness = Harness(cfg)
+    try:
+        path = write_image(cfg.inbox_path / "late.png", (230, 20, 20))
+        assert harness.pipeline.submit(path)
+        early = wait_early(harness, "late.png")
+        assert early.matched and early.same_as is None and early.pixels is not None  # new content then
+        # The batch before commits the same content while this one's window is still open.
+        from worker.files import sha256_hex
+
+        info = harness.model.info
+        harness.store.add_results([ResultRecord(
+            file="twin.png", location="/elsewhere/twin.png", status="ok", model_id=info.model_id,
+            model_name=info.name, worker="test", sha256=sha256_hex(path.read_bytes()), category="red",
+            confidence=0.9)])
+        assert harness.pipeline.process_next(10) == 1
+        rows = harness.rows()
+        assert [(r[0], r[1], r[2], r[3]) for r in rows] == [("twin.png", "ok", "red", None),
+                                                            ("late.png", "ok", "red", 1)]
+        assert harness.pipeline.counters.inferred == 1  # inferred once more, with the same answer
     finally:
         harness.close()
 

@@ -11,7 +11,8 @@
 - **Overlap**: the feeder thread forms batch k+1 and hands it to the decode pool (Pillow releases the GIL)
   while the caller's thread runs batch k through onnxruntime (which releases it too). While a partial
   batch waits for its window to close, its files are already being read and decoded (not with claims),
-  so a lone drop waits `max_wait_ms` for company, not `max_wait_ms` plus its decoding.
+  so a lone drop waits `max_wait_ms` for company, not `max_wait_ms` plus its decoding. Their content is
+  looked up in the store then too (below), and known content is not decoded at all.
 - **GPU decoding** (`batch.decode_on = "gpu"`, worker.gpudecode): the pool only reads, hashes and checks
   headers; plain JPEGs are decoded by nvJPEG in the caller's thread, one call per batch, and the model
   reads the pixels on the device.
@@ -273,7 +274,8 @@ class Prepared:
     gone: bool = False  # vanished before it was read (moved away, or already disposed of)
     skip_key: tuple[Any, ...] | None = None
     decode_ms: float = 0.0
-    # Filled in by `process`:
+    # Filled in by `process`, or already by `_prepare` for a file read while its batch window is open:
+    matched: bool = False  # row_id and same_as below have been looked up
     row_id: int | None = None  # an existing row for this very drop (crash between commit and move)
     same_as: StoredResult | None = None  # the first row with the same content under this model
     prediction: Prediction | None = None
@@ -556,7 +558,7 @@ class Pipeline:
         for item in waiting[: self._max_batch]:
             if item not in self._early:
                 try:
-                    self._early[item] = self._pool.submit(self._prepare, item)
+                    self._early[item] = self._pool.submit(self._prepare, item, early=True)
                 except RuntimeError:  # the pool was shut down: we are stopping
                     return
 
@@ -677,8 +679,12 @@ class Pipeline:
                 self._cond.notify_all()
 
     # Decode pool ------------------------------------------------------------------------------------
-    def _prepare(self, item: QueuedFile) -> Prepared:
-        """Read, hash, decode and resize one file. Never raises: the outcome is in the result."""
+    def _prepare(self, item: QueuedFile, early: bool = False) -> Prepared:
+        """Read, hash, decode and resize one file. Never raises: the outcome is in the result.
+
+        `early`: the file's batch window is still open, so its content is also looked up in the store now
+        rather than after the window (see `_match_early`); known content is then not decoded.
+        """
         start = time.perf_counter()
         p = Prepared(item)
         try:
@@ -686,7 +692,9 @@ class Pipeline:
             data, st = read_image_file(self.inbox, item.path, self.config.files.max_file_bytes)
             p.size_bytes = st.st_size
             p.sha256 = sha256_hex(data)
-            if self._gpu is not None and self._gpu_eligible(data):
+            if early and self._match_early(p):
+                pass  # recorded before: nothing to decode
+            elif self._gpu is not None and self._gpu_eligible(data):
                 p.jpeg = data
             else:
                 p.pixels = self._pixels(data)
@@ -712,6 +720,21 @@ class Pipeline:
             p.file = item.path.name
         p.decode_ms = (time.perf_counter() - start) * 1000
         return p
+
+    def _match_early(self, p: Prepared) -> bool:
+        """Look up `p`'s content while its batch window is open; True if it was recorded before.
+
+        A lone drop then goes straight to inference when the window closes. The answer may be out of date
+        by then only in one way: the same content committed meanwhile by the batch before. That file is
+        then inferred once more, and `Store.add_results` still records it as a duplicate of the first row.
+        """
+        try:
+            self._match_existing([p])
+        except Exception as exc:  # e.g. the database is locked: the batch looks it up again and handles it
+            log.debug("early lookup of %s failed (%s); done with its batch", p.item.path, exc)
+            p.matched, p.row_id, p.same_as = False, None, None
+            return False
+        return p.row_id is not None or p.same_as is not None
 
     def _pixels(self, data: bytes) -> np.ndarray:
         """The CPU path: decode and resize for the model (ImageRejected for a bad image)."""
@@ -784,9 +807,11 @@ class Pipeline:
     def _match_existing(self, rows: list[Prepared]) -> None:
         """Find content already classified under this model, and drops already committed (recovery)."""
         model_id = self.model.info.model_id
+        rows = [p for p in rows if not p.matched]
         hashes = sorted({p.sha256 for p in rows if p.sha256})
         first = self.store.first_by_content(hashes, model_id) if hashes else {}
         for p in rows:
+            p.matched = True
             if p.row_id is not None:
                 continue  # recorded by a worker that died before moving the file (its claim says so)
             if p.sha256 is not None and p.sha256 not in first:
