@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 
 def find_bin() -> Path | None:
@@ -72,3 +73,19 @@ def postgres_server() -> Iterator[str]:
         subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True, cwd=root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def refuse(engine: sa.Engine, operation: str, table: str) -> None:
+    """Make the real server refuse `operation` (INSERT, UPDATE, DELETE) on `table` with an error, through a
+    trigger: a database failing one kind of write, as a revoked privilege or a full disk would."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE OR REPLACE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                             "$$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$")
+        conn.exec_driver_sql(f"CREATE TRIGGER refuse_{operation.lower()} BEFORE {operation} ON {table} "
+                             "FOR EACH ROW EXECUTE FUNCTION refuse()")
+
+
+def allow(engine: sa.Engine, operation: str, table: str) -> None:
+    """Undo `refuse`."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP TRIGGER refuse_{operation.lower()} ON {table}")

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from pgserver import postgres_server
+from pgserver import allow, postgres_server, refuse
 from sqlalchemy.engine import make_url
 
 from worker.claims import Claims, drop_key
@@ -237,3 +237,26 @@ def test_claims_lapsed_long_ago_are_purged(store: Store) -> None:
     time.sleep(0.3)
     assert live.purge_lapsed(older_than_s=0.1) == 1
     assert claim_rows(store) == {"in-progress.jpg": ("live", None, False, 0)}
+
+
+def test_a_release_the_database_refuses_is_retried_until_it_goes_through(store: Store) -> None:
+    a = Claims(store, "a", "host-a", lease_s=0.6)
+    names = keys("moved.jpg", "left.jpg")
+    a.claim(names)
+    moved, left = sorted(names, key=names.__getitem__, reverse=True)
+    refuse(store.engine, "DELETE", "claims")
+    refuse(store.engine, "UPDATE", "claims")
+    a.release_later([moved], left=[left])  # refused: kept for later
+    assert set(claim_rows(store)) == {"moved.jpg", "left.jpg"}
+    assert a.flush_releases() is False
+    allow(store.engine, "DELETE", "claims")
+    allow(store.engine, "UPDATE", "claims")
+    a.start()  # the renewal thread retries first
+    try:
+        deadline = time.monotonic() + 5
+        while claim_rows(store) != {"left.jpg": ("a", None, True, 0)}:
+            assert time.monotonic() < deadline, claim_rows(store)
+            time.sleep(0.05)
+    finally:
+        a.close()
+    assert a.flush_releases() is True

@@ -254,6 +254,7 @@ def test_sigterm_mid_burst_exits_cleanly_with_every_committed_file_moved(site: P
     assert time.monotonic() - sent < 5
     assert "finishing the current batch" in daemon.log
     rows = query(site, "SELECT file, location FROM results")
+    assert daemon.log.rstrip().endswith(f"INFO worker.daemon: stopped; {len(rows)} results recorded since start")
     left = sorted(p.name for p in (site / "inbox").iterdir())
     assert 20 <= len(rows) < 300, "the burst should still have been running"
     for file, location in rows:  # every committed file was moved; the rest is untouched in the inbox

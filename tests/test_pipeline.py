@@ -446,3 +446,34 @@ def test_an_unexpected_error_while_forming_a_batch_loses_nothing_and_the_feeder_
         assert [r[:3] for r in h.rows()][-1] == ("b.jpg", "ok", "green")
     finally:
         h.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(120)
+def test_scale_out_a_refused_location_update_still_releases_the_batch_claims(tmp_path: Path) -> None:
+    from pgserver import postgres_server, refuse
+
+    from worker.claims import Claims
+
+    with postgres_server() as url:
+        cfg = make_config(tmp_path, **{"database.url": url})
+        store = Store(url, retry_s=2)
+        claims = Claims(store, "w1", "host-1", lease_s=30)
+        harness = Harness(cfg, store=store, claims=claims)
+        try:
+            write_image(cfg.inbox_path / "a.jpg", (255, 0, 0))
+            write_image(cfg.inbox_path / "b.png", (0, 0, 255))
+            refuse(store.engine, "UPDATE", "results")  # set_locations fails; the claims table works
+            assert harness.submit_all() == 2
+            harness.drain()
+            with store.engine.connect() as conn:
+                rows = conn.exec_driver_sql("SELECT file, category, location FROM results ORDER BY file").all()
+                held = conn.exec_driver_sql("SELECT count(*) FROM claims").scalar_one()
+            # Recorded and moved; the rows' locations are stale (the inbox), and no claim is left behind
+            # to be renewed and to keep other workers away until a restart.
+            assert [(r[0], r[1]) for r in rows] == [("a.jpg", "red"), ("b.png", "blue")]
+            assert [r[2] for r in rows] == [str(cfg.inbox_path / "a.jpg"), str(cfg.inbox_path / "b.png")]
+            assert sorted(p.name for p in cfg.processed_path.iterdir()) == ["a.jpg", "b.png"]
+            assert held == 0 and claims.held == 0
+        finally:
+            harness.close()

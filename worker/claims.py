@@ -117,6 +117,7 @@ class Claims:
         self.takeovers = 0  # claims taken over from other processes
         self._lease = timedelta(seconds=self.lease_s)
         self._mine: set[str] = set()  # keys granted and not released (for takeover detection and counts)
+        self._unreleased: tuple[set[str], set[str]] = (set(), set())  # (finished, left) whose release failed
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -226,6 +227,30 @@ class Claims:
         done, so that no worker records them again while they stay unchanged. One transaction."""
         self.store.write("releasing claims", lambda conn: self.release_in(conn, keys, left=left))
 
+    def release_later(self, keys: Iterable[str], *, left: Iterable[str] = ()) -> None:
+        """`release` now, and if the database refuses, again before each renewal until it succeeds (else
+        these claims would be renewed, and their files deferred by other workers, until a restart)."""
+        with self._lock:
+            self._unreleased[0].update(keys)
+            self._unreleased[1].update(left)
+        self.flush_releases()
+
+    def flush_releases(self) -> bool:
+        """Retry the releases that failed (see `release_later`); True when none is left. Errors are logged."""
+        with self._lock:
+            finished, kept = set(self._unreleased[0]), set(self._unreleased[1])
+        if not finished and not kept:
+            return True
+        try:
+            self.release(finished, left=kept)
+        except StoreError as exc:
+            log.warning("cannot release %d claims yet (retried with each renewal): %s", len(finished | kept), exc)
+            return False
+        with self._lock:
+            self._unreleased[0].difference_update(finished)
+            self._unreleased[1].difference_update(kept)
+        return True
+
     def release_in(self, conn: Connection, keys: Iterable[str], *, left: Iterable[str] = ()) -> None:
         """`release` inside the caller's transaction (the pipeline's set_locations)."""
         finished, kept = sorted(set(keys)), sorted(set(left))
@@ -271,6 +296,7 @@ class Claims:
         next_purge = time.monotonic() + PURGE_EVERY_S
         while not self._stop.wait(interval):
             try:
+                self.flush_releases()
                 self.renew()
                 if time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + PURGE_EVERY_S

@@ -284,8 +284,7 @@ class Worker:
         if self.lock is not None:
             self.lock.release()
         self.notifier.close()
-        if self.pipeline is not None and self.pipeline.counters.rows:
-            log.info("stopped after %d results", self.pipeline.counters.rows)
+        log.info("stopped; %d results recorded since start", self.pipeline.counters.rows if self.pipeline else 0)
 
     def request_stop(self) -> None:
         """Finish the batch in progress, then leave the loop (what SIGTERM does; also for tests)."""

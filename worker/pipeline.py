@@ -990,6 +990,8 @@ class Pipeline:
                 self.store.set_locations(locations, also=release)
             except StoreError as exc:  # the files are safe where they are; only `location` is stale
                 log.error("cannot record the new location of %d files: %s", len(locations), exc)
+                if self.claims is not None:  # done with them all the same: release on their own
+                    self.claims.release_later(self._claim_keys(finished), left=self._claim_keys(left))
 
     # Faults and retries -------------------------------------------------------------------------------
     def _commit_failed(self, rows: list[Prepared], exc: StoreError) -> None:
