@@ -106,3 +106,45 @@ def test_burst_with_lost_events_is_all_classified_in_bounded_memory(tmp_path: Pa
 @pytest.mark.timeout(1800)
 def test_soak_10000_file_burst_with_lost_events(tmp_path: Path, workers, capsys) -> None:
     check_load(tmp_path, workers, capsys, small=500, large=10_000)
+
+
+def stream(site: Site, worker, files: int, chunk: int) -> list[tuple[int, float]]:
+    """Feed `files` distinct images in chunks, each moved in once the previous one is recorded (a steady
+    stream, not one burst), clearing processed/ as it goes; [(rows, VmRSS MB)] after each chunk."""
+    samples = []
+    for start in range(0, files, chunk):
+        staged = distinct_images(site.root / "staging", min(chunk, files - start), size=(48, 36),
+                                 seed=start, prefix=f"s{start:06}")
+        move_into(staged, site.inbox)
+        target = start + len(staged)
+        wait_until(lambda: site.count() >= target and not site.inbox_files(), 120, f"{target} rows", interval=0.1)  # noqa: B023
+        for path in site.processed.iterdir():  # keeps the disk use flat; the worker never looks there
+            path.unlink()
+        samples.append((site.count(), worker.status("VmRSS") / 1024))
+    return samples
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_soak_100000_files_streamed_memory_stays_flat(tmp_path: Path, workers, capsys) -> None:
+    """A long run rather than a big burst: 100,000 files in chunks of 1,000. Whatever the worker keeps per
+    file it has finished (caches, logs, metrics, watcher state) would show as RSS growing chunk by chunk."""
+    files, chunk = int(os.environ.get("SOAK_FILES", 100_000)), 1_000
+    site = Site(tmp_path / "soak")
+    worker = workers(site).wait_ready()
+    started = time.monotonic()
+    samples = stream(site, worker, files, chunk)
+    seconds = time.monotonic() - started
+    assert worker.stop() == 0, worker.log
+    rows = site.query("SELECT count(*), count(DISTINCT file), count(DISTINCT sha256), sum(status = 'ok') "
+                      "FROM results")[0]
+    settled = samples[len(samples) // 10][1]  # after 10,000 files: arenas and caches have grown to size
+    line = report(capsys, f"soak ({files} files streamed in chunks of {chunk})",
+                  seconds=round(seconds), images_per_s=round(files / seconds), rows=rows[0],
+                  rss_mb_after={str(n): round(mb, 1) for n, mb in samples[:: max(1, len(samples) // 10)]},
+                  rss_growth_after_10000_mb=round(samples[-1][1] - settled, 1),
+                  tracebacks=worker.log.count("Traceback"))
+    assert rows == (files, files, files, files), line
+    assert not site.inbox_files() and worker.log.count("Traceback") == 0, line
+    # 90,000 files after the first 10,000: under 100 bytes each would add 9 MB.
+    assert samples[-1][1] - settled < 9, line
