@@ -152,11 +152,10 @@ def test_network_mode_follows_the_config(tmp_path):
 
 
 def test_a_sqlite_database_outside_the_state_directory_becomes_writable(tmp_path):
-    config = write_config(tmp_path / "c.toml", database={"url": "sqlite:///data/results.db"},
-                          model={"optimized_cache": "cache/model.opt.onnx"})
+    config = write_config(tmp_path / "c.toml", database={"url": "sqlite:///data/results.db"})
     plan = install_service(config, venv=VENV, root=tmp_path / "r", dry_run=True)
     rw = unit_lines(plan.unit_text)["ReadWritePaths"][0].split()
-    assert str(tmp_path / "data") in rw and str(tmp_path / "cache") in rw
+    assert str(tmp_path / "data") in rw
 
 
 def test_paths_under_home_switch_protect_home_to_read_only_with_a_warning(site):

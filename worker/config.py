@@ -49,7 +49,6 @@ class ModelConfig:
     intra_op_threads: int = 0  # threads inside one operator; 0 = one per physical core, each pinned to its own
     inter_op_threads: int = 1  # operators run in parallel; 1 suits these sequential CNNs
     spin_wait: bool = False  # onnxruntime threads also spin between batches (within one they always do)
-    optimized_cache: str = ""  # file to cache the graph-optimised model in; empty = no cache
 
 
 @dataclass

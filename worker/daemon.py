@@ -75,14 +75,12 @@ def layout_problems(config: Config) -> list[str]:
 
 def make_model(config: Config) -> Model:
     """The model the config names (or the shipped default), with its execution providers and threads."""
-    cache = config.resolve(config.model.optimized_cache) if config.model.optimized_cache else None
     return Model(
         config.model_path,
         providers=config.model.providers,
         intra_op_threads=config.model.intra_op_threads,
         inter_op_threads=config.model.inter_op_threads,
         spin_wait=config.model.spin_wait,
-        optimized_cache=cache,
     )
 
 
@@ -108,6 +106,7 @@ class Worker:
         self._next_watchdog = 0.0
         self._next_heartbeat = 0.0
         self._feeder_dead_logged = False
+        self._started = False  # start-up completed: its end is logged too
 
     # The whole run ------------------------------------------------------------------------------------
     def run(self, once: bool = False) -> int:
@@ -170,6 +169,7 @@ class Worker:
         self.metrics.heartbeat()
         self.notifier.ready(self.pipeline.status_line())
         self._next_watchdog = time.monotonic()
+        self._started = True
 
     def open_store(self) -> Store:
         """The database. Under a systemd watchdog, one write may block the loop (lock waits and retries)
@@ -284,7 +284,8 @@ class Worker:
         if self.lock is not None:
             self.lock.release()
         self.notifier.close()
-        log.info("stopped; %d results recorded since start", self.pipeline.counters.rows if self.pipeline else 0)
+        if self._started and self.pipeline is not None:
+            log.info("stopped; %d results recorded since start", self.pipeline.counters.rows)
 
     def request_stop(self) -> None:
         """Finish the batch in progress, then leave the loop (what SIGTERM does; also for tests)."""

@@ -162,7 +162,6 @@ class Model:
         intra_op_threads: int = 0,
         inter_op_threads: int = 1,
         spin_wait: bool = True,
-        optimized_cache: Path | None = None,
     ) -> None:
         chosen = choose_providers(providers or ["auto"])
         default = path is None
@@ -187,9 +186,6 @@ class Model:
         options.add_session_config_entry("session.force_spinning_stop", "0" if spin_wait else "1")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        if optimized_cache is not None:
-            optimized_cache.parent.mkdir(parents=True, exist_ok=True)
-            options.optimized_model_filepath = str(optimized_cache)
         try:
             self.session = ort.InferenceSession(data, options, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own classes for every kind of bad file

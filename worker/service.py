@@ -377,8 +377,6 @@ def install_service(
         db_dir = Path(db_url[len("sqlite:///"):]).parent
         if not _under(db_dir, state_dir):
             writable.append(db_dir)
-    if cfg.model.optimized_cache:
-        writable.append(cfg.resolve(cfg.model.optimized_cache).parent)
     writable = list(dict.fromkeys(Path(os.path.normpath(p)) for p in writable))
 
     if network is None:
