@@ -16,35 +16,33 @@ from worker.model import Model
 linux_only = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="thread affinity is Linux-only")
 
 
-def topology(root: Path, cores: dict[int, tuple[int, int]], siblings: dict[int, str] | None = None) -> Path:
-    """A /sys/devices/system/cpu tree: {cpu: (package, core)}, and each CPU's thread_siblings_list."""
-    for cpu, (package, core) in cores.items():
+def topology(root: Path, cpus: int, siblings: dict[int, str] | None = None) -> Path:
+    """A /sys/devices/system/cpu tree of `cpus` logical CPUs, each with its thread_siblings_list (default:
+    a core of its own)."""
+    for cpu in range(cpus):
         folder = root / f"cpu{cpu}" / "topology"
         folder.mkdir(parents=True)
-        (folder / "physical_package_id").write_text(f"{package}\n")
-        (folder / "core_id").write_text(f"{core}\n")
         (folder / "thread_siblings_list").write_text((siblings or {}).get(cpu, str(cpu)) + "\n")
     return root
 
 
 @linux_only
 def test_two_cores_pool_thread_on_the_second_caller_on_the_first(tmp_path):
-    sysfs = topology(tmp_path, {0: (0, 0), 1: (0, 1)})
+    sysfs = topology(tmp_path, 2)
     assert place(0, [0, 1], sysfs) == Placement(2, "2", frozenset({0}))
 
 
 @linux_only
 def test_hyper_threads_count_once_and_the_caller_keeps_its_sibling(tmp_path):
     # 2 cores x 2 threads, numbered as Linux does on Intel: cpu2 is cpu0's sibling, cpu3 is cpu1's.
-    sysfs = topology(tmp_path, {0: (0, 0), 1: (0, 1), 2: (0, 0), 3: (0, 1)},
-                     {0: "0,2", 2: "0,2", 1: "1,3", 3: "1,3"})
+    sysfs = topology(tmp_path, 4, {0: "0,2", 2: "0,2", 1: "1,3", 3: "1,3"})
     assert physical_cores([0, 1, 2, 3], sysfs) == [0, 1]
     assert place(0, [0, 1, 2, 3], sysfs) == Placement(2, "2", frozenset({0, 2}))
 
 
 @linux_only
 def test_fewer_threads_than_cores_leave_the_caller_every_other_core(tmp_path):
-    sysfs = topology(tmp_path, {cpu: (cpu // 4, cpu % 4) for cpu in range(8)})
+    sysfs = topology(tmp_path, 8)
     placement = place(3, list(range(8)), sysfs)
     assert placement.threads == 3
     assert placement.pool_affinities == "2;3"  # cpu1 and cpu2, numbered from 1 as onnxruntime wants
@@ -53,12 +51,12 @@ def test_fewer_threads_than_cores_leave_the_caller_every_other_core(tmp_path):
 
 @linux_only
 def test_a_cpuset_restricts_the_cores_used(tmp_path):
-    sysfs = topology(tmp_path, {cpu: (0, cpu) for cpu in range(8)})
+    sysfs = topology(tmp_path, 8)
     assert place(0, [4, 6], sysfs) == Placement(2, "7", frozenset({4}))
 
 
 def test_no_pinning_for_one_thread_or_more_threads_than_cores(tmp_path):
-    sysfs = topology(tmp_path, {0: (0, 0), 1: (0, 1)})
+    sysfs = topology(tmp_path, 2)
     assert place(1, [0, 1], sysfs) == Placement(1, "", frozenset())
     assert place(4, [0, 1], sysfs) == Placement(4, "", frozenset())
 

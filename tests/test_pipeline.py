@@ -458,22 +458,32 @@ def test_scale_out_a_refused_location_update_still_releases_the_batch_claims(tmp
     with postgres_server() as url:
         cfg = make_config(tmp_path, **{"database.url": url})
         store = Store(url, retry_s=2)
-        claims = Claims(store, "w1", "host-1", lease_s=30)
+        claims = Claims(store, "w1", "host-1", lease_s=1.5)  # renewals (and retried releases) every 0.5 s
         harness = Harness(cfg, store=store, claims=claims)
+        claims.start()
         try:
             write_image(cfg.inbox_path / "a.jpg", (255, 0, 0))
             write_image(cfg.inbox_path / "b.png", (0, 0, 255))
             refuse(store.engine, "UPDATE", "results")  # set_locations fails; the claims table works
+
+            def claims_left() -> int:
+                with store.engine.connect() as conn:
+                    return conn.exec_driver_sql("SELECT count(*) FROM claims").scalar_one()
+
             assert harness.submit_all() == 2
             harness.drain()
+            deadline = time.monotonic() + 10
+            while claims_left():  # released by the renewal thread, not by the failing batch itself
+                assert time.monotonic() < deadline, "the batch's claims were never released"
+                time.sleep(0.1)
             with store.engine.connect() as conn:
                 rows = conn.exec_driver_sql("SELECT file, category, location FROM results ORDER BY file").all()
-                held = conn.exec_driver_sql("SELECT count(*) FROM claims").scalar_one()
             # Recorded and moved; the rows' locations are stale (the inbox), and no claim is left behind
             # to be renewed and to keep other workers away until a restart.
             assert [(r[0], r[1]) for r in rows] == [("a.jpg", "red"), ("b.png", "blue")]
             assert [r[2] for r in rows] == [str(cfg.inbox_path / "a.jpg"), str(cfg.inbox_path / "b.png")]
             assert sorted(p.name for p in cfg.processed_path.iterdir()) == ["a.jpg", "b.png"]
-            assert held == 0 and claims.held == 0
+            assert claims.held == 0
         finally:
+            claims.close()
             harness.close()

@@ -231,6 +231,17 @@ def test_find_drop_and_set_locations(store: Store) -> None:
     store.set_locations([])
 
 
+def test_lookups_that_the_database_refuses_raise_store_error(store: Store, db_path: Path) -> None:
+    """The pipeline turns a StoreError into a back-off and a retry of the batch; a raw driver error would
+    instead end up as an unexpected error."""
+    with sqlite3.connect(db_path) as conn:  # a schema broken behind the worker's back: not transient
+        conn.execute("ALTER TABLE results RENAME TO results_gone")
+    with pytest.raises(StoreError, match=r"looking up earlier results failed: .*no such table: results"):
+        store.first_by_content(["a" * 64], MODEL)
+    with pytest.raises(StoreError, match=r"looking up a recorded drop failed: .*no such table: results"):
+        store.find_drop("a.jpg", "a" * 64, MODEL, "/inbox/a.jpg")
+
+
 def test_heartbeat_upserts_the_worker_row(store: Store) -> None:
     from worker.store import workers
 

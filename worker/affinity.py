@@ -44,14 +44,13 @@ def physical_cores(cpus: list[int], sysfs: Path = SYSFS_CPU) -> list[int]:
     """One logical CPU per physical core among `cpus` (hyper-threads share a core's arithmetic units, so
     two of onnxruntime's threads on one core would wait on each other). Without topology files every
     logical CPU counts as a core."""
-    seen: set[tuple[str, str]] = set()
+    seen: set[frozenset[int]] = set()
     chosen = []
     for cpu in cpus:
-        topology = sysfs / f"cpu{cpu}" / "topology"
-        try:
-            key = ((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip())
-        except OSError:
-            key = (str(cpu), "")
+        try:  # the logical CPUs sharing this one's core, itself included
+            key = frozenset(_parse_list((sysfs / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text()))
+        except (OSError, ValueError):
+            key = frozenset({cpu})
         if key not in seen:
             seen.add(key)
             chosen.append(cpu)
@@ -77,10 +76,10 @@ def _siblings(cores: list[int], cpus: list[int], sysfs: Path) -> set[int]:
     taken = set(cores)
     for cpu in cores:
         try:
-            text = (sysfs / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text()
-        except OSError:
+            siblings = _parse_list((sysfs / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text())
+        except (OSError, ValueError):
             continue
-        taken.update(c for c in _parse_list(text) if c in cpus)
+        taken.update(c for c in siblings if c in cpus)
     return taken
 
 
@@ -113,4 +112,7 @@ def held_on(cpus: frozenset[int]) -> Iterator[None]:
     try:
         yield
     finally:
-        os.sched_setaffinity(0, before)
+        try:
+            os.sched_setaffinity(0, before)
+        except OSError:  # the cpuset changed during the run: every CPU, which the kernel cuts to the cpuset
+            os.sched_setaffinity(0, range(os.cpu_count() or 1))

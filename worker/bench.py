@@ -345,6 +345,16 @@ class WorkerProcess:
                 totals.setdefault(key, [0.0, 0.0])[0 if sample.name.endswith("_sum") else 1] = sample.value
         return {key: (value[0], value[1]) for key, value in totals.items()}
 
+    def commits_after(self, count: float, timeout: float = 5.0) -> dict[str, tuple[float, float]]:
+        """stage_totals() once more than `count` commit stages are in: the worker records a batch's commit
+        time just after the commit, so a row can be visible a moment before its timing is."""
+        deadline = time.monotonic() + timeout
+        while True:
+            totals = self.stage_totals()
+            if totals.get("commit", (0.0, 0.0))[1] > count or time.monotonic() > deadline:
+                return totals
+            time.sleep(0.001)
+
     def processed_at(self, names: list[str]) -> dict[str, float]:
         with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5) as db:
             marks = ",".join("?" * len(names))
@@ -428,7 +438,7 @@ def end_to_end(root: Path, files: list[Path], model: Path, options: BenchOptions
 
         say(f"single-drop latency over {options.drops} drops")
         latencies = []
-        totals = worker.stage_totals()
+        totals = worker.commits_after(0)  # the warm-up batch's commit timing is in
         for i in range(options.drops):
             name = f"drop-{i:03d}.jpg"
             data = with_trailer(files[i % len(files)].read_bytes(), name)
@@ -440,7 +450,8 @@ def end_to_end(root: Path, files: list[Path], model: Path, options: BenchOptions
             # processed_at is stamped inside the transaction, before the insert and the commit: adding the
             # whole commit stage of the drop's batch (the worker's own timing) bounds close -> commit from
             # above, without polling that would take CPU from the worker while it is being timed.
-            before, totals = totals, worker.stage_totals()
+            before = totals
+            totals = worker.commits_after(before.get("commit", (0.0, 0.0))[1])
             commit_s = totals.get("commit", (0.0, 0.0))[0] - before.get("commit", (0.0, 0.0))[0]
             latencies.append(1000 * (worker.processed_at([name])[name] - closed + commit_s))
             time.sleep(0.05)

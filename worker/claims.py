@@ -228,12 +228,12 @@ class Claims:
         self.store.write("releasing claims", lambda conn: self.release_in(conn, keys, left=left))
 
     def release_later(self, keys: Iterable[str], *, left: Iterable[str] = ()) -> None:
-        """`release` now, and if the database refuses, again before each renewal until it succeeds (else
-        these claims would be renewed, and their files deferred by other workers, until a restart)."""
+        """`release` in the renewal thread, before each renewal until the database takes it (else these
+        claims would be renewed, and their files deferred by other workers, until a restart). For a caller
+        whose own write to the database just failed: it does not block on the database a second time."""
         with self._lock:
             self._unreleased[0].update(keys)
             self._unreleased[1].update(left)
-        self.flush_releases()
 
     def flush_releases(self) -> bool:
         """Retry the releases that failed (see `release_later`); True when none is left. Errors are logged."""

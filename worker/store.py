@@ -381,6 +381,18 @@ class Store:
         except SQLAlchemyError as exc:  # not a DBAPI error: a bug or a schema mismatch
             raise StoreError(f"database {self.url}: {what} failed: {_reason(exc)}") from exc
 
+    def _read(self, what: str, body: Callable[[Connection], T]) -> T:
+        """Run `body(conn)` outside a write transaction, retried on transient errors like a write; any
+        database error becomes a StoreError."""
+        def attempt() -> T:
+            with self.engine.connect() as conn:
+                return body(conn)
+
+        try:
+            return self._retry(what, attempt)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"database {self.url}: {what} failed: {_reason(exc)}") from exc
+
     # Results --------------------------------------------------------------------------------------
     def add_results(self, records: list[ResultRecord], claims: Claims | None = None) -> list[int | None]:
         """Insert a batch in ONE transaction; return the new ids in the order of `records`.
@@ -509,9 +521,10 @@ class Store:
         The worker uses it to skip classifying the same bytes again (it copies status, category,
         confidence, top3 and error from the first row).
         """
-        out: dict[str, StoredResult] = {}
         shas = sorted({s for s in sha256s if s})
-        with self.engine.connect() as conn:
+
+        def body(conn: Connection) -> dict[str, StoredResult]:
+            out: dict[str, StoredResult] = {}
             for chunk in _chunks(shas, 500):
                 for row in conn.execute(_FIRST_ROWS, {"model_id": model_id, "shas": list(chunk)}).mappings():
                     out[row["sha256"]] = StoredResult(
@@ -519,7 +532,9 @@ class Store:
                         status=row["status"], category=row["category"], confidence=row["confidence"],
                         top3=decode_top3(row["top3"]), error=row["error"],
                     )
-        return out
+            return out
+
+        return self._read("looking up earlier results", body)
 
     def find_drop(self, file: str, sha256: str | None, model_id: str, location: str) -> int | None:
         """The id of a committed row for this exact drop (same name, content and model) whose location is
@@ -528,8 +543,8 @@ class Store:
         params = {"file": safe_text(file), "model_id": model_id, "location": safe_text(location)}
         if sha256 is not None:
             params["sha256"] = sha256
-        with self.engine.connect() as conn:
-            found = conn.execute(_FIND_DROP[sha256 is not None], params).scalar_one_or_none()
+        found = self._read("looking up a recorded drop",
+                           lambda conn: conn.execute(_FIND_DROP[sha256 is not None], params).scalar_one_or_none())
         return None if found is None else int(found)
 
     def set_locations(self, pairs: list[tuple[int, str]], also: Callable[[Connection], object] | None = None) -> None:
