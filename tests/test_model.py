@@ -85,3 +85,20 @@ def test_shipped_default_model_honours_the_contract():
                                  "shorts", "skirt", "t-shirt"]
     assert float(model.info.metadata["val_accuracy"]) >= 0.92
     assert model.probabilities(np.zeros((2, *model.input_size, 3), dtype=np.uint8)).shape == (2, 10)
+
+
+def test_cpu_sessions_get_a_thread_per_core_and_gpu_sessions_one_that_does_not_spin() -> None:
+    """What onnxruntime is told (its own sessions do not report their thread count back)."""
+    from worker.affinity import place
+    from worker.model import session_options
+
+    cpu, placement = session_options(0, 1, False, gpu=False)
+    assert placement == place(0) and cpu.intra_op_num_threads == placement.threads
+    assert cpu.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert cpu.get_session_config_entry("session.force_spinning_stop") == "1"
+    gpu, placement = session_options(0, 1, False, gpu=True)
+    assert gpu.intra_op_num_threads == 1 and placement.pool_affinities == ""
+    assert gpu.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    explicit, _ = session_options(3, 1, True, gpu=True)  # a configured count is kept, also on a GPU
+    assert explicit.intra_op_num_threads == 3
+    assert explicit.get_session_config_entry("session.force_spinning_stop") == "0"

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from worker.affinity import held_on, place
+from worker.affinity import Placement, held_on, place
 from worker.exceptions import ModelError
 from worker.preprocess import RESIZE_POLICIES
 
@@ -151,6 +151,30 @@ def choose_providers(requested: list[str]) -> list[str]:
     return list(requested)
 
 
+def session_options(intra_op_threads: int, inter_op_threads: int, spin_wait: bool, *,
+                    gpu: bool) -> tuple[ort.SessionOptions, Placement]:
+    """onnxruntime's options for a CPU or a GPU session, and where its CPU threads run.
+
+    CPU: one thread per physical core by default, each on a core of its own (worker.affinity), spinning
+    between the operators of a batch (waking a sleeping thread per operator made a single image 25 %
+    slower) and, unless `spin_wait`, sleeping between batches, leaving the cores to decoding.
+    GPU: the kernels run on the device; on the CPU only a few shape operators run, which need no thread
+    pool. One thread by default, not spinning: a pool of spinning threads, one per core, competes with the
+    decode threads and with the thread that launches the kernels (onnxruntime issues #17268, #26847).
+    """
+    options = ort.SessionOptions()
+    placement = place(intra_op_threads or (1 if gpu else 0))
+    options.intra_op_num_threads = placement.threads
+    if placement.pool_affinities:
+        options.add_session_config_entry("session.intra_op_thread_affinities", placement.pool_affinities)
+    options.inter_op_num_threads = inter_op_threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0" if gpu else "1")
+    options.add_session_config_entry("session.force_spinning_stop", "0" if spin_wait else "1")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options, placement
+
+
 class Model:
     """An onnxruntime session over a contract-checked model."""
 
@@ -173,31 +197,22 @@ class Model:
         except OSError as exc:
             raise ModelError(f"cannot read model file {path}: {exc.strerror}") from None
         model_id = hashlib.sha256(data).hexdigest()
-        options = ort.SessionOptions()
-        placement = place(intra_op_threads)
-        options.intra_op_num_threads = placement.threads
-        if placement.pool_affinities:
-            options.add_session_config_entry("session.intra_op_thread_affinities", placement.pool_affinities)
-        options.inter_op_num_threads = inter_op_threads
-        # Inside a batch, onnxruntime's threads spin between operators (waking a sleeping thread per
-        # operator made a single image 25 % slower); between batches they sleep unless `spin_wait`, so
-        # they do not burn the cores that decoding needs.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        options.add_session_config_entry("session.force_spinning_stop", "0" if spin_wait else "1")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
+        gpu = chosen[0] in GPU_PROVIDERS
+        options, placement = session_options(intra_op_threads, inter_op_threads, spin_wait, gpu=gpu)
         try:
             self.session = ort.InferenceSession(data, options, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own classes for every kind of bad file
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ModelError(f"model file {path} cannot be loaded: {first}") from None
         self.providers = self.session.get_providers()
-        if default and path == DEFAULT_MODEL_GPU and not any(p in GPU_PROVIDERS for p in self.providers):
-            # onnxruntime-gpu without a usable GPU (no device, no CUDA libraries) starts on the CPU: the
-            # int8 model is twice as fast there as the fp16 one.
-            log.warning("no GPU provider could start (have %s); using the CPU model", ", ".join(self.providers))
-            path, data = DEFAULT_MODEL, DEFAULT_MODEL.read_bytes()
-            model_id = hashlib.sha256(data).hexdigest()
+        if gpu and self.providers[0] not in GPU_PROVIDERS:
+            # onnxruntime-gpu without a usable GPU (no device, no CUDA libraries) starts on the CPU: with the
+            # CPU's threads then, and for the shipped model its int8 variant, twice as fast there as fp16.
+            log.warning("no GPU provider could start (have %s); running on the CPU", ", ".join(self.providers))
+            if default and path == DEFAULT_MODEL_GPU:
+                path, data = DEFAULT_MODEL, DEFAULT_MODEL.read_bytes()
+                model_id = hashlib.sha256(data).hexdigest()
+            options, placement = session_options(intra_op_threads, inter_op_threads, spin_wait, gpu=False)
             self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
             self.providers = self.session.get_providers()
         self.info = read_contract(self.session, path, model_id)
