@@ -3,6 +3,8 @@
 Under CI `.ci/run` installs Debian's `systemd` package so systemd-analyze is present; locally these tests
 skip (with the reason) only when the binary is missing. Nothing here touches the host's users or
 systemd: install_service(root=tmp) writes the unit and folders under tmp and lists the host commands.
+The last test boots a real systemd as PID 1 of its own PID and mount namespaces (as root), with /etc, /srv,
+/var and /root as throw-away overlays, and runs `install-service` there for real.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import write_image
 
 from worker.exceptions import FashionWorkerError
 from worker.service import (
@@ -405,3 +409,112 @@ def test_the_worker_under_a_service_manager_environment(tmp_path):
     assert all(re.match(r"<[0-7]>[\w.]+: ", line) for line in log_lines), log_lines
     assert not any(re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", line) for line in log_lines)
     assert sum(m.count("WATCHDOG=1") for m in messages) >= 1
+
+
+# A real systemd as PID 1 -------------------------------------------------------------------------------
+BOOT = r"""#!/bin/bash
+# PID 1 of a new PID namespace with private mounts. /etc, /srv, /var and /root are overlays whose writes
+# stay in $1 (users, the unit, the config, the inbox, the database); /run is a fresh tmpfs. systemd boots a
+# target that starts journald only. The worker's unit gets DefaultDependencies=no, and sysinit.target and
+# the units that act on the whole machine are masked: the real boot (tmpfiles would empty the real /tmp,
+# udev and sysctl act on the real kernel) must never run from here.
+set -e
+WORK=$1
+mount -t proc proc /proc
+for d in etc srv var root; do
+  mkdir -p "$WORK/$d-up" "$WORK/$d-work"
+  mount -t overlay overlay -o "lowerdir=/$d,upperdir=$WORK/$d-up,workdir=$WORK/$d-work" "/$d"
+done
+chmod 711 /root  # the venv's interpreter may live under /root (pyenv): the service user must traverse it
+mount -t tmpfs -o mode=755 tmpfs /run
+mkdir -p /run/systemd/system/fashion-worker.service.d
+for unit in sysinit.target basic.target local-fs.target swap.target timers.target getty.target \
+    systemd-tmpfiles-setup.service systemd-tmpfiles-setup-dev.service systemd-tmpfiles-clean.timer \
+    systemd-udevd.service systemd-udev-trigger.service systemd-sysctl.service \
+    systemd-modules-load.service systemd-remount-fs.service systemd-timesyncd.service; do
+  ln -s /dev/null "/run/systemd/system/$unit"
+done
+printf '[Unit]\nDescription=fashion-worker test boot\nDefaultDependencies=no\nWants=systemd-journald.service\n' \
+  > /run/systemd/system/fw-test.target
+cp "$WORK/dropin.conf" /run/systemd/system/fashion-worker.service.d/00-test-boot.conf
+exec /lib/systemd/systemd --system --unit=fw-test.target
+"""
+
+
+def _real_systemd_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (PID and mount namespaces, overlay mounts)"
+    for tool in ("unshare", "nsenter"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed"
+    if not Path("/lib/systemd/systemd").exists():
+        return "systemd not installed"
+    if "overlay" not in Path("/proc/filesystems").read_text():
+        return "no overlay filesystem in this kernel"
+    return None
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(_real_systemd_missing() is not None, reason=str(_real_systemd_missing()))
+def test_install_service_then_the_unit_runs_under_a_real_systemd_as_pid_1(tmp_path) -> None:
+    """`fashion-worker install-service` in a throw-away systemd (PID 1 of its own namespaces), then the
+    hardened unit classifies a photo, reports READY and STATUS, keeps onnxruntime's threads pinned, logs
+    nothing alarming, and stops cleanly. The test drop-in changes only what the boot needs: no default
+    dependencies, and the repository visible through PrivateTmp (CI clones it under /tmp)."""
+    work = tmp_path / "ns"
+    work.mkdir()
+    (work / "boot.sh").write_text(BOOT)
+    (work / "boot.sh").chmod(0o755)
+    (work / "dropin.conf").write_text(
+        f"[Unit]\nDefaultDependencies=no\n\n[Service]\nBindReadOnlyPaths={REPO} {Path(sys.prefix).resolve()}\n")
+    boot = subprocess.Popen(["unshare", "--pid", "--mount", "--uts", "--ipc", "--kill-child=SIGKILL",
+                             "--propagation", "private", str(work / "boot.sh"), str(work)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    pid1 = None
+    try:
+        deadline = time.monotonic() + 30
+        while pid1 is None:
+            children = Path(f"/proc/{boot.pid}/task/{boot.pid}/children").read_text().split()
+            pid1 = int(children[0]) if children else None
+            assert time.monotonic() < deadline and boot.poll() is None, "the namespace did not start"
+            time.sleep(0.1)
+
+        def inside(*command: str, check: bool = True, timeout: float = 120) -> str:
+            done = subprocess.run(["nsenter", "-t", str(pid1), "-a", *command], capture_output=True,
+                                  text=True, timeout=timeout)
+            assert not check or done.returncode == 0, f"{command}: {done.stdout}{done.stderr}"
+            return done.stdout + done.stderr
+
+        while inside("systemctl", "is-system-running", check=False).strip() not in ("running", "degraded"):
+            assert time.monotonic() < deadline, inside("systemctl", "list-jobs", check=False)
+            time.sleep(0.2)
+        fw = str(Path(sys.prefix) / "bin" / "fashion-worker")
+        inside(fw, "install-service")  # two commands in the README: install, then drop files
+        assert inside("systemctl", "is-active", "fashion-worker").strip() == "active"
+        assert "Status: \"queue 0;" in inside("systemctl", "status", "fashion-worker", "--no-pager", check=False)
+
+        write_image(work / "drop.jpg", (200, 30, 30), size=(400, 533), noise_seed=7)
+        inside("sh", "-c", f"cp {work / 'drop.jpg'} /srv/fashion-worker/.drop.jpg && "
+                           "mv /srv/fashion-worker/.drop.jpg /srv/fashion-worker/inbox/listing.jpg")
+        results = ""
+        while "listing.jpg" not in results:
+            assert time.monotonic() < deadline + 60, results
+            time.sleep(0.3)
+            results = inside(fw, "results", "--config", "/etc/fashion-worker/config.toml", check=False)
+        assert "ok" in results and inside("ls", "/srv/fashion-worker/processed").split() == ["listing.jpg"]
+
+        main = inside("systemctl", "show", "-p", "MainPID", "--value", "fashion-worker").strip()
+        threads = inside("sh", "-c", f"grep -h Cpus_allowed_list /proc/{main}/task/*/status")
+        if len(os.sched_getaffinity(0)) >= 2:  # onnxruntime's pool thread sits on a core of its own
+            assert re.search(r"Cpus_allowed_list:\s+\d+\n", threads), threads
+
+        inside("systemctl", "stop", "fashion-worker")
+        journal = inside("journalctl", "-u", "fashion-worker", "--no-pager", "-o", "cat")
+        assert "watching inbox /srv/fashion-worker/inbox" in journal
+        assert "stopped; 1 results recorded since start" in journal
+        for alarming in ("Traceback", "pthread_setaffinity_np failed", "cpuinfo", "Operation not permitted"):
+            assert alarming not in journal, journal
+        assert inside("systemctl", "show", "-p", "ExecMainStatus", "--value", "fashion-worker").strip() == "0"
+    finally:
+        os.killpg(boot.pid, signal.SIGKILL)
+        boot.wait(timeout=30)
