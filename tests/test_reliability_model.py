@@ -47,7 +47,7 @@ def start_with(site_root: Path, case: str) -> tuple[str, int, str, str, float, b
                           timeout=60)
     seconds = time.monotonic() - started
     untouched = waiting.read_bytes() == before and not any(site.processed.glob("*")) and \
-        not any(site.failed.glob("*"))
+        not any(site.failed.glob("*")) and not site.db.exists()  # no database made for nothing either
     return case, done.returncode, done.stdout, done.stderr, seconds, untouched
 
 

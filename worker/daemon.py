@@ -126,10 +126,13 @@ class Worker:
 
     def start_up(self, once: bool = False) -> None:
         config = self.config
-        self.make_folders()
-        if config.service.lock and not uses_claims(config.database_url):
+        if config.service.lock and not uses_claims(config.database_url):  # a second worker: one line, at once
             self.lock = InboxLock(config.inbox_path, config.database_url)
             self.lock.acquire()
+        self.model = make_model(config)  # a bad model stops start-up before folders and database are made
+        if config.batch.decode_on == "gpu" and self.model.device != "cuda":
+            raise ConfigError(gpu_decode_problem(self.model))
+        self.make_folders()
         self.store = self.open_store()
         if self.store.dialect == "postgresql":  # scale-out: claims instead of the inbox lock
             if config.service.lock:
@@ -138,9 +141,6 @@ class Worker:
             self.claims = Claims(self.store, self.worker_id, self.host, lease_s=config.database.claim_lease_s)
             self.claims.start()
         recover_locations(self.store, config, self.host)  # rows a crashed worker left naming the inbox
-        self.model = make_model(config)
-        if config.batch.decode_on == "gpu" and self.model.device != "cuda":
-            raise ConfigError(gpu_decode_problem(self.model))
         self.model.warm_up(config.batch.max_batch)
         info = self.model.info
         self.metrics.set_model(info.model_id, info.name, info.version)
