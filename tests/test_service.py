@@ -413,19 +413,25 @@ def test_the_worker_under_a_service_manager_environment(tmp_path):
 
 # A real systemd as PID 1 -------------------------------------------------------------------------------
 BOOT = r"""#!/bin/bash
-# PID 1 of a new PID namespace with private mounts. /etc, /srv, /var and /root are overlays whose writes
-# stay in $1 (users, the unit, the config, the inbox, the database); /run is a fresh tmpfs. systemd boots a
+# PID 1 of a new PID namespace with private mounts. /etc, /srv, /var, /root and the repository $2 are
+# overlays whose writes stay in $1 (users, the unit, the config, the inbox, the database); /run is a
+# fresh tmpfs. systemd boots a
 # target that starts journald only. The worker's unit gets DefaultDependencies=no, and sysinit.target and
 # the units that act on the whole machine are masked: the real boot (tmpfiles would empty the real /tmp,
 # udev and sysctl act on the real kernel) must never run from here.
 set -e
 WORK=$1
+REPO=$2
 mount -t proc proc /proc
-for d in etc srv var root; do
-  mkdir -p "$WORK/$d-up" "$WORK/$d-work"
-  mount -t overlay overlay -o "lowerdir=/$d,upperdir=$WORK/$d-up,workdir=$WORK/$d-work" "/$d"
+for d in /etc /srv /var /root "$REPO"; do
+  layer=$(echo "$d" | tr / _)
+  mkdir -p "$WORK/$layer-up" "$WORK/$layer-work"
+  mount -t overlay overlay -o "lowerdir=$d,upperdir=$WORK/$layer-up,workdir=$WORK/$layer-work" "$d"
 done
-chmod 711 /root  # the venv's interpreter may live under /root (pyenv): the service user must traverse it
+# The service user must traverse to the venv and its interpreter: pyenv lives under /root, and CI clones
+# the repository into a mktemp folder (mode 0700).
+chmod 711 /root
+chmod 755 "$REPO"
 mount -t tmpfs -o mode=755 tmpfs /run
 mkdir -p /run/systemd/system/fashion-worker.service.d
 for unit in sysinit.target basic.target local-fs.target swap.target timers.target getty.target \
@@ -468,7 +474,7 @@ def test_install_service_then_the_unit_runs_under_a_real_systemd_as_pid_1(tmp_pa
     (work / "dropin.conf").write_text(
         f"[Unit]\nDefaultDependencies=no\n\n[Service]\nBindReadOnlyPaths={REPO} {Path(sys.prefix).resolve()}\n")
     boot = subprocess.Popen(["unshare", "--pid", "--mount", "--uts", "--ipc", "--kill-child=SIGKILL",
-                             "--propagation", "private", str(work / "boot.sh"), str(work)],
+                             "--propagation", "private", str(work / "boot.sh"), str(work), str(REPO)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     pid1 = None
     try:
@@ -489,8 +495,9 @@ def test_install_service_then_the_unit_runs_under_a_real_systemd_as_pid_1(tmp_pa
             assert time.monotonic() < deadline, inside("systemctl", "list-jobs", check=False)
             time.sleep(0.2)
         fw = str(Path(sys.prefix) / "bin" / "fashion-worker")
-        inside(fw, "install-service")  # two commands in the README: install, then drop files
-        assert inside("systemctl", "is-active", "fashion-worker").strip() == "active"
+        installed = inside(fw, "install-service", check=False)  # the README's two commands: install, then drop
+        assert inside("systemctl", "is-active", "fashion-worker", check=False).strip() == "active", \
+            installed + inside("journalctl", "-u", "fashion-worker", "--no-pager", "-o", "cat", check=False)
         assert "Status: \"queue 0;" in inside("systemctl", "status", "fashion-worker", "--no-pager", check=False)
 
         write_image(work / "drop.jpg", (200, 30, 30), size=(400, 533), noise_seed=7)
