@@ -126,20 +126,24 @@ class Worker:
 
     def start_up(self, once: bool = False) -> None:
         config = self.config
-        if config.service.lock and not uses_claims(config.database_url):  # a second worker: one line, at once
-            self.lock = InboxLock(config.inbox_path, config.database_url)
-            self.lock.acquire()
-        self.model = make_model(config)  # a bad model stops start-up before folders and database are made
-        if config.batch.decode_on == "gpu" and self.model.device != "cuda":
-            raise ConfigError(gpu_decode_problem(self.model))
-        self.make_folders()
-        self.store = self.open_store()
-        if self.store.dialect == "postgresql":  # scale-out: claims instead of the inbox lock
+        # First the checks that refuse a second worker (one line, before anything is loaded); then the
+        # model, so that a bad one stops start-up before folders and a SQLite database are made.
+        if uses_claims(config.database_url):  # scale-out: claims instead of the inbox lock
+            self.store = self.open_store()
             if config.service.lock:
                 self.worker_lock = WorkerIdLock(self.store, self.worker_id)
                 self.worker_lock.acquire()
             self.claims = Claims(self.store, self.worker_id, self.host, lease_s=config.database.claim_lease_s)
             self.claims.start()
+        elif config.service.lock:
+            self.lock = InboxLock(config.inbox_path, config.database_url)
+            self.lock.acquire()
+        self.model = make_model(config)
+        if config.batch.decode_on == "gpu" and self.model.device != "cuda":
+            raise ConfigError(gpu_decode_problem(self.model))
+        self.make_folders()
+        if self.store is None:
+            self.store = self.open_store()
         recover_locations(self.store, config, self.host)  # rows a crashed worker left naming the inbox
         self.model.warm_up(config.batch.max_batch)
         info = self.model.info
