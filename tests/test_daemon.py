@@ -298,6 +298,7 @@ def test_second_worker_on_the_same_inbox_and_database_refuses(site: Path, daemon
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death is the point
 def test_watchdog_pings_stop_once_the_batching_thread_has_ended(site: Path, monkeypatch, caplog) -> None:
     """systemd restarts a worker whose WATCHDOG=1 pings stop: they must stop when no batch can form.
 
