@@ -260,3 +260,22 @@ def test_a_release_the_database_refuses_is_retried_until_it_goes_through(store: 
     finally:
         a.close()
     assert a.flush_releases() is True
+
+
+def test_a_file_under_a_key_whose_release_is_pending_is_a_new_drop(store: Store) -> None:
+    """`cp -p` of a photo this worker recorded and moved, while the database refused that release: the same
+    name, size and mtime, so the same key, but a new drop. It must get a row of its own, not be taken
+    for the recorded one and only moved."""
+    a = Claims(store, "a", "host-a", lease_s=30)
+    (key, name), = keys("again.jpg").items()
+    a.claim({key: name})
+    (row_id,) = store.add_results([record(name, a, key, "s" * 64)], claims=a)
+    refuse(store.engine, "DELETE", "claims")
+    a.release_later([key])  # moved away; the release waits for the database
+    assert a.flush_releases() is False
+    granted = a.claim({key: name}).granted[key]  # the copy arrives
+    assert row_id is not None and granted.result_id is None
+    allow(store.engine, "DELETE", "claims")
+    assert a.flush_releases() is True  # nothing left to release: the key is held again, for the copy
+    assert claim_rows(store) == {"again.jpg": ("a", row_id, False, 0)}
+    assert a.renew() == 1

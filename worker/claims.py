@@ -118,6 +118,7 @@ class Claims:
         self._lease = timedelta(seconds=self.lease_s)
         self._mine: set[str] = set()  # keys granted and not released (for takeover detection and counts)
         self._unreleased: tuple[set[str], set[str]] = (set(), set())  # (finished, left) whose release failed
+        self._releasing = threading.Lock()  # a retried release and a claim of the same keys never overlap
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -139,6 +140,7 @@ class Claims:
         keys = sorted(drops)
         if not keys:
             return ClaimOutcome()
+        finished: set[str] = set()  # finished here, release still pending: a file under such a key is a new drop
 
         def body(conn: Connection) -> ClaimOutcome:
             now = sa.func.now()
@@ -166,8 +168,8 @@ class Claims:
                 )
                 with self._lock:
                     for key, result_id in conn.execute(takeover):
-                        outcome.granted[key] = Granted(key, None if result_id is None else int(result_id),
-                                                       key not in self._mine)
+                        recorded = None if result_id is None or key in finished else int(result_id)
+                        outcome.granted[key] = Granted(key, recorded, key not in self._mine)
             # 3. The rest are held by live workers (or done): who, and when to look again.
             others = [key for key in rest if key not in outcome.granted]
             if others:
@@ -180,9 +182,13 @@ class Claims:
                     outcome.held.setdefault(key, Held(key, "", "", False, 0.0))
             return outcome
 
-        outcome = self.store.write(f"claiming {len(keys)} files", body)
+        with self._releasing:  # not while a pending release of one of these keys is under way
+            with self._lock:
+                finished = self._unreleased[0] & set(keys)
+            outcome = self.store.write(f"claiming {len(keys)} files", body)
         taken = [g for g in outcome.granted.values() if g.taken_over]
         with self._lock:
+            self._unreleased[0].difference_update(outcome.granted)  # held again, for the new drop
             self._mine.update(outcome.granted)
             self.takeovers += len(taken)
         if taken:
@@ -237,19 +243,21 @@ class Claims:
 
     def flush_releases(self) -> bool:
         """Retry the releases that failed (see `release_later`); True when none is left. Errors are logged."""
-        with self._lock:
-            finished, kept = set(self._unreleased[0]), set(self._unreleased[1])
-        if not finished and not kept:
+        with self._releasing:
+            with self._lock:
+                finished, kept = set(self._unreleased[0]), set(self._unreleased[1])
+            if not finished and not kept:
+                return True
+            try:
+                self.release(finished, left=kept)
+            except StoreError as exc:
+                log.warning("cannot release %d claims yet (retried with each renewal): %s",
+                            len(finished | kept), exc)
+                return False
+            with self._lock:
+                self._unreleased[0].difference_update(finished)
+                self._unreleased[1].difference_update(kept)
             return True
-        try:
-            self.release(finished, left=kept)
-        except StoreError as exc:
-            log.warning("cannot release %d claims yet (retried with each renewal): %s", len(finished | kept), exc)
-            return False
-        with self._lock:
-            self._unreleased[0].difference_update(finished)
-            self._unreleased[1].difference_update(kept)
-        return True
 
     def release_in(self, conn: Connection, keys: Iterable[str], *, left: Iterable[str] = ()) -> None:
         """`release` inside the caller's transaction (the pipeline's set_locations)."""
