@@ -450,9 +450,9 @@ def end_to_end(root: Path, files: list[Path], model: Path, options: BenchOptions
             # processed_at is stamped inside the transaction, before the insert and the commit: adding the
             # whole commit stage of the drop's batch (the worker's own timing) bounds close -> commit from
             # above, without polling that would take CPU from the worker while it is being timed.
-            before = totals
-            totals = worker.commits_after(before.get("commit", (0.0, 0.0))[1])
-            commit_s = totals.get("commit", (0.0, 0.0))[0] - before.get("commit", (0.0, 0.0))[0]
+            seconds_before, batches_before = totals.get("commit", (0.0, 0.0))
+            totals = worker.commits_after(batches_before)
+            commit_s = totals.get("commit", (0.0, 0.0))[0] - seconds_before
             latencies.append(1000 * (worker.processed_at([name])[name] - closed + commit_s))
             time.sleep(0.05)
 

@@ -117,7 +117,9 @@ class Claims:
         self.takeovers = 0  # claims taken over from other processes
         self._lease = timedelta(seconds=self.lease_s)
         self._mine: set[str] = set()  # keys granted and not released (for takeover detection and counts)
-        self._unreleased: tuple[set[str], set[str]] = (set(), set())  # (finished, left) whose release failed
+        # Releases the database refused (see release_later): drops finished here, and drops left in place.
+        self._unreleased_finished: set[str] = set()
+        self._unreleased_left: set[str] = set()
         self._releasing = threading.Lock()  # a retried release and a claim of the same keys never overlap
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -184,11 +186,11 @@ class Claims:
 
         with self._releasing:  # not while a pending release of one of these keys is under way
             with self._lock:
-                finished = self._unreleased[0] & set(keys)
+                finished = self._unreleased_finished & set(keys)
             outcome = self.store.write(f"claiming {len(keys)} files", body)
         taken = [g for g in outcome.granted.values() if g.taken_over]
         with self._lock:
-            self._unreleased[0].difference_update(outcome.granted)  # held again, for the new drop
+            self._unreleased_finished.difference_update(outcome.granted)  # held again, for the new drop
             self._mine.update(outcome.granted)
             self.takeovers += len(taken)
         if taken:
@@ -238,14 +240,14 @@ class Claims:
         claims would be renewed, and their files deferred by other workers, until a restart). For a caller
         whose own write to the database just failed: it does not block on the database a second time."""
         with self._lock:
-            self._unreleased[0].update(keys)
-            self._unreleased[1].update(left)
+            self._unreleased_finished.update(keys)
+            self._unreleased_left.update(left)
 
     def flush_releases(self) -> bool:
         """Retry the releases that failed (see `release_later`); True when none is left. Errors are logged."""
         with self._releasing:
             with self._lock:
-                finished, kept = set(self._unreleased[0]), set(self._unreleased[1])
+                finished, kept = set(self._unreleased_finished), set(self._unreleased_left)
             if not finished and not kept:
                 return True
             try:
@@ -255,8 +257,8 @@ class Claims:
                             len(finished | kept), exc)
                 return False
             with self._lock:
-                self._unreleased[0].difference_update(finished)
-                self._unreleased[1].difference_update(kept)
+                self._unreleased_finished.difference_update(finished)
+                self._unreleased_left.difference_update(kept)
             return True
 
     def release_in(self, conn: Connection, keys: Iterable[str], *, left: Iterable[str] = ()) -> None:

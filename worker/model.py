@@ -220,7 +220,6 @@ class Model:
         # of one size and onnxruntime copies once each way, without allocating per run.
         self.device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
         self.placement = placement
-        self._caller_cpus = placement.caller_cpus if self.device == "cpu" else frozenset()
         self._outputs: dict[int, ort.OrtValue] = {}
         log.info("model %s %s (%s…) on %s, labels %s, input %sx%s", self.info.name, self.info.version,
                  model_id[:12], ",".join(self.providers), len(self.info.labels), *self.info.input_size)
@@ -235,20 +234,21 @@ class Model:
         if self.device == "cpu":
             if hasattr(images, "data_ptr"):  # a torch tensor from worker.gpudecode run on the CPU (tests)
                 images = images.cpu().numpy()
-            with held_on(self._caller_cpus):  # off the pool threads' cores (see worker.affinity)
+            with held_on(self.placement.caller_cpus):  # off the pool threads' cores (see worker.affinity)
                 (probs,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: images})
             return probs
         # cuDNN picks its algorithms per input shape, slowly, the first time it meets one: batches are
         # padded to a power of two so that a few shapes, all met in warm_up(), serve every batch size.
         rows = len(images)
+        on_device = hasattr(images, "data_ptr")  # a torch tensor on the GPU (worker.gpudecode)
         bucket = 1 << max(rows - 1, 0).bit_length()
         if bucket != rows:
-            padded = images.new_zeros((bucket, *images.shape[1:])) if hasattr(images, "data_ptr") \
+            padded = images.new_zeros((bucket, *images.shape[1:])) if on_device \
                 else np.zeros((bucket, *images.shape[1:]), dtype=np.uint8)
             padded[:rows] = images
             images = padded
         binding = self.session.io_binding()
-        if hasattr(images, "data_ptr"):  # a torch tensor on the GPU (worker.gpudecode): read in place
+        if on_device:  # read where it is
             images = images.contiguous()
             binding.bind_input(INPUT_NAME, "cuda", images.device.index or 0, np.uint8, list(images.shape),
                                images.data_ptr())

@@ -365,7 +365,6 @@ class Pipeline:
         self._max_wait_s = config.batch.max_wait_ms / 1000
         self._pool = ThreadPoolExecutor(config.batch.decode_threads, thread_name_prefix="decode")
         self._gpu = None
-        self._gpu_batch: Any = None  # decode_on = "gpu": the batch's pixels on the device
         if config.batch.decode_on == "gpu":
             from worker.gpudecode import GpuDecoder
 
@@ -833,11 +832,11 @@ class Pipeline:
             order = list(unique)
             predictions = self.model.predict(np.stack([p.pixels for p in unique.values()]))
         else:
+            order, on_device = self._decode_on_gpu(unique)
             try:
-                order = self._decode_on_gpu(unique)
-                predictions = self.model.predict(self._gpu_batch) if order else []
+                predictions = self.model.predict(on_device) if order else []
             finally:
-                self._gpu_batch = None  # free the device memory now, also when inference failed
+                on_device = None  # free the device memory now, also when inference failed
         inference_s = time.perf_counter() - start
         by_hash = dict(zip(order, predictions, strict=True))
         for p in todo:
@@ -854,10 +853,11 @@ class Pipeline:
             self.metrics.observe_batch(len(order), inference_s)
         return inference_s / len(order)
 
-    def _decode_on_gpu(self, unique: dict[str, Prepared]) -> list[str]:
-        """Decode the batch's JPEGs on the GPU (the rest were decoded by the pool) into `_gpu_batch`, one
-        tensor on the device; return the keys of `unique` in its row order. When nvJPEG refuses the batch,
-        its files are decoded on the CPU here; those that fail there get their error (a failed row)."""
+    def _decode_on_gpu(self, unique: dict[str, Prepared]) -> tuple[list[str], Any]:
+        """Decode the batch's JPEGs on the GPU (the rest were decoded by the pool); return the keys of
+        `unique` in row order and the batch as one tensor on the device (None when empty). When nvJPEG
+        refuses the batch, its files are decoded on the CPU here; those that fail there get their error
+        (a failed row)."""
         assert self._gpu is not None
         jpegs = [key for key, p in unique.items() if p.jpeg is not None]
         parts, order = [], []
@@ -880,9 +880,9 @@ class Pipeline:
         if decoded:
             parts.append(self._gpu.upload(np.stack([unique[key].pixels for key in decoded])))
             order += decoded
-        self._gpu_batch = self._gpu.concat(parts) if parts else None
+        on_device = self._gpu.concat(parts) if parts else None
         self._gpu.synchronize()
-        return order
+        return order, on_device
 
     def _record(self, p: Prepared, now: datetime, inference_s: float) -> ResultRecord:
         info = self.model.info

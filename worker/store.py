@@ -119,17 +119,13 @@ claims = sa.Table(  # PostgreSQL scale-out: who classifies which drop (worker.cl
 
 # The statements of the per-batch path, built once: building them per call (SQLAlchemy's coercions and
 # cache keys) took about a third of a one-row commit.
-_FIRST_IDS = (
+_FIRST_IDS = (  # (sha256, id of its first row) for the given contents under one model
     sa.select(results.c.sha256, sa.func.min(results.c.id))
     .where(results.c.model_id == sa.bindparam("model_id"), results.c.sha256.in_(sa.bindparam("shas", expanding=True)))
     .group_by(results.c.sha256)
 )
-_FIRST_ROWS = sa.select(results).where(results.c.id.in_(
-    sa.select(sa.func.min(results.c.id))
-    .where(results.c.model_id == sa.bindparam("model_id"), results.c.sha256.in_(sa.bindparam("shas", expanding=True)))
-    .group_by(results.c.sha256)
-    .scalar_subquery()
-))
+_FIRST_ROWS = sa.select(results).where(
+    results.c.id.in_(_FIRST_IDS.with_only_columns(sa.func.min(results.c.id)).scalar_subquery()))
 _MAX_ID = sa.select(sa.func.coalesce(sa.func.max(results.c.id), 0))
 _IDS_ABOVE = sa.select(results.c.id).where(results.c.id > sa.bindparam("before")).order_by(results.c.id)
 _INSERT = sa.insert(results)
