@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from worker.exceptions import ImageRejected
-from worker.preprocess import decode, load_pixels
+from worker.preprocess import decode, draft_scale, load_pixels
 
 LIMIT = 64_000_000
 
@@ -76,6 +76,25 @@ def test_large_jpeg_is_decoded_at_reduced_scale_with_the_same_result_shape():
     drafted = decode(data, max_pixels=LIMIT, draft_size=(260, 260))
     assert drafted.size == (500, 375)  # 1/8 scale, still larger than the model input
     assert load_pixels(data, (260, 260), max_pixels=LIMIT).shape == (260, 260, 3)
+
+
+@pytest.mark.parametrize(
+    ("image_size", "scale", "decoded"),
+    [
+        ((400, 533), 2, (200, 267)),  # a listing photo: each side keeps >= 3/4 of 260 (195)
+        ((389, 533), 1, (389, 533)),  # 1/2 would leave 194 < 195
+        ((1040, 780), 4, (260, 195)),
+        ((4000, 3000), 8, (500, 375)),  # 1/8 is the most libjpeg offers
+        ((260, 260), 1, (260, 260)),
+        ((120, 90), 1, (120, 90)),  # smaller than the input
+    ],
+)
+def test_jpeg_is_decoded_at_the_smallest_scale_that_keeps_three_quarters_of_the_input(image_size, scale, decoded):
+    assert draft_scale(image_size, (260, 260)) == scale
+    data = encode(Image.new("RGB", image_size, (10, 200, 10)), "JPEG")
+    assert decode(data, max_pixels=LIMIT, draft_size=(260, 260)).size == decoded
+    png = encode(Image.new("RGB", image_size, (10, 200, 10)), "PNG")
+    assert decode(png, max_pixels=LIMIT, draft_size=(260, 260)).size == image_size  # only JPEG has a DCT
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image
 
 from worker.exceptions import ConfigError
+from worker.preprocess import draft_scale
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +33,14 @@ def gpu_eligible(image: Image.Image, size: tuple[int, int]) -> bool:
     """True when nvJPEG gives the same picture the CPU path would, at least as fast: a JPEG, 8-bit RGB or
     greyscale, with no EXIF rotation to apply, and too small for the CPU to decode at reduced scale.
 
-    `image` is opened, not decoded (worker.preprocess.open_image); `size` is the model's (H, W). A photo at
-    least twice the model's input on both sides is decoded by Pillow at 1/2, 1/4 or 1/8 scale straight
-    from the DCT (`draft`), far cheaper than nvJPEG's full-size decode, whose entropy decoding runs on the
-    host (measured on the H100 machine: 12-megapixel photos went 4x slower through the GPU).
+    `image` is opened, not decoded (worker.preprocess.open_image); `size` is the model's (H, W). A photo
+    the CPU path decodes at 1/2, 1/4 or 1/8 scale straight from the DCT (`draft_scale`) stays there: that
+    is far cheaper than nvJPEG's full-size decode, whose entropy decoding runs on the host (measured on the
+    H100 machine: 12-megapixel photos went 4x slower through the GPU), and nvJPEG has no reduced scale.
     """
     if image.format != "JPEG" or image.mode not in ("RGB", "L"):
         return False
-    side = max(size)
-    if min(image.width // side, image.height // side) >= 2:
+    if draft_scale(image.size, size) > 1:
         return False
     return image.getexif().get(ORIENTATION, 1) == 1
 

@@ -4,8 +4,9 @@ This is the one preprocessing path of the project: the worker classifies with it
 validation accuracy through it, so the accuracy we report is the accuracy the worker delivers.
 
 The model's ONNX graph takes uint8 RGB pixels (NHWC) and normalises them itself, so all that happens here
-is: check the header, decode (JPEG at reduced scale when the photo is much larger than the model input),
-apply the EXIF orientation, flatten any mode (CMYK, 16-bit, palette, alpha…) to 8-bit RGB, and resize.
+is: check the header, decode (a JPEG at 1/2, 1/4 or 1/8 scale when that still leaves enough pixels, see
+`DRAFT_MIN_SHARE`), apply the EXIF orientation, flatten any mode (CMYK, 16-bit, palette, alpha…) to
+8-bit RGB, and resize.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ FORMATS = ("JPEG", "PNG", "WEBP")
 
 #: Resize policies a model may ask for in its `resize` metadata.
 RESIZE_POLICIES = ("squash",)
+
+#: A JPEG is decoded at 1/2, 1/4 or 1/8 scale straight from the DCT (Pillow's `draft`) as long as each side
+#: keeps at least this share of the model's input side; the resize then scales up a little at most. For a
+#: 400x533 listing photo and a 260x260 model that is 1/2 scale: decode and resize 2.2 -> 1.1 ms, the
+#: largest cost of a photo besides the model. Validation accuracy: int8 0.9267 -> 0.9296, fp32
+#: 0.9267 -> 0.9238 (one photo of 341 either way; 2 % of the predictions change, in both directions).
+DRAFT_MIN_SHARE = 0.75
 
 # Pillow enforces its own decompression-bomb limit process-wide; we check dimensions ourselves against the
 # configured limit before decoding, so Pillow's global one is switched off to give one clear message.
@@ -75,18 +83,28 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def draft_scale(image_size: tuple[int, int], size: tuple[int, int]) -> int:
+    """The reduction (1, 2, 4 or 8) a JPEG of `image_size` (width, height) is decoded at for a model
+    input of `size` (height, width): the largest that leaves each side at least `DRAFT_MIN_SHARE` of the
+    model's longer input side. The same rule as Pillow's `draft`, which `decode` asks for it."""
+    least = max(1, round(max(size) * DRAFT_MIN_SHARE))
+    fits = min(image_size[0] // least, image_size[1] // least)
+    return next((scale for scale in (8, 4, 2) if fits >= scale), 1)
+
+
 def decode(data: bytes, *, max_pixels: int, draft_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode `data` to an upright 8-bit RGB image.
 
-    `draft_size` (width, height) lets the JPEG decoder skip detail it would throw away: it decodes at the
-    smallest 1/2, 1/4 or 1/8 scale that is still at least that size. Raises `ImageRejected` for anything
+    `draft_size` (height, width of the model input) lets the JPEG decoder skip detail the resize would
+    mostly throw away: it decodes at the scale `draft_scale` picks. Raises `ImageRejected` for anything
     that is not a complete, sane, still JPEG/PNG/WebP.
     """
     image = open_image(data, max_pixels=max_pixels)
     try:
         if draft_size is not None and image.format == "JPEG":
-            side = max(draft_size)
-            image.draft("RGB", (side, side))
+            scale = draft_scale(image.size, draft_size)
+            if scale > 1:
+                image.draft("RGB", (image.width // scale, image.height // scale))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image.load()
@@ -111,6 +129,5 @@ def load_pixels(
     data: bytes, size: tuple[int, int], *, max_pixels: int, policy: str = "squash"
 ) -> np.ndarray:
     """Bytes of an image file → uint8 (H, W, 3) RGB array ready for the model. The whole worker path."""
-    height, width = size
-    image = decode(data, max_pixels=max_pixels, draft_size=(width, height))
+    image = decode(data, max_pixels=max_pixels, draft_size=size)
     return resize(image, size, policy)
