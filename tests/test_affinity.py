@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.affinity import Placement, held_on, physical_cores, place
+from worker.affinity import Placement, core_groups, held_on, physical_cores, place
 from worker.model import Model
 
 linux_only = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="thread affinity is Linux-only")
@@ -63,6 +63,15 @@ def test_no_pinning_for_one_thread_or_more_threads_than_cores(tmp_path):
 
 def test_missing_topology_counts_every_cpu_as_a_core(tmp_path):
     assert physical_cores([0, 1, 2], tmp_path / "absent") == [0, 1, 2]
+
+
+def test_core_groups_are_whole_cores_with_their_siblings(tmp_path):
+    sysfs = topology(tmp_path / "ht", 4, {0: "0,2", 2: "0,2", 1: "1,3", 3: "1,3"})
+    assert core_groups(2, 2, [0, 1, 2, 3], sysfs) == [[0, 2], [1, 3]]
+    plain = topology(tmp_path / "plain", 5)
+    assert core_groups(5, 2, list(range(5)), plain) == [[0, 1], [2, 3, 4]]
+    assert core_groups(4, 2, list(range(5)), plain) == [[0, 1], [2, 3]]  # only the cores the model uses
+    assert core_groups(1, 2, [0, 1], plain) == [[0]]  # fewer cores than groups: fewer groups
 
 
 @linux_only

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -102,3 +103,43 @@ def test_cpu_sessions_get_a_thread_per_core_and_gpu_sessions_one_that_does_not_s
     explicit, _ = session_options(3, 1, True, gpu=True)  # a configured count is kept, also on a GPU
     assert explicit.intra_op_num_threads == 3
     assert explicit.get_session_config_entry("session.force_spinning_stop") == "0"
+
+
+def test_a_batch_alone_gets_every_core_and_one_started_meanwhile_gets_a_lane(tiny_model) -> None:
+    """concurrent_batches: the lane policy (deterministic, through the model's own bookkeeping), then real
+    concurrent runs from two threads giving the same answers as one at a time."""
+    from worker.affinity import core_groups
+
+    model = Model(tiny_model, concurrent_batches=2)
+    if len(core_groups(model.placement.threads, 2)) < 2:
+        pytest.skip("needs 2 physical cores")
+    assert model.concurrent_batches == 2 and Model(tiny_model).concurrent_batches == 1
+    alone = model._take_lane()
+    meanwhile = model._take_lane()
+    assert alone is None and meanwhile == 0  # the main session (all cores), then the first lane
+    model._give_back(alone)
+    after = model._take_lane()  # the lane still runs: the next batch takes the other lane
+    assert after == 1
+    model._give_back(meanwhile)
+    model._give_back(after)
+    assert model._take_lane() is None  # nothing runs: every core again
+    model._give_back(None)
+
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8) for _ in range(8)]
+    expected = [model.probabilities(b) for b in batches]
+    got: dict[int, list[np.ndarray]] = {0: [], 1: []}
+
+    def run(index: int) -> None:
+        for _ in range(25):
+            got[index].append(model.probabilities(batches[index * 4 + _ % 4]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for index in (0, 1):
+        for n, probs in enumerate(got[index]):
+            np.testing.assert_allclose(probs, expected[index * 4 + n % 4], rtol=1e-5, atol=1e-6)
+    assert model._running == 0 and sorted(model._free) == [0, 1]

@@ -18,6 +18,7 @@ from conftest import make_model, write_image
 
 from worker import config as config_mod
 from worker.config import Config
+from worker.daemon import make_model as model_for
 from worker.model import Model
 from worker.pipeline import Pipeline, ReadyQueue, classify_files
 from worker.store import ResultRecord, Store
@@ -42,7 +43,7 @@ class Harness:
     def __init__(self, cfg: Config, store: Store | None = None, **kwargs: object) -> None:
         self.cfg = cfg
         self.store = store or Store(cfg.database_url)
-        self.model = Model(cfg.model_path)
+        self.model = model_for(cfg)  # as the daemon makes it: two batches at once on 2 cores or more
         self.pipeline = Pipeline(cfg, self.model, self.store, worker_id="test", **kwargs)
         self.pipeline.start()
 
@@ -296,6 +297,33 @@ def test_same_content_is_recorded_as_duplicate_without_inference(harness: Harnes
     ]  # submitted in name order: a-copy.jpg comes first
     assert harness.pipeline.counters.duplicates == 2
     assert sorted(p.name for p in cfg.processed_path.iterdir()) == ["a-copy.jpg", "a.jpg", "again.jpg"]
+
+
+def test_a_burst_over_concurrent_batches_gives_every_file_one_row_and_repeats_are_duplicates(
+        tmp_path: Path) -> None:
+    """Batches of 4, two inferred at once (a lookup can then miss content the batch before is committing):
+    every file still gets exactly one row, each content one first row, every repeat a duplicate of it."""
+    cfg = make_config(tmp_path, **{"batch.max_batch": 4, "model.concurrent_batches": 2})
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    for i in range(30):  # 10 distinct contents, each dropped 3 times, spread over different batches
+        write_image(cfg.inbox_path / f"f{i:02d}.jpg", colours[i % 10 % 3], noise_seed=i % 10)
+    h = Harness(cfg)
+    try:
+        assert h.submit_all() == 30
+        h.drain()
+        rows = h.rows()
+    finally:
+        h.close()
+    assert sorted(r[0] for r in rows) == [f"f{i:02d}.jpg" for i in range(30)]
+    firsts = [r for r in rows if r[3] is None]
+    assert len(firsts) == 10 and all(r[1] == "ok" for r in rows)
+    with sqlite3.connect(tmp_path / "db.sqlite") as db:
+        by_content = dict(db.execute("SELECT sha256, min(id) FROM results GROUP BY sha256").fetchall())
+        for sha, duplicate_of, category in db.execute("SELECT sha256, duplicate_of, category FROM results"):
+            first_category = db.execute("SELECT category FROM results WHERE id = ?", (by_content[sha],)).fetchone()
+            assert duplicate_of in (None, by_content[sha]) and category == first_category[0]
+    assert 10 <= h.pipeline.counters.inferred <= 30
+    assert len(list(cfg.processed_path.iterdir())) == 30 and not list(cfg.inbox_path.iterdir())
 
 
 @pytest.mark.timeout(60)

@@ -71,6 +71,21 @@ def place(requested: int, cpus: list[int] | None = None, sysfs: Path = SYSFS_CPU
     return Placement(threads, ";".join(str(cpu + 1) for cpu in pool), caller)
 
 
+def core_groups(threads: int, groups: int, cpus: list[int] | None = None,
+                sysfs: Path = SYSFS_CPU) -> list[list[int]]:
+    """The first `threads` physical cores of `cpus` (default: the process's own) split into `groups`
+    groups of whole cores, as equal as can be, each with its cores' hyper-thread siblings; fewer groups
+    when there are fewer cores."""
+    cpus = allowed_cpus() if cpus is None else cpus
+    cores = physical_cores(cpus, sysfs)[:threads]
+    groups = min(groups, len(cores))
+    out = []
+    for index in range(groups):
+        mine = cores[len(cores) * index // groups: len(cores) * (index + 1) // groups]
+        out.append(sorted(_siblings(mine, cpus, sysfs)))
+    return out
+
+
 def _siblings(cores: list[int], cpus: list[int], sysfs: Path) -> set[int]:
     """`cores` and their hyper-thread siblings among `cpus`."""
     taken = set(cores)

@@ -99,8 +99,9 @@ def run(options: BenchOptions) -> dict:
     say("model throughput (pre-decoded batches)")
     batch = np.stack([load_pixels(f.read_bytes(), size, max_pixels=MAX_PIXELS) for f in files[:32]])
     report["model_throughput"] = model_throughput(model_path, batch, options.batch_sizes, options.threads,
-                                                  providers)
-    single = [r for r in report["model_throughput"] if r["batch"] == 1 and r["threads"] == max(options.threads)]
+                                                  providers, concurrent=not gpu)
+    single = [r for r in report["model_throughput"]
+              if r["batch"] == 1 and r["threads"] == max(options.threads) and "concurrent" not in r]
     report["single_image_inference_ms"] = round(1000 / single[0]["images_per_s"], 2) if single else None
 
     say("decode and resize throughput (one core, then all decode threads)")
@@ -195,24 +196,43 @@ def gpu_name() -> str | None:
 
 
 def model_throughput(path: Path, decoded: np.ndarray, batch_sizes: list[int], threads: list[int],
-                     providers: list[str] | None = None) -> list[dict]:
+                     providers: list[str] | None = None, concurrent: bool = False) -> list[dict]:
     """Images/s of onnxruntime alone, per (threads, batch size), each timed for about a second.
 
-    On a GPU this includes copying the batch to the device and the probabilities back, as the worker does.
+    `concurrent`: also the worker's way on the CPU with the most threads, several batches at once from as
+    many threads, each on its share of the cores (rows with "concurrent": how many at once). On a GPU
+    this includes copying the batch to the device and the probabilities back, as the worker does.
     """
     rows = []
     for count in threads:
         model = Model(path, intra_op_threads=count, providers=providers)
-        for size in batch_sizes:
-            batch = np.resize(decoded, (size, *decoded.shape[1:]))
-            model.probabilities(batch)
-            runs, started = 0, time.perf_counter()
-            while runs < 3 or time.perf_counter() - started < 1.0:
-                model.probabilities(batch)
-                runs += 1
-            rate = runs * size / (time.perf_counter() - started)
-            rows.append({"threads": count, "batch": size, "images_per_s": round(rate, 1)})
+        rows += [{"threads": count, "batch": size, "images_per_s": timed(model, decoded, size, 1)}
+                 for size in batch_sizes]
+    if concurrent:
+        model = Model(path, intra_op_threads=max(threads), providers=providers, concurrent_batches=0)
+        if model.concurrent_batches > 1:
+            rows += [{"threads": max(threads), "concurrent": model.concurrent_batches, "batch": size,
+                      "images_per_s": timed(model, decoded, size, model.concurrent_batches)}
+                     for size in batch_sizes]
     return rows
+
+
+def timed(model: Model, decoded: np.ndarray, size: int, callers: int) -> float:
+    """Images/s of `model` on batches of `size`, run back to back from `callers` threads for about 1 s."""
+    batch = np.resize(decoded, (size, *decoded.shape[1:]))
+    model.probabilities(batch)
+
+    def loop(_: int) -> int:
+        runs, started = 0, time.perf_counter()
+        while runs < 3 or time.perf_counter() - started < 1.0:
+            model.probabilities(batch)
+            runs += 1
+        return runs
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(callers) as pool:
+        runs = sum(pool.map(loop, range(callers)))
+    return round(runs * size / (time.perf_counter() - started), 1)
 
 
 def decode_rate(blobs: list[bytes], size: tuple[int, int], threads: int = 1) -> float:
@@ -597,12 +617,14 @@ def targets(report: dict, options: BenchOptions) -> dict:
     """The performance issue's targets, as ratios measured in this run."""
     e2e = report["end_to_end"]
     threads = max(options.threads)
+    # The model alone at the worker's batch size on the same cores, the better of one batch at a time and
+    # the worker's several at once.
     at_budget = [r["images_per_s"] for r in report["model_throughput"]
                  if r["threads"] == threads and r["batch"] == max(b for b in options.batch_sizes
                                                                   if b <= options.max_batch)]
     out = {}
     if at_budget:
-        ratio = e2e["burst"]["images_per_s"] / at_budget[0]
+        ratio = e2e["burst"]["images_per_s"] / max(at_budget)
         out["burst_vs_model"] = {"ratio": round(ratio, 3), "target": ">= 0.85", "met": ratio >= 0.85}
     if report.get("single_image_inference_ms"):
         bound = options.max_wait_ms + 2 * report["single_image_inference_ms"]
@@ -629,12 +651,14 @@ def format_report(report: dict) -> str:
              f"{report['model']['input_size'][0]}x{report['model']['input_size'][1]} "
              f"on {report['model']['providers'][0]}", "",
              "model throughput (images/s, pre-decoded):"]
-    threads = sorted({r["threads"] for r in report["model_throughput"]})
+    setups = sorted({(r["threads"], r.get("concurrent", 1)) for r in report["model_throughput"]})
     sizes = sorted({r["batch"] for r in report["model_throughput"]})
     lines.append("  threads " + "".join(f"{'batch ' + str(s):>11}" for s in sizes))
-    for t in threads:
-        cells = {r["batch"]: r["images_per_s"] for r in report["model_throughput"] if r["threads"] == t}
-        lines.append(f"  {t:>7} " + "".join(f"{cells[s]:>11.1f}" for s in sizes))
+    for t, at_once in setups:
+        cells = {r["batch"]: r["images_per_s"] for r in report["model_throughput"]
+                 if r["threads"] == t and r.get("concurrent", 1) == at_once}
+        lines.append(f"  {t:>7} " + "".join(f"{cells[s]:>11.1f}" for s in sizes)
+                     + (f"   ({at_once} batches at once, {t // at_once or 1} thread(s) each)" if at_once > 1 else ""))
     decode = report["decode"]
     lines += ["", f"decode+resize, one core: {decode['listing_images_per_s']:.1f} listing photos/s, "
                   f"{decode['large_12mp_images_per_s']:.1f} 12 MP photos/s; {decode['threads']} threads: "

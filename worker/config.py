@@ -49,6 +49,7 @@ class ModelConfig:
     intra_op_threads: int = 0  # threads inside one operator; 0 = one per physical core, each pinned to its own
     inter_op_threads: int = 1  # operators run in parallel; 1 suits these sequential CNNs
     spin_wait: bool = False  # onnxruntime threads also spin between batches (within one they always do)
+    concurrent_batches: int = 0  # CPU: batches run at once, each on its share of the cores; 0 = 2 (1 on a GPU)
 
 
 @dataclass
@@ -198,6 +199,8 @@ def validate(config: Config) -> None:
          f"service.metrics_port must be 0..65535, got {config.service.metrics_port}"),
         (config.model.intra_op_threads >= 0,
          f"model.intra_op_threads must be >= 0, got {config.model.intra_op_threads}"),
+        (config.model.concurrent_batches >= 0,
+         f"model.concurrent_batches must be >= 0, got {config.model.concurrent_batches}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -81,6 +81,7 @@ def make_model(config: Config) -> Model:
         intra_op_threads=config.model.intra_op_threads,
         inter_op_threads=config.model.inter_op_threads,
         spin_wait=config.model.spin_wait,
+        concurrent_batches=config.model.concurrent_batches,
     )
 
 

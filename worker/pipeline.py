@@ -1,25 +1,29 @@
 """From ready paths to committed rows: dynamic batching, parallel decoding, one transaction per batch.
 
-    watcher ─submit(path)─▶ ReadyQueue ─feeder thread─▶ decode pool ─▶ hand-off ─▶ process (caller's thread)
-                            bounded, de-duplicated     read, sha256,    ≤ 1 batch    duplicates, inference,
-                            Triton-style batching      decode, resize   waiting      add_results, dispose,
-                                                                                     set_locations
+    watcher ─submit(path)─▶ ReadyQueue ─feeder─▶ decode pool ─▶ inference threads ─▶ caller's thread
+                            bounded,              read, sha256,   duplicates,          add_results,
+                            de-duplicated,        decode, resize  onnxruntime; up to   dispose,
+                            Triton-style batches                  concurrent_batches   set_locations
+                                                                  at once, in order
 
 - **Batching** (as Triton's dynamic batcher): a batch leaves the queue as soon as it holds `max_batch`
   paths, or when its oldest path has waited `max_wait_ms`; a single drop is answered quickly and a burst
   runs in full batches.
 - **Overlap**: the feeder thread forms batch k+1 and hands it to the decode pool (Pillow releases the GIL)
-  while the caller's thread runs batch k through onnxruntime (which releases it too). While a partial
-  batch waits for its window to close, its files are already being read and decoded (not with claims),
-  so a lone drop waits `max_wait_ms` for company, not `max_wait_ms` plus its decoding. Their content is
-  looked up in the store then too (below), and known content is not decoded at all.
+  while batch k runs through onnxruntime (which releases it too) in an inference thread, and the caller's
+  thread commits batch k-1. On the CPU two batches are inferred at once when work backs up, each on its
+  share of the cores (`Model.concurrent_batches`); they are committed in the order they were formed.
+  While a partial batch waits for its window to close, its files are already being read and decoded
+  (not with claims), so a lone drop waits `max_wait_ms` for company, not `max_wait_ms` plus its
+  decoding. Their content is looked up in the store then too (below), and known content is not decoded.
 - **GPU decoding** (`batch.decode_on = "gpu"`, worker.gpudecode): the pool only reads, hashes and checks
-  headers; plain JPEGs are decoded by nvJPEG in the caller's thread, one call per batch, and the model
-  reads the pixels on the device.
-- **Bounded memory**: at most `max_queue` paths wait, plus three batches of decoded pixels (one in
-  inference, one handed off, one decoding). A path that finds the queue full is dropped and the queue
-  remembers it: once the backlog has drained, a rescan of the inbox picks the files up again. Nothing
-  is lost, since files stay in the inbox until their row is committed.
+  headers; plain JPEGs are decoded by nvJPEG in the (one) inference thread, one call per batch, and the
+  model reads the pixels on the device.
+- **Bounded memory**: at most `max_queue` paths wait, plus 2 + `concurrent_batches` batches of decoded
+  pixels (one committing, the others handed off: decoding or in inference, and one being formed). A path
+  that finds the queue full is dropped and the queue remembers it: once the backlog has drained, a
+  rescan of the inbox picks the files up again. Nothing is lost, since files stay in the inbox until
+  their row is committed.
 - **Per batch**: content already classified under this model (`Store.first_by_content`) is not run
   through the model again: the new drop gets a row copying the first result (the store sets
   `duplicate_of`). A drop whose row was committed before a crash, but which was never moved
@@ -279,6 +283,7 @@ class Prepared:
     row_id: int | None = None  # an existing row for this very drop (crash between commit and move)
     same_as: StoredResult | None = None  # the first row with the same content under this model
     prediction: Prediction | None = None
+    inference_ms: float | None = None  # the batch's inference time per image it ran on
 
     @property
     def outcome(self) -> str:
@@ -286,6 +291,14 @@ class Prepared:
         if self.same_as is not None:
             return self.same_as.status
         return "failed" if self.error is not None else "ok"
+
+
+@dataclass
+class Inferred:
+    """A batch after its lookups and its inference (done in an inference thread), ready to commit."""
+
+    batch: list[Prepared]
+    error: StoreError | None = None  # the lookups failed: nothing is committed, the files are retried
 
 
 @dataclass
@@ -320,7 +333,8 @@ class Pipeline:
     """Queue → decode pool → model → store → disposition, driven by `process_next()` from one thread.
 
     `submit(path)` is the watcher's callback (any thread). `start()` starts the feeder thread;
-    `process_next(timeout)` waits for the next decoded batch and processes it in the calling thread;
+    `process_next(timeout)` waits for the next inferred batch and commits and disposes of it in the calling
+    thread;
     `stop()` ends the feeder and the pool, leaving unprocessed files in the inbox.
     `max_attempts`: give up on a file after this many failed commits or moves (None = retry forever;
     `run --once` uses a small number so that it ends).
@@ -364,13 +378,16 @@ class Pipeline:
         self._max_batch = config.batch.max_batch
         self._max_wait_s = config.batch.max_wait_ms / 1000
         self._pool = ThreadPoolExecutor(config.batch.decode_threads, thread_name_prefix="decode")
+        # Batches inferred at once (Model.concurrent_batches; 1 on a GPU), and as many handed over ahead.
+        self._lanes = model.concurrent_batches
+        self._inference = ThreadPoolExecutor(self._lanes, thread_name_prefix="inference")
         self._gpu = None
         if config.batch.decode_on == "gpu":
             from worker.gpudecode import GpuDecoder
 
             self._gpu = GpuDecoder(model.input_size, device="cuda" if model.device == "cuda" else "cpu")
         self._cond = threading.Condition(threading.RLock())  # guards the hand-off and the state below
-        self._handoff: deque[tuple[list[QueuedFile], list[Future[Prepared]]]] = deque()
+        self._handoff: deque[tuple[list[QueuedFile], Future[Inferred]]] = deque()
         self._stopping = False
         self._wakeups = 0
         self._rescanning = False
@@ -420,6 +437,7 @@ class Pipeline:
         if self._feeder is not None:
             self._feeder.join(timeout=10)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._inference.shutdown(wait=True, cancel_futures=True)  # their batches are dropped with the rest
         self._early.clear()
         with self._cond:
             left = list(self._handoff)
@@ -473,7 +491,6 @@ class Pipeline:
         wait = self._until_next_retry(timeout)
         with self._cond:
             wakeups = self._wakeups
-            waiting_since = time.perf_counter()
             deadline = None if wait is None else time.monotonic() + wait
             while not self._handoff:
                 if self._stopping or self._wakeups != wakeups or (until_idle and not self.busy()):
@@ -482,12 +499,10 @@ class Pipeline:
                 if remaining is not None and remaining <= 0:
                     return 0
                 self._cond.wait(remaining)
-            items, futures = self._handoff.popleft()
+            items, inferred = self._handoff.popleft()
             self._cond.notify_all()
         try:
-            batch = [future.result() for future in futures]  # _prepare never raises
-            self._stage("wait", waiting_since)
-            self.process(batch)
+            self._conclude(inferred.result())
         finally:
             for item in items:  # a retry that was queued and not rescheduled by this batch is over
                 retry = self._retries.get(item.path)
@@ -541,12 +556,17 @@ class Pipeline:
             self.queue.release(item.path for item in items)
             return False
         with self._cond:
-            while self._handoff and not self._stopping:
+            while len(self._handoff) >= self._lanes and not self._stopping:
                 self._cond.wait()
             if self._stopping:
                 self.queue.release(item.path for item in items)
                 return False
-            self._handoff.append((items, futures))
+            try:
+                inferred = self._inference.submit(self._lookup_and_infer, futures)
+            except RuntimeError:  # shut down: we are stopping
+                self.queue.release(item.path for item in items)
+                return False
+            self._handoff.append((items, inferred))
             self._taken = []
             self._cond.notify_all()
         return True
@@ -751,15 +771,25 @@ class Pipeline:
     # One batch -------------------------------------------------------------------------------------
     def process(self, batch: list[Prepared]) -> None:
         """Record and dispose of one decoded batch (see the module docstring for the order of steps)."""
+        self._conclude(self._infer_batch(batch))
+
+    def _lookup_and_infer(self, futures: list[Future[Prepared]]) -> Inferred:
+        """An inference thread's part of a batch: wait for its files to be decoded, then `_infer_batch`."""
+        started = time.perf_counter()
+        batch = [future.result() for future in futures]  # _prepare never raises
+        self._stage("wait", started)
+        return self._infer_batch(batch)
+
+    def _infer_batch(self, batch: list[Prepared]) -> Inferred:
+        """Look up what the store already has of the batch, and run the model over the rest.
+
+        Runs in an inference thread, up to `Model.concurrent_batches` batches at once, while the caller's
+        thread commits the batch before. A lookup may therefore miss content that batch is about to
+        commit: the file is inferred once more, and `Store.add_results` still records it as a duplicate.
+        """
         rows = [p for p in batch if p.skipped is None and not p.gone]
-        for p in batch:
-            if p.skipped is not None:
-                self._log_skip(p)
-            elif p.gone:
-                log.debug("%s is no longer in the inbox; nothing to do", p.item.path)
-        self._release_claims(p for p in batch if p.skipped is not None or p.gone)
         if not rows:
-            return
+            return Inferred(batch)
         for p in rows:  # scale-out: a worker that died between commit and move left this drop's row
             with self._cond:
                 granted = self._granted.get(p.item.path)
@@ -769,14 +799,31 @@ class Pipeline:
         try:
             self._match_existing(rows)
         except StoreError as exc:
-            self._commit_failed(rows, exc)
-            return
+            return Inferred(batch, exc)
         started = self._stage("match", started)
-        inference_s = self._infer([p for p in rows if p.row_id is None and p.same_as is None])
-        started = self._stage("inference", started)
+        self._infer([p for p in rows if p.row_id is None and p.same_as is None])
+        self._stage("inference", started)
+        return Inferred(batch)
+
+    def _conclude(self, inferred: Inferred) -> None:
+        """The caller's thread: commit the batch's rows in one transaction, then dispose of its files."""
+        batch = inferred.batch
+        rows = [p for p in batch if p.skipped is None and not p.gone]
+        for p in batch:
+            if p.skipped is not None:
+                self._log_skip(p)
+            elif p.gone:
+                log.debug("%s is no longer in the inbox; nothing to do", p.item.path)
+        self._release_claims(p for p in batch if p.skipped is not None or p.gone)
+        if not rows:
+            return
+        if inferred.error is not None:
+            self._commit_failed(rows, inferred.error)
+            return
+        started = time.perf_counter()
         new = [p for p in rows if p.row_id is None]
         now = datetime.now(UTC)
-        records = [self._record(p, now, inference_s) for p in new]
+        records = [self._record(p, now) for p in new]
         try:
             ids = self.store.add_results(records, claims=self.claims) if records else []
         except StoreError as exc:
@@ -819,14 +866,14 @@ class Pipeline:
             if p.row_id is None and p.sha256 is not None:
                 p.same_as = first[p.sha256]
 
-    def _infer(self, todo: list[Prepared]) -> float:
-        """Run the model once over the distinct contents of `todo`; return the inference seconds."""
+    def _infer(self, todo: list[Prepared]) -> None:
+        """Run the model once over the distinct contents of `todo`; set their predictions (or errors)."""
         unique: dict[str, Prepared] = {}
         for p in todo:
             if p.pixels is not None or p.jpeg is not None:
                 unique.setdefault(p.sha256 or str(id(p)), p)
         if not unique:
-            return 0.0
+            return
         start = time.perf_counter()
         if self._gpu is None:
             order = list(unique)
@@ -843,15 +890,16 @@ class Pipeline:
             key = p.sha256 or str(id(p))
             if key in by_hash and p.error is None:
                 p.prediction = by_hash[key]
+                p.inference_ms = round(1000 * inference_s / len(order), 3)
             elif key in unique and unique[key].error is not None:  # the GPU refused it, the CPU too
                 p.error = unique[key].error
             p.pixels = p.jpeg = None  # free the memory now
         if not order:
-            return 0.0
-        self.counters.inferred += len(order)
+            return
+        with self._cond:  # inference threads count concurrently
+            self.counters.inferred += len(order)
         if self.metrics is not None:
             self.metrics.observe_batch(len(order), inference_s)
-        return inference_s / len(order)
 
     def _decode_on_gpu(self, unique: dict[str, Prepared]) -> tuple[list[str], Any]:
         """Decode the batch's JPEGs on the GPU (the rest were decoded by the pool); return the keys of
@@ -884,7 +932,7 @@ class Pipeline:
         self._gpu.synchronize()
         return order, on_device
 
-    def _record(self, p: Prepared, now: datetime, inference_s: float) -> ResultRecord:
+    def _record(self, p: Prepared, now: datetime) -> ResultRecord:
         info = self.model.info
         waited = time.monotonic() - p.item.queued_at
         category = confidence = top3 = None
@@ -908,7 +956,7 @@ class Pipeline:
             model_name=info.name,
             duplicate_of=None,  # the store fills it in
             decode_ms=round(p.decode_ms, 3),
-            inference_ms=round(inference_s * 1000, 3) if p.prediction is not None else None,
+            inference_ms=p.inference_ms,
             total_ms=round(waited * 1000, 3),
             created_at=now - timedelta(seconds=waited),  # when the file was found ready
             worker=self.worker_id,
