@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import make_model, write_image
 
@@ -57,3 +58,20 @@ def test_bench_names_a_missing_image_folder(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == f"fashion-worker: error: image folder {tmp_path / 'none'} does not exist"
+
+
+def test_model_throughput_also_times_the_workers_concurrent_batches(tmp_path):
+    """On 2 cores or more the table gets the worker's own setup: two batches at once, a share of the cores
+    each (model.concurrent_batches); with concurrent_batches = 1 only one batch at a time is timed."""
+    from worker.affinity import core_groups, place
+    from worker.bench import model_throughput
+
+    if len(core_groups(place(0).threads, 2)) < 2:
+        pytest.skip("needs 2 physical cores")
+    model = make_model(tmp_path / "tiny.onnx", size=(64, 64))
+    decoded = np.zeros((4, 64, 64, 3), dtype=np.uint8)
+    rows = model_throughput(model, decoded, [1, 4], [2], concurrent=0)
+    assert [(r["threads"], r.get("concurrent", 1), r["batch"]) for r in rows] == [
+        (2, 1, 1), (2, 1, 4), (2, 2, 1), (2, 2, 4)]
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert [r.get("concurrent", 1) for r in model_throughput(model, decoded, [1], [2], concurrent=1)] == [1]

@@ -75,6 +75,7 @@ class BenchOptions:
     max_queue: int = 1024
     decode_on: str = "cpu"  # the worker's batch.decode_on: cpu | gpu (nvJPEG)
     spin_wait: bool = False  # the worker's model.spin_wait
+    concurrent_batches: int = 0  # the worker's model.concurrent_batches (0 = 2 on 2 cores or more)
     idle_seconds: float = 10.0
     naive: bool = False  # also time a per-image PyTorch eager loop (needs the train extra)
     ceiling: bool = False  # also run the burst with a model that does no work (needs onnx)
@@ -99,7 +100,7 @@ def run(options: BenchOptions) -> dict:
     say("model throughput (pre-decoded batches)")
     batch = np.stack([load_pixels(f.read_bytes(), size, max_pixels=MAX_PIXELS) for f in files[:32]])
     report["model_throughput"] = model_throughput(model_path, batch, options.batch_sizes, options.threads,
-                                                  providers, concurrent=not gpu)
+                                                  providers, concurrent=1 if gpu else options.concurrent_batches)
     single = [r for r in report["model_throughput"]
               if r["batch"] == 1 and r["threads"] == max(options.threads) and "concurrent" not in r]
     report["single_image_inference_ms"] = round(1000 / single[0]["images_per_s"], 2) if single else None
@@ -196,11 +197,12 @@ def gpu_name() -> str | None:
 
 
 def model_throughput(path: Path, decoded: np.ndarray, batch_sizes: list[int], threads: list[int],
-                     providers: list[str] | None = None, concurrent: bool = False) -> list[dict]:
+                     providers: list[str] | None = None, concurrent: int = 1) -> list[dict]:
     """Images/s of onnxruntime alone, per (threads, batch size), each timed for about a second.
 
-    `concurrent`: also the worker's way on the CPU with the most threads, several batches at once from as
-    many threads, each on its share of the cores (rows with "concurrent": how many at once). On a GPU
+    `concurrent` (a model.concurrent_batches value, 0 = auto): unless 1, also the worker's way on the CPU
+    with the most threads, several batches at once from as many threads, each on its share of the cores
+    (rows with "concurrent": how many at once). On a GPU
     this includes copying the batch to the device and the probabilities back, as the worker does.
     """
     rows = []
@@ -208,8 +210,8 @@ def model_throughput(path: Path, decoded: np.ndarray, batch_sizes: list[int], th
         model = Model(path, intra_op_threads=count, providers=providers)
         rows += [{"threads": count, "batch": size, "images_per_s": timed(model, decoded, size, 1)}
                  for size in batch_sizes]
-    if concurrent:
-        model = Model(path, intra_op_threads=max(threads), providers=providers, concurrent_batches=0)
+    if concurrent != 1:
+        model = Model(path, intra_op_threads=max(threads), providers=providers, concurrent_batches=concurrent)
         if model.concurrent_batches > 1:
             rows += [{"threads": max(threads), "concurrent": model.concurrent_batches, "batch": size,
                       "images_per_s": timed(model, decoded, size, model.concurrent_batches)}
@@ -320,7 +322,7 @@ class WorkerProcess:
         config.write_text(
             f'[inbox]\npath = "inbox"\n\n'
             f'[model]\npath = "{model}"\nproviders = {json.dumps(options.providers)}\n'
-            f"spin_wait = {str(options.spin_wait).lower()}\n\n"
+            f"spin_wait = {str(options.spin_wait).lower()}\nconcurrent_batches = {options.concurrent_batches}\n\n"
             f"[batch]\nmax_batch = {options.max_batch}\nmax_wait_ms = {options.max_wait_ms}\n"
             f"decode_threads = {options.decode_threads}\nmax_queue = {options.max_queue}\n"
             f'decode_on = "{options.decode_on}"\n\n'

@@ -186,7 +186,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         max_batch=args.max_batch or cfg.batch.max_batch, max_wait_ms=cfg.batch.max_wait_ms,
         decode_threads=args.decode_threads or cfg.batch.decode_threads, max_queue=cfg.batch.max_queue,
         decode_on=cfg.batch.decode_on, spin_wait=cfg.model.spin_wait,
-        idle_seconds=args.idle_seconds, naive=args.naive, ceiling=args.ceiling,
+        concurrent_batches=cfg.model.concurrent_batches, idle_seconds=args.idle_seconds, naive=args.naive,
+        ceiling=args.ceiling,
         progress=lambda message: print(f"bench: {message}", file=sys.stderr, flush=True),
     )
     report = run(options)

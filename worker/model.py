@@ -242,7 +242,7 @@ class Model:
         cores too: onnxruntime splits every operator between its threads and waits for the slowest, so a
         core taken by a decode thread for a moment stalls the whole batch. On 2 cores the model alone runs
         about as fast either way (batch 16: 242 vs 245 images/s), and the worker's burst went from
-        166-172 to ... images/s. A batch that starts alone still gets every core: a single image takes
+        166-172 to 177-184 images/s. A batch that starts alone still gets every core: a single image takes
         4.9 ms on two and 8 ms on one. With one core per group the lanes share one session (it runs
         concurrent calls in their callers' threads); with more, each group has a session of its own.
         """
