@@ -43,6 +43,7 @@ def test_bench_reports_every_figure(tmp_path):
     assert set(report["targets"]) == {"burst_vs_model", "latency_p50", "idle_cpu", "large_vs_listing"}
     assert report["decode"]["threads"] == 2 and report["decode"]["listing_images_per_s_all_threads"] > 0
     assert report["ceiling"]["images"] == 12 and report["ceiling"]["images_per_s"] > 0
+    assert report["ceiling"]["cpu_ms_per_image_besides_the_model"] > 0
     assert set(report["bottleneck"]["stages_images_per_s"]) == {"decode", "inference", "decode_and_bookkeeping"}
     assert 0 < report["bottleneck"]["best_possible_ratio"] < 1
     assert report["model"]["providers"] == ["CPUExecutionProvider"]
