@@ -49,12 +49,12 @@ def test_only_plain_upright_jpegs_are_eligible(tmp_path: Path) -> None:
         "upright tag": jpeg_bytes((200, 10, 10), orientation=1),
         "png": png,
         "large": jpeg_bytes((200, 10, 10), size=(1040, 600)),  # Pillow decodes it at 1/2 scale: CPU
-        "wide": jpeg_bytes((200, 10, 10), size=(1040, 380)),  # 1/2 scale leaves 190 < 3/4 x 260: GPU
-        "listing": jpeg_bytes((200, 10, 10), size=(400, 533)),  # 1/2 scale leaves 200 x 266: CPU
+        "wide": jpeg_bytes((200, 10, 10), size=(1040, 500)),  # not twice the input on both sides: GPU
+        "listing": jpeg_bytes((200, 10, 10), size=(400, 533)),  # GPU at full size (the CPU: at 1/2)
     }
     eligible = {name: gpu_eligible(open_image(data, max_pixels=10**8), (260, 260)) for name, data in cases.items()}
     assert eligible == {"rgb": True, "grey": True, "cmyk": False, "rotated": False, "upright tag": True,
-                        "png": False, "large": False, "wide": True, "listing": False}
+                        "png": False, "large": False, "wide": True, "listing": True}
 
 
 def test_decoder_matches_the_cpu_path() -> None:
@@ -88,7 +88,7 @@ def write_mixed_inbox(inbox: Path) -> None:
 
 def gpu_config(tmp_path: Path, **overrides: object):
     """A pipeline config whose model takes 96x96 pixels: the 120x90 test JPEGs are GPU-eligible (a photo
-    with both sides at least 2 x 3/4 of the input side is left to Pillow's reduced-scale decoding)."""
+    twice the input size on both sides is left to Pillow's reduced-scale decoding)."""
     make_model(tmp_path / "model.onnx", size=(96, 96))
     return make_config(tmp_path, **overrides)
 

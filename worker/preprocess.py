@@ -83,11 +83,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def draft_scale(image_size: tuple[int, int], size: tuple[int, int]) -> int:
+def draft_scale(image_size: tuple[int, int], size: tuple[int, int], min_share: float = DRAFT_MIN_SHARE) -> int:
     """The reduction (1, 2, 4 or 8) a JPEG of `image_size` (width, height) is decoded at for a model
-    input of `size` (height, width): the largest that leaves each side at least `DRAFT_MIN_SHARE` of the
+    input of `size` (height, width): the largest that leaves each side at least `min_share` of the
     model's longer input side. The same rule as Pillow's `draft`, which `decode` asks for it."""
-    least = max(1, round(max(size) * DRAFT_MIN_SHARE))
+    least = max(1, round(max(size) * min_share))
     fits = min(image_size[0] // least, image_size[1] // least)
     return next((scale for scale in (8, 4, 2) if fits >= scale), 1)
 
