@@ -240,11 +240,12 @@ class Model:
 
         Two batches at once, each on its own cores, beat one batch on all of them once decoding shares the
         cores too: onnxruntime splits every operator between its threads and waits for the slowest, so a
-        core taken by a decode thread for a moment stalls the whole batch. On 2 cores the model alone runs
-        about as fast either way (batch 16: 242 vs 245 images/s), and the worker's burst went from
-        166-172 to 177-184 images/s. A batch that starts alone still gets every core: a single image takes
-        4.9 ms on two and 8 ms on one. With one core per group the lanes share one session (it runs
-        concurrent calls in their callers' threads); with more, each group has a session of its own.
+        core taken by a decode thread for a moment stalls the whole batch. On 2 cores the int8 model alone
+        runs about as fast either way (batch 16: 227 vs 242 images/s), and the worker's burst went from
+        166-172 to 177-186 images/s (fp32 models lose, see config.toml). A batch that starts alone still
+        gets every core: a single image takes 4.9 ms on two and 8 ms on one. With one core per group the
+        lanes share one session (it runs concurrent calls in their callers' threads); with more, each
+        group has a session of its own.
         """
         groups = core_groups(self.placement.threads, concurrent or 2)
         if len(groups) < 2:
