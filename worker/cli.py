@@ -100,7 +100,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from worker.pipeline import classify_files
 
     cfg = setup(args)
-    model = make_model(cfg)
+    model = make_model(cfg, one_caller=True)
     failed = 0
     for result in classify_files(model, [Path(f) for f in args.files], max_file_bytes=cfg.files.max_file_bytes,
                                  max_pixels=cfg.files.max_pixels, batch_size=cfg.batch.max_batch):

@@ -73,15 +73,17 @@ def layout_problems(config: Config) -> list[str]:
     return problems
 
 
-def make_model(config: Config) -> Model:
-    """The model the config names (or the shipped default), with its execution providers and threads."""
+def make_model(config: Config, *, one_caller: bool = False) -> Model:
+    """The model the config names (or the shipped default), with its execution providers and threads.
+    `one_caller`: for a single thread running batches one after another (`classify`), no sessions for
+    batches at once."""
     return Model(
         config.model_path,
         providers=config.model.providers,
         intra_op_threads=config.model.intra_op_threads,
         inter_op_threads=config.model.inter_op_threads,
         spin_wait=config.model.spin_wait,
-        concurrent_batches=config.model.concurrent_batches,
+        concurrent_batches=1 if one_caller else config.model.concurrent_batches,
     )
 
 
