@@ -405,7 +405,7 @@ def run_checks(load_config: Callable[[], Config], config_source: str = "") -> It
         yield _check_folder(name, folder)
     model: Model | None = None
     try:
-        model = make_model(config)
+        model = make_model(config, one_caller=True)
     except FashionWorkerError as exc:
         yield Check("model", False, " ".join(str(exc).split()))
     if model is not None:
