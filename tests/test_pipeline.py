@@ -299,6 +299,36 @@ def test_same_content_is_recorded_as_duplicate_without_inference(harness: Harnes
     assert sorted(p.name for p in cfg.processed_path.iterdir()) == ["a-copy.jpg", "a.jpg", "again.jpg"]
 
 
+def test_an_inference_error_reaches_the_caller_after_the_batch_skips_and_loses_nothing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Inference runs in an inference thread: when onnxruntime raises there (a model that loads but fails
+    at run time: it picks a class index out of range), the caller's `process_next` raises it as before,
+    after logging the batch's skipped files; nothing is recorded and the image stays in the inbox."""
+    import onnx
+    from onnx import helper
+
+    cfg = make_config(tmp_path)
+    proto = onnx.load(cfg.model.path)
+    softmax = next(node for node in proto.graph.node if node.op_type == "Softmax")
+    softmax.input[0] = "picked"
+    proto.graph.initializer.append(helper.make_tensor("out_of_range", onnx.TensorProto.INT64, [3], [0, 1, 7]))
+    proto.graph.node.insert(len(proto.graph.node) - 1,
+                            helper.make_node("Gather", ["logits", "out_of_range"], ["picked"], axis=1))
+    onnx.save(proto, cfg.model.path)
+    write_image(cfg.inbox_path / "a.jpg", (255, 0, 0))
+    os.mkfifo(cfg.inbox_path / "pipe.jpg")
+    h = Harness(cfg)
+    try:
+        assert h.submit_all() == 2
+        with pytest.raises(Exception, match="out of"):  # onnxruntime's own error class and words
+            h.pipeline.process_next(10)
+        assert h.rows() == []
+    finally:
+        h.close()
+    assert sum("skipping pipe.jpg" in m for m in caplog.messages) == 1
+    assert (cfg.inbox_path / "a.jpg").exists() and not any(cfg.processed_path.glob("*"))
+
+
 def test_a_burst_over_concurrent_batches_gives_every_file_one_row_and_repeats_are_duplicates(
         tmp_path: Path) -> None:
     """Batches of 4, two inferred at once (a lookup can then miss content the batch before is committing):
@@ -382,6 +412,33 @@ def test_commit_failure_keeps_files_in_the_inbox_and_retries(cfg: Config, tmp_pa
         assert sorted(r[0] for r in h.rows()) == ["0.jpg", "1.jpg", "2.jpg"]
         assert not any(p.exists() for p in paths)
         assert h.pipeline.counters.commit_errors >= 1
+    finally:
+        h.close()
+
+
+def test_batches_formed_before_a_commit_failure_do_not_lengthen_its_back_off(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With batches of 2, the batches after the first are already formed (and inferred) when its commit
+    fails; their own failures, during its back-off, keep its delay instead of doubling it each time."""
+    from worker.pipeline import RETRY_FIRST_S
+
+    cfg = make_config(tmp_path, **{"batch.max_batch": 2})
+    store = Store(cfg.database_url, busy_timeout_ms=50, retry_s=0.1)
+    h = Harness(cfg, store=store)
+    try:
+        for i in range(6):
+            write_image(cfg.inbox_path / f"{i}.jpg", (0, 255, 0), noise_seed=i)
+        other = sqlite3.connect(store.path, isolation_level=None, timeout=0)
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the database
+        assert h.submit_all() == 6
+        handled = [h.pipeline.process_next(5) for _ in range(1 + h.model.concurrent_batches)]
+        failures = [m for m in caplog.messages if m.startswith("cannot record 2 results")]
+        assert handled == [2] * len(handled) and len(failures) == len(handled)
+        assert all(m.endswith(f"retrying in {RETRY_FIRST_S:g} s") for m in failures), failures
+        other.execute("ROLLBACK")
+        other.close()
+        h.drain()
+        assert sorted(r[0] for r in h.rows()) == [f"{i}.jpg" for i in range(6)]
     finally:
         h.close()
 

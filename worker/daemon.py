@@ -9,10 +9,11 @@
   the model, start the metrics endpoint (if a port is set), start the pipeline, start the watcher and
   scan what is already in the inbox, then tell systemd READY=1. On PostgreSQL the inbox lock gives way
   to a worker-id lock and the claims of worker.claims, so that several workers can share an inbox.
-- the loop: `work` blocks until a decoded batch is ready (an idle worker sleeps in a condition wait: no
-  polling), processes it, and `housekeeping` sends WATCHDOG=1 and STATUS= on systemd's watchdog interval
+- the loop: `work` blocks until an inferred batch is ready (an idle worker sleeps in a condition wait: no
+  polling), commits and disposes of it, and `housekeeping` sends WATCHDOG=1 and STATUS= on systemd's watchdog interval
   and a heartbeat to the database every HEARTBEAT_S seconds.
-- `shut_down`: STOPPING=1, stop the watcher and the pipeline (unprocessed files stay in the inbox), record
+- `shut_down`: STOPPING=1, stop the watcher and the pipeline (unprocessed files stay in the inbox; batches
+  already handed to the inference threads finish their inference first and are dropped), record
   the stop (giving back the claims first), close the database, release the lock.
 
 Signals: the first SIGTERM or SIGINT lets the batch in progress finish (it is committed and its files

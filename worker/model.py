@@ -238,8 +238,9 @@ class Model:
         """Sessions for batches run while another is running: the cores of the main session split in
         `concurrent` groups (0 = 2 when there are 2 cores or more), one per group.
 
-        Two batches at once, each on its own cores, beat one batch on all of them once decoding shares the
-        cores too: onnxruntime splits every operator between its threads and waits for the slowest, so a
+        Two batches at once, each with its share of the cores (pinned to them when a share has 2 cores or
+        more; single-thread lanes are left to the kernel), beat one batch on all of them once decoding
+        shares the cores too: onnxruntime splits every operator between its threads and waits for the slowest, so a
         core taken by a decode thread for a moment stalls the whole batch. On 2 cores the int8 model alone
         runs about as fast either way (batch 16: 227 vs 242 images/s), and the worker's burst went from
         166-172 to 177-186 images/s (fp32 models lose, see config.toml). A batch that starts alone still

@@ -35,7 +35,8 @@
 - **Faults**: a file that cannot be decoded becomes a `failed` row and goes to `failed/`; one bad file
   never fails its batch. A FIFO, socket, symlink… (`FileSkipped`) is logged once and left alone. When the
   commit fails (the store already retried), the batch's files stay in the inbox and are retried after a
-  back-off during which no new batch is formed. When a move fails (e.g. `processed/` not writable) the
+  back-off during which no new batch is formed (batches already formed still run, without lengthening
+  the back-off). When a move fails (e.g. `processed/` not writable) the
   file stays in the inbox and is retried after a back-off; its row is not written twice, since the
   retry finds it with `find_drop`.
 """
@@ -299,6 +300,8 @@ class Inferred:
 
     batch: list[Prepared]
     error: StoreError | None = None  # the lookups failed: nothing is committed, the files are retried
+    crash: Exception | None = None  # inference raised (e.g. onnxruntime): re-raised in the caller's thread
+    formed_at: float = 0.0  # monotonic time the batch was handed over
 
 
 @dataclass
@@ -335,7 +338,8 @@ class Pipeline:
     `submit(path)` is the watcher's callback (any thread). `start()` starts the feeder thread;
     `process_next(timeout)` waits for the next inferred batch and commits and disposes of it in the calling
     thread;
-    `stop()` ends the feeder and the pool, leaving unprocessed files in the inbox.
+    `stop()` ends the feeder, the decode pool and the inference threads, leaving unprocessed files in the
+    inbox (batches already handed over are inferred, then dropped).
     `max_attempts`: give up on a file after this many failed commits or moves (None = retry forever;
     `run --once` uses a small number so that it ends).
     `claims` (several workers on one PostgreSQL database, worker.claims): the feeder claims each batch's
@@ -379,7 +383,8 @@ class Pipeline:
         self._max_wait_s = config.batch.max_wait_ms / 1000
         self._pool = ThreadPoolExecutor(config.batch.decode_threads, thread_name_prefix="decode")
         # Batches inferred at once (Model.concurrent_batches; 1 on a GPU), and as many handed over ahead.
-        self._lanes = model.concurrent_batches
+        # GPU decoding: one inference thread, the only user of the GpuDecoder.
+        self._lanes = 1 if config.batch.decode_on == "gpu" else model.concurrent_batches
         self._inference = ThreadPoolExecutor(self._lanes, thread_name_prefix="inference")
         self._gpu = None
         if config.batch.decode_on == "gpu":
@@ -403,6 +408,7 @@ class Pipeline:
         # thread only). Not with claims: there a file is claimed before it is read.
         self._early: dict[QueuedFile, Future[Prepared]] = {}
         self._commit_failures = 0
+        self._failed_at = float("-inf")  # monotonic time of the last failed commit
 
     # Input -------------------------------------------------------------------------------------------
     def submit(self, path: Path) -> bool:
@@ -482,7 +488,8 @@ class Pipeline:
 
     # The caller's loop --------------------------------------------------------------------------------
     def process_next(self, timeout: float | None = None, *, until_idle: bool = False) -> int:
-        """Wait up to `timeout` s for a decoded batch and process it here; return the files handled.
+        """Wait up to `timeout` s for a batch to be handed over, then for its inference, and commit and
+        dispose of it here; return the files handled.
 
         Returns 0 on timeout or on `wake()`; with `until_idle`, also as soon as nothing is queued, in
         flight, rescanning or waiting for a retry (see `busy`).
@@ -562,7 +569,7 @@ class Pipeline:
                 self.queue.release(item.path for item in items)
                 return False
             try:
-                inferred = self._inference.submit(self._lookup_and_infer, futures)
+                inferred = self._inference.submit(self._lookup_and_infer, futures, time.monotonic())
             except RuntimeError:  # shut down: we are stopping
                 self.queue.release(item.path for item in items)
                 return False
@@ -769,25 +776,27 @@ class Pipeline:
         return gpu_eligible(open_image(data, max_pixels=self.config.files.max_pixels), self.model.input_size)
 
     # One batch -------------------------------------------------------------------------------------
-    def process(self, batch: list[Prepared]) -> None:
-        """Record and dispose of one decoded batch (see the module docstring for the order of steps)."""
-        self._conclude(self._infer_batch(batch))
-
-    def _lookup_and_infer(self, futures: list[Future[Prepared]]) -> Inferred:
+    def _lookup_and_infer(self, futures: list[Future[Prepared]], formed_at: float) -> Inferred:
         """An inference thread's part of a batch: wait for its files to be decoded, then `_infer_batch`."""
         started = time.perf_counter()
         batch = [future.result() for future in futures]  # _prepare never raises
         self._stage("wait", started)
-        return self._infer_batch(batch)
+        try:
+            inferred = self._infer_batch(batch)
+        except Exception as exc:  # the caller's thread still logs the batch's skips, then raises it
+            inferred = Inferred(batch, crash=exc)
+        inferred.formed_at = formed_at
+        return inferred
 
     def _infer_batch(self, batch: list[Prepared]) -> Inferred:
         """Look up what the store already has of the batch, and run the model over the rest.
 
         Runs in an inference thread, up to `Model.concurrent_batches` batches at once, while the caller's
-        thread commits the batch before. A lookup may therefore miss content that batch is about to
-        commit: the file is inferred once more, and `Store.add_results` still records it as a duplicate.
+        thread commits the batches formed before. A lookup may therefore miss content one of those is
+        about to commit: the file is inferred once more, and `Store.add_results` still records it as a
+        duplicate.
         """
-        rows = [p for p in batch if p.skipped is None and not p.gone]
+        rows = _rows(batch)
         if not rows:
             return Inferred(batch)
         for p in rows:  # scale-out: a worker that died between commit and move left this drop's row
@@ -799,6 +808,7 @@ class Pipeline:
         try:
             self._match_existing(rows)
         except StoreError as exc:
+            self.queue.pause(RETRY_FIRST_S)  # form no more batches now; _commit_failed sets the back-off
             return Inferred(batch, exc)
         started = self._stage("match", started)
         self._infer([p for p in rows if p.row_id is None and p.same_as is None])
@@ -808,17 +818,19 @@ class Pipeline:
     def _conclude(self, inferred: Inferred) -> None:
         """The caller's thread: commit the batch's rows in one transaction, then dispose of its files."""
         batch = inferred.batch
-        rows = [p for p in batch if p.skipped is None and not p.gone]
+        rows = _rows(batch)
         for p in batch:
             if p.skipped is not None:
                 self._log_skip(p)
             elif p.gone:
                 log.debug("%s is no longer in the inbox; nothing to do", p.item.path)
         self._release_claims(p for p in batch if p.skipped is not None or p.gone)
+        if inferred.crash is not None:
+            raise inferred.crash
         if not rows:
             return
         if inferred.error is not None:
-            self._commit_failed(rows, inferred.error)
+            self._commit_failed(rows, inferred.error, inferred.formed_at)
             return
         started = time.perf_counter()
         new = [p for p in rows if p.row_id is None]
@@ -827,7 +839,7 @@ class Pipeline:
         try:
             ids = self.store.add_results(records, claims=self.claims) if records else []
         except StoreError as exc:
-            self._commit_failed(rows, exc)
+            self._commit_failed(rows, exc, inferred.formed_at)
             return
         started = self._stage("commit", started)
         self._commit_failures = 0
@@ -1042,9 +1054,13 @@ class Pipeline:
                     self.claims.release_later(self._claim_keys(finished), left=self._claim_keys(left))
 
     # Faults and retries -------------------------------------------------------------------------------
-    def _commit_failed(self, rows: list[Prepared], exc: StoreError) -> None:
+    def _commit_failed(self, rows: list[Prepared], exc: StoreError, formed_at: float) -> None:
+        """The batch's files stay in the inbox; no batch is formed for a back-off that doubles with each
+        failure (a batch formed before the previous failure, already in flight then, keeps its delay)."""
         self.counters.commit_errors += 1
-        self._commit_failures += 1
+        if formed_at >= self._failed_at or not self._commit_failures:
+            self._commit_failures += 1
+        self._failed_at = time.monotonic()
         delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (self._commit_failures - 1))
         self.queue.pause(delay)
         kept = [p.item.path for p in rows]
@@ -1143,6 +1159,11 @@ def classify_files(
             yield from flush()
     if chunk:
         yield from flush()
+
+
+def _rows(batch: list[Prepared]) -> list[Prepared]:
+    """The files of `batch` that get a row (or are only moved): all but the skipped and the vanished."""
+    return [p for p in batch if p.skipped is None and not p.gone]
 
 
 def _earliest(first: float, second: float | None) -> float:
