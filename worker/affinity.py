@@ -47,10 +47,7 @@ def physical_cores(cpus: list[int], sysfs: Path = SYSFS_CPU) -> list[int]:
     seen: set[frozenset[int]] = set()
     chosen = []
     for cpu in cpus:
-        try:  # the logical CPUs sharing this one's core, itself included
-            key = frozenset(_parse_list((sysfs / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text()))
-        except (OSError, ValueError):
-            key = frozenset({cpu})
+        key = frozenset(_core_of(cpu, sysfs))
         if key not in seen:
             seen.add(key)
             chosen.append(cpu)
@@ -90,12 +87,16 @@ def _siblings(cores: list[int], cpus: list[int], sysfs: Path) -> set[int]:
     """`cores` and their hyper-thread siblings among `cpus`."""
     taken = set(cores)
     for cpu in cores:
-        try:
-            siblings = _parse_list((sysfs / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text())
-        except (OSError, ValueError):
-            continue
-        taken.update(c for c in siblings if c in cpus)
+        taken.update(c for c in _core_of(cpu, sysfs) if c in cpus)
     return taken
+
+
+def _core_of(cpu: int, sysfs: Path) -> list[int]:
+    """The logical CPUs sharing `cpu`'s physical core, itself included (just `cpu` without topology)."""
+    try:
+        return _parse_list((sysfs / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text())
+    except (OSError, ValueError):
+        return [cpu]
 
 
 def _parse_list(text: str) -> list[int]:

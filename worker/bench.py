@@ -202,8 +202,8 @@ def model_throughput(path: Path, decoded: np.ndarray, batch_sizes: list[int], th
 
     `concurrent` (a model.concurrent_batches value, 0 = auto): unless 1, also the worker's way on the CPU
     with the most threads, several batches at once from as many threads, each on its share of the cores
-    (rows with "concurrent": how many at once). On a GPU
-    this includes copying the batch to the device and the probabilities back, as the worker does.
+    (rows with "concurrent": how many at once). On a GPU this includes copying the batch to the device
+    and the probabilities back, as the worker does.
     """
     rows = []
     for count in threads:

@@ -61,9 +61,10 @@ class Metrics:
             "inference_seconds", "Model inference time per batch.", buckets=INFERENCE_BUCKETS,
             namespace=namespace, registry=r)
         self._stage = Histogram(
-            "batch_stage_seconds", "Time per batch in each step of the processing thread: waiting for a "
-            "decoded batch, looking up earlier results, inference (GPU decoding included), the commit, "
-            "moving the files.", ["stage"], buckets=INFERENCE_BUCKETS, namespace=namespace, registry=r)
+            "batch_stage_seconds", "Time per batch in each step: in an inference thread, waiting for its "
+            "files to be decoded, looking up earlier results, inference (GPU decoding included); in the main "
+            "thread, the commit and moving the files.", ["stage"], buckets=INFERENCE_BUCKETS,
+            namespace=namespace, registry=r)
         self._end_to_end = Histogram(
             "end_to_end_seconds", "From a file being ready in the inbox to its result row committed.",
             buckets=END_TO_END_BUCKETS, namespace=namespace, registry=r)

@@ -240,8 +240,8 @@ class Model:
 
         Two batches at once, each with its share of the cores (pinned to them when a share has 2 cores or
         more; single-thread lanes are left to the kernel), beat one batch on all of them once decoding
-        shares the cores too: onnxruntime splits every operator between its threads and waits for the slowest, so a
-        core taken by a decode thread for a moment stalls the whole batch. On 2 cores the int8 model alone
+        shares the cores too: onnxruntime splits every operator between its threads and waits for the
+        slowest, so a core taken by a decode thread for a moment stalls the whole batch. On 2 cores the int8 model alone
         runs about as fast either way (batch 16: 227 vs 242 images/s), and the worker's burst went from
         166-172 to 177-186 images/s (fp32 models lose, see config.toml). A batch that starts alone still
         gets every core: a single image takes 4.9 ms on two and 8 ms on one. With one core per group the

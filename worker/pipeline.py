@@ -36,9 +36,8 @@
   never fails its batch. A FIFO, socket, symlink… (`FileSkipped`) is logged once and left alone. When the
   commit fails (the store already retried), the batch's files stay in the inbox and are retried after a
   back-off during which no new batch is formed (batches already formed still run, without lengthening
-  the back-off). When a move fails (e.g. `processed/` not writable) the
-  file stays in the inbox and is retried after a back-off; its row is not written twice, since the
-  retry finds it with `find_drop`.
+  the back-off). When a move fails (e.g. `processed/` not writable) the file stays in the inbox and is
+  retried after a back-off; its row is not written twice, since the retry finds it with `find_drop`.
 """
 
 from __future__ import annotations
@@ -279,7 +278,7 @@ class Prepared:
     gone: bool = False  # vanished before it was read (moved away, or already disposed of)
     skip_key: tuple[Any, ...] | None = None
     decode_ms: float = 0.0
-    # Filled in by `process`, or already by `_prepare` for a file read while its batch window is open:
+    # Filled in by `_infer_batch`, or already by `_prepare` for a file read while its window is open:
     matched: bool = False  # row_id and same_as below have been looked up
     row_id: int | None = None  # an existing row for this very drop (crash between commit and move)
     same_as: StoredResult | None = None  # the first row with the same content under this model

@@ -27,7 +27,7 @@ RESIZE_POLICIES = ("squash",)
 
 #: A JPEG is decoded at 1/2, 1/4 or 1/8 scale straight from the DCT (Pillow's `draft`) as long as each side
 #: keeps at least this share of the model's input side; the resize then scales up a little at most. For a
-#: 400x533 listing photo and a 260x260 model that is 1/2 scale: decode and resize 2.2 -> 1.1 ms, the
+#: 400x533 listing photo and a 260x260 model that is 1/2 scale: decode and resize 2.2 -> 1.2 ms, the
 #: largest cost of a photo besides the model. Validation accuracy: int8 0.9267 -> 0.9296, fp32
 #: 0.9267 -> 0.9238 (one photo of 341 either way; 2 % of the predictions change, in both directions).
 DRAFT_MIN_SHARE = 0.75
