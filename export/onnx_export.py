@@ -8,7 +8,12 @@
    stored in the model's metadata together with labels, input size, resize policy, name, version,
    training-data fingerprint and cost.
 5. Optionally an int8 model (static QDQ quantisation calibrated on training images), scored and timed
-   against fp32 the same way.
+   against fp32 the same way, and an fp16 model for GPUs.
+6. A confusion matrix of the model the worker runs by default on the CPU (int8 when written, else fp32)
+   as `confusion_matrix.png` beside the model.
+
+`rescore` repeats steps 4 and 6 for models already written, without touching them: for checking a shipped
+model's figures after a change to the worker's preprocessing.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 
 from export.flops import count_macs
 from train.model import Classifier, ExportWrapper, ModelSpec
-from train.report import expected_calibration_error
+from train.report import classification_metrics, plot_confusion
 from worker.exceptions import DataError, ModelError
 from worker.model import Model
 from worker.preprocess import load_pixels
@@ -39,6 +44,7 @@ log = logging.getLogger(__name__)
 MAX_PIXELS = 100_000_000
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 FLOAT_HEAD_OPS = ("Gemm", "MatMul", "Div", "Softmax")  # left unquantised by --int8
+MEASURED_AT_EXPORT = ("images_per_s", "speedup", "max_abs_diff_vs_fp32")  # figures a rescore keeps
 
 
 @dataclass
@@ -91,7 +97,7 @@ def main(config: ExportConfig) -> dict:
                                     ("arch", "frozen_blocks", "views", "epochs", "lr", "seed")}),
         }
         write_metadata(raw, {**metadata, "val_accuracy": "pending"})
-        fp32 = evaluate(raw, val_files, val_labels)
+        fp32 = evaluate(Model(raw), val_files, val_labels)
         metadata["val_accuracy"] = f"{fp32['accuracy']:.4f}"
         write_metadata(raw, metadata)
         raw.replace(out)
@@ -105,7 +111,7 @@ def main(config: ExportConfig) -> dict:
         int8_path = out.with_suffix(".int8.onnx")
         quantize(out, int8_path, calibration_set(train_files, config.calibration_images), spec.image_size)
         write_metadata(int8_path, {**metadata, "precision": "int8", "val_accuracy": "pending"})
-        int8 = evaluate(int8_path, val_files, val_labels)
+        int8 = evaluate(Model(int8_path), val_files, val_labels)
         write_metadata(int8_path, {**metadata, "precision": "int8", "val_accuracy": f"{int8['accuracy']:.4f}"})
         speed = {"fp32": throughput(out), "int8": throughput(int8_path)}
         report["int8"] = {"model": str(int8_path), **int8, "images_per_s": speed}
@@ -119,14 +125,58 @@ def main(config: ExportConfig) -> dict:
         half = ExportWrapper(copy.deepcopy(model).half(), temperature).eval()
         export_graph(half, spec.image_size, fp16_path, config.opset)
         write_metadata(fp16_path, {**metadata, "precision": "fp16", "val_accuracy": "pending"})
-        fp16 = evaluate(fp16_path, val_files, val_labels)  # on the CPU, onnxruntime casts where it must
+        fp16 = evaluate(Model(fp16_path), val_files, val_labels)  # on the CPU, onnxruntime casts where it must
         write_metadata(fp16_path, {**metadata, "precision": "fp16", "val_accuracy": f"{fp16['accuracy']:.4f}"})
         report["fp16"] = {"model": str(fp16_path), **fp16,
                           "accuracy_drop_points": round(100 * (fp32["accuracy"] - fp16["accuracy"]), 2),
                           "max_abs_diff_vs_fp32": onnx_difference(out, fp16_path, val_files[: config.parity_images],
                                                                   spec.image_size)}
         log.info("fp16: validation accuracy %.4f (fp32 %.4f)", fp16["accuracy"], fp32["accuracy"])
+    write_confusion(out, report)
     return report
+
+
+def rescore(config: ExportConfig, report: dict) -> dict:
+    """Score the models already at `config.out` (and its .int8/.fp16 siblings) again through the worker's
+    path; return `report` (the export report of metrics.json) with their figures replaced.
+
+    The ONNX files are not touched, so their recorded `val_accuracy` may now differ: that is logged.
+    """
+    out = Path(config.out)
+    if not out.is_file():
+        raise ModelError(f"nothing to rescore: {out} does not exist")
+    data = config.data or (load_checkpoint(Path(config.checkpoint))["config"]["data"] if config.checkpoint else "")
+    if not data:
+        raise DataError("--rescore needs the dataset: pass --data DIR (with validation/) or the checkpoint")
+    val_files, val_labels = list_split(Path(data) / "validation", json.loads(model_metadata(out)["labels"]))
+    report = {**report, "model": str(out)}
+    for precision, path in (("fp32", out), ("int8", out.with_suffix(".int8.onnx")),
+                            ("fp16", out.with_suffix(".fp16.onnx"))):
+        if not path.is_file():
+            continue
+        scored_model = Model(path)
+        scored = evaluate(scored_model, val_files, val_labels)
+        recorded = scored_model.info.metadata.get("val_accuracy", "")
+        log.info("%s: validation accuracy %.4f (recorded in the model: %s)", precision, scored["accuracy"],
+                 recorded or "none")
+        if recorded and recorded != f"{scored['accuracy']:.4f}":
+            log.warning("%s scores %.4f now but records %s: export it again to update its metadata",
+                        path, scored["accuracy"], recorded)
+        kept = {k: v for k, v in report.get(precision, {}).items() if k in MEASURED_AT_EXPORT}
+        report[precision] = {**kept, "model": str(path), **scored}
+        if precision != "fp32" and "fp32" in report:
+            report[precision]["accuracy_drop_points"] = round(
+                100 * (report["fp32"]["accuracy"] - scored["accuracy"]), 2)
+    write_confusion(out, report)
+    return report
+
+
+def write_confusion(out: Path, report: dict) -> None:
+    """`confusion_matrix.png` beside `out` for the model the worker picks on a CPU: int8 if there is one."""
+    precision = "int8" if "int8" in report else "fp32"
+    metadata = model_metadata(out.with_suffix(".int8.onnx") if precision == "int8" else out)
+    title = f"{metadata.get('name', 'model')} {metadata.get('version', '')} {precision}, validation"
+    plot_confusion(out.parent / "confusion_matrix.png", report[precision], title)
 
 
 def onnx_difference(first: Path, second: Path, files: list[Path], size: int) -> float:
@@ -164,6 +214,10 @@ def export_graph(wrapper: ExportWrapper, size: int, path: Path, opset: int) -> N
             dynamic_axes={"images": {0: "N"}, "probabilities": {0: "N"}}, opset_version=opset, dynamo=False,
         )
     onnx.checker.check_model(str(path))
+
+
+def model_metadata(path: Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
 
 
 def write_metadata(path: Path, metadata: dict[str, str]) -> None:
@@ -234,21 +288,12 @@ def fit_temperature(model: Classifier, files: list[Path], labels: list[int], siz
     return temperature
 
 
-def evaluate(path: Path, files: list[Path], labels: list[int], batch: int = 32) -> dict:
-    """Accuracy of the ONNX file through the worker's own model loader and preprocessing."""
-    model = Model(path)
-    correct, probabilities = 0, []
-    for start in range(0, len(files), batch):
-        probs = model.probabilities(pixels(files[start:start + batch], model.input_size[0]))
-        probabilities.append(probs)
-        correct += int((probs.argmax(1) == np.array(labels[start:start + batch])).sum())
-    probs = np.concatenate(probabilities)
-    recall = {}
-    for index, label in enumerate(model.info.labels):
-        mask = np.array(labels) == index
-        recall[label] = round(float((probs[mask].argmax(1) == index).mean()), 4) if mask.any() else None
-    ece = expected_calibration_error(np.array(labels), probs)
-    return {"accuracy": round(correct / len(files), 4), "n": len(files), "ece": round(ece, 4), "recall": recall}
+def evaluate(model: Model, files: list[Path], labels: list[int], batch: int = 32) -> dict:
+    """Accuracy, per-class figures, confusion matrix and calibration error of an ONNX model loaded by the
+    worker's own loader, through the worker's preprocessing."""
+    probs = np.concatenate([model.probabilities(pixels(files[start:start + batch], model.input_size[0]))
+                            for start in range(0, len(files), batch)])
+    return classification_metrics(np.array(labels), probs, model.info.labels)
 
 
 def calibration_set(files: list[Path], count: int) -> list[Path]:

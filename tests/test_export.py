@@ -54,6 +54,12 @@ def test_export_honours_the_contract_and_agrees_with_pytorch(checkpoint, tmp_pat
     assert int(meta["macs_per_image"]) > 0
     assert float(meta["temperature"]) == report["temperature"] > 0
     assert 0.0 <= report["fp32"]["ece"] <= 1.0
+    scored = report["fp32"]
+    assert scored["classes"] == ["hat", "shoes", "skirt"] and scored["n"] == 6
+    assert np.array(scored["confusion_matrix"]).sum() == 6
+    assert np.trace(scored["confusion_matrix"]) / 6 == pytest.approx(scored["accuracy"], abs=1e-4)
+    assert set(scored["per_class"]["hat"]) == {"precision", "recall", "f1", "support"}
+    assert (tmp_path / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     model = Model(out)  # the worker's own loader accepts it
     files = sorted((data / "validation").rglob("*.jpg"))
@@ -108,7 +114,56 @@ def test_missing_checkpoint_is_one_line(tmp_path):
 def test_help_shows_defaults_and_example():
     result = subprocess.run([sys.executable, "-m", "export", "--help"], capture_output=True, text=True)
     assert "(default: 0.0001)" in result.stdout
-    assert "example: fashion-export runs/lite2/best.pt" in result.stdout
+    assert "\n  fashion-export runs/lite2/best.pt --out worker/models/default.onnx --int8 --fp16\n" in result.stdout
+    assert "\n  fashion-export --rescore --out worker/models/default.onnx --data " in result.stdout
+
+
+def test_no_checkpoint_without_rescore_is_a_usage_error():
+    result = subprocess.run([sys.executable, "-m", "export"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == ("fashion-export: error: the checkpoint is required "
+                                              "(or --rescore to score models already exported)")
+
+
+@pytest.mark.timeout(300)
+def test_rescore_rewrites_the_figures_and_never_the_models(checkpoint, tmp_path):
+    best, data = checkpoint
+    out = tmp_path / "m.onnx"
+    exported = subprocess.run([sys.executable, "-m", "export", str(best), "--out", str(out), "--int8",
+                               "--calibration-images", "8"], capture_output=True, text=True)
+    assert exported.returncode == 0, exported.stderr
+    models = {path.name: path.read_bytes() for path in tmp_path.glob("*.onnx")}
+    assert set(models) == {"m.onnx", "m.int8.onnx"}
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    speed = metrics["export"]["int8"]["images_per_s"]
+    # Figures gone stale, as after a change to the worker's preprocessing:
+    metrics["export"]["int8"]["accuracy"] = metrics["export"]["fp32"]["accuracy"] = -1.0
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "confusion_matrix.png").unlink()
+
+    result = subprocess.run([sys.executable, "-m", "export", "--rescore", "--out", str(out), "--data", str(data)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert {path.name: path.read_bytes() for path in tmp_path.glob("*.onnx")} == models
+    rescored = json.loads((tmp_path / "metrics.json").read_text())
+    assert rescored["training"] == metrics["training"]  # the training section is kept as it was
+    for precision, path in (("fp32", out), ("int8", tmp_path / "m.int8.onnx")):
+        recorded = float(Model(path).info.metadata["val_accuracy"])
+        assert rescored["export"][precision]["accuracy"] == recorded
+    assert rescored["export"]["int8"]["images_per_s"] == speed  # measured at export, kept
+    assert (tmp_path / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fp32, int8 = (rescored["export"][p]["accuracy"] for p in ("fp32", "int8"))
+    assert result.stdout == (f"scored {out}: validation accuracy {fp32:.4f}; int8 {int8:.4f} at "
+                             f"{rescored['export']['int8']['speedup']}x the speed; metrics in "
+                             f"{tmp_path / 'metrics.json'}, confusion matrix in {tmp_path / 'confusion_matrix.png'}\n")
+
+
+def test_rescore_errors_are_one_line(tmp_path):
+    missing = subprocess.run([sys.executable, "-m", "export", "--rescore", "--out", str(tmp_path / "none.onnx")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2
+    none = tmp_path / "none.onnx"
+    assert missing.stderr.strip() == f"fashion-export: error: nothing to rescore: {none} does not exist"
 
 
 def test_temperature_changes_confidence_never_the_winner(checkpoint, tmp_path):
