@@ -200,6 +200,25 @@ def test_run_once_polling_then_results(site: Path, capsys: pytest.CaptureFixture
     ]
 
 
+
+@pytest.mark.timeout(120)
+def test_run_once_with_inotify_logs_no_warning_or_error(site: Path) -> None:
+    # A real process on the real inotify observer: stopping it used to log watchdog's ERROR
+    # "InotifyEmitter.queue_events() called when the thread is inactive" at the end of most runs.
+    for attempt in range(3):
+        for index, color in enumerate([(255 - attempt, 0, 0), (0, 255 - attempt, 0), (0, 0, 255 - attempt)]):
+            write_image(site / "inbox" / f"{attempt}-{index}.png", color)  # new content each time
+        proc = subprocess.run([sys.executable, "-m", "worker", "run", "--once"], cwd=site,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        levels = [line.split()[2] for line in proc.stderr.splitlines() if TS.match(line)]
+        assert levels and set(levels) == {"INFO"}, proc.stderr
+        found = re.search(r"(\d+) file\(s\) already there reported, (\d+) more once they settle \(0.2s\)",
+                          proc.stderr)
+        assert found and int(found[1]) + int(found[2]) == 3, proc.stderr
+        assert "done: 3 results recorded (0 failed, 0 duplicates)" in proc.stderr
+
+
 # doctor ---------------------------------------------------------------------------------------------------
 def test_doctor_all_ok(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_cli(capsys, "doctor")

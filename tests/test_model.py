@@ -114,6 +114,10 @@ def test_a_batch_alone_gets_every_core_and_one_started_meanwhile_gets_a_lane(tin
     if len(core_groups(model.placement.threads, 2)) < 2:
         pytest.skip("needs 2 physical cores")
     assert model.concurrent_batches == 2 and Model(tiny_model).concurrent_batches == 1
+    # Lanes are plain CPU sessions: with any other execution provider first, every batch stays on it.
+    # (AzureExecutionProvider is the one besides the CPU's in every onnxruntime build.)
+    other = Model(tiny_model, providers=["AzureExecutionProvider", "CPUExecutionProvider"], concurrent_batches=2)
+    assert other.providers[0] == "AzureExecutionProvider" and other.concurrent_batches == 1
     alone = model._take_lane()
     meanwhile = model._take_lane()
     assert alone is None and meanwhile == 0  # the main session (all cores), then the first lane

@@ -13,7 +13,7 @@
   polling), commits and disposes of it, and `housekeeping` sends WATCHDOG=1 and STATUS= on systemd's watchdog interval
   and a heartbeat to the database every HEARTBEAT_S seconds.
 - `shut_down`: STOPPING=1, stop the watcher and the pipeline (unprocessed files stay in the inbox; batches
-  already handed to the inference threads finish their inference first and are dropped), record
+  not yet committed are dropped: inference under way is waited for, decoding cancelled), record
   the stop (giving back the claims first), close the database, release the lock.
 
 Signals: the first SIGTERM or SIGINT lets the batch in progress finish (it is committed and its files

@@ -225,7 +225,7 @@ class Model:
         self.placement = placement
         self._outputs: dict[int, ort.OrtValue] = {}
         self._lanes: list[tuple[ort.InferenceSession, Placement]] = []
-        if self.device == "cpu":
+        if self.providers == ["CPUExecutionProvider"]:  # lanes are plain CPU sessions: never for other EPs
             self._lanes = self._lane_sessions(data, concurrent_batches, inter_op_threads, spin_wait)
         self._free = list(range(len(self._lanes)))  # lanes not running a batch
         self._running = 0  # runs in flight, on any session

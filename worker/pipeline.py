@@ -299,7 +299,7 @@ class Inferred:
 
     batch: list[Prepared]
     error: StoreError | None = None  # the lookups failed: nothing is committed, the files are retried
-    crash: Exception | None = None  # inference raised (e.g. onnxruntime): re-raised in the caller's thread
+    crash: Exception | None = None  # inference raised (e.g. onnxruntime): logged, the files are retried
     formed_at: float = 0.0  # monotonic time the batch was handed over
 
 
@@ -316,7 +316,8 @@ class Counters:
     gpu_decoded: int = 0  # of those, decoded on the GPU (batch.decode_on = "gpu")
     recovered: int = 0  # drops committed before a crash and only moved now
     skipped: int = 0  # FIFOs, symlinks… (each logged once)
-    commit_errors: int = 0
+    commit_errors: int = 0  # batches whose lookups or commit the database refused
+    inference_errors: int = 0  # batches the model raised on
     disposition_errors: int = 0
     given_up: int = 0  # --once: files left in the inbox after repeated commit or move failures
     last_batch_at: datetime | None = None
@@ -338,8 +339,8 @@ class Pipeline:
     `process_next(timeout)` waits for the next inferred batch and commits and disposes of it in the calling
     thread;
     `stop()` ends the feeder, the decode pool and the inference threads, leaving unprocessed files in the
-    inbox (batches already handed over are inferred, then dropped).
-    `max_attempts`: give up on a file after this many failed commits or moves (None = retry forever;
+    inbox (batches not yet committed are dropped: inference under way is waited for, decoding is cancelled).
+    `max_attempts`: give up on a file after this many failed commits, inferences or moves (None = retry forever;
     `run --once` uses a small number so that it ends).
     `claims` (several workers on one PostgreSQL database, worker.claims): the feeder claims each batch's
     files before they are read and keeps only those it wins (topping the batch up from the queue);
@@ -406,7 +407,7 @@ class Pipeline:
         # Files whose reading and decoding started while their batch's window was still open (feeder
         # thread only). Not with claims: there a file is claimed before it is read.
         self._early: dict[QueuedFile, Future[Prepared]] = {}
-        self._commit_failures = 0
+        self._failures_in_a_row = 0
         self._failed_at = float("-inf")  # monotonic time of the last failed commit
 
     # Input -------------------------------------------------------------------------------------------
@@ -472,13 +473,17 @@ class Pipeline:
         return self.queue.depth + len(self._retries)
 
     def throughput(self, window_s: float = 60.0) -> float:
-        """Rows committed per second over the last `window_s` seconds."""
+        """Rows committed per second over the last `window_s` seconds (at most a minute)."""
         now = time.monotonic()
         with self._cond:
-            while self._recent and self._recent[0][0] < now - 60.0:
-                self._recent.popleft()
+            self._forget_before(now - 60.0)
             rows = sum(n for t, n in self._recent if t >= now - window_s)
         return rows / window_s
+
+    def _forget_before(self, moment: float) -> None:
+        """Drop `_recent` entries older than `moment` (the caller holds `_cond`)."""
+        while self._recent and self._recent[0][0] < moment:
+            self._recent.popleft()
 
     def status_line(self) -> str:
         c = self.counters
@@ -750,7 +755,7 @@ class Pipeline:
         """Look up `p`'s content while its batch window is open; True if it was recorded before.
 
         A lone drop then goes straight to inference when the window closes. The answer may be out of date
-        by then only in one way: the same content committed meanwhile by the batch before. That file is
+        by then only in one way: the same content committed meanwhile by a batch ahead of it. That file is
         then inferred once more, and `Store.add_results` still records it as a duplicate of the first row.
         """
         try:
@@ -778,11 +783,12 @@ class Pipeline:
     def _lookup_and_infer(self, futures: list[Future[Prepared]], formed_at: float) -> Inferred:
         """An inference thread's part of a batch: wait for its files to be decoded, then `_infer_batch`."""
         started = time.perf_counter()
-        batch = [future.result() for future in futures]  # _prepare never raises
+        # _prepare never raises; a CancelledError here means stop() cancelled decoding: the batch is dropped
+        batch = [future.result() for future in futures]
         self._stage("wait", started)
         try:
             inferred = self._infer_batch(batch)
-        except Exception as exc:  # the caller's thread still logs the batch's skips, then raises it
+        except Exception as exc:  # the caller's thread logs it and retries the batch's files
             inferred = Inferred(batch, crash=exc)
         inferred.formed_at = formed_at
         return inferred
@@ -824,9 +830,10 @@ class Pipeline:
             elif p.gone:
                 log.debug("%s is no longer in the inbox; nothing to do", p.item.path)
         self._release_claims(p for p in batch if p.skipped is not None or p.gone)
-        if inferred.crash is not None:
-            raise inferred.crash
         if not rows:
+            return
+        if inferred.crash is not None:
+            self._inference_failed(rows, inferred.crash, inferred.formed_at)
             return
         if inferred.error is not None:
             self._commit_failed(rows, inferred.error, inferred.formed_at)
@@ -841,7 +848,7 @@ class Pipeline:
             self._commit_failed(rows, exc, inferred.formed_at)
             return
         started = self._stage("commit", started)
-        self._commit_failures = 0
+        self._failures_in_a_row = 0
         for p, row_id in zip(new, ids, strict=True):
             p.row_id = row_id
         if None in ids:  # claims taken over by another worker meanwhile: that worker records and moves them
@@ -996,6 +1003,7 @@ class Pipeline:
         c.recovered += len(rows) - len(new)
         with self._cond:
             self._recent.append((committed, len(new)))
+            self._forget_before(committed - 60.0)  # bounded also when nobody asks for the throughput
 
     def _dispose(self, rows: list[Prepared]) -> None:
         """Move / leave / delete each committed file, then record the new locations in one call (and, in
@@ -1054,19 +1062,33 @@ class Pipeline:
 
     # Faults and retries -------------------------------------------------------------------------------
     def _commit_failed(self, rows: list[Prepared], exc: StoreError, formed_at: float) -> None:
-        """The batch's files stay in the inbox; no batch is formed for a back-off that doubles with each
-        failure (a batch formed before the previous failure, already in flight then, keeps its delay)."""
+        """The database refused the batch's lookups or its commit: its files stay in the inbox and are
+        retried after `_back_off`."""
         self.counters.commit_errors += 1
-        if formed_at >= self._failed_at or not self._commit_failures:
-            self._commit_failures += 1
-        self._failed_at = time.monotonic()
-        delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (self._commit_failures - 1))
-        self.queue.pause(delay)
-        kept = [p.item.path for p in rows]
-        for path in kept:
-            self._schedule_retry(path, delay)
+        delay = self._back_off(rows, formed_at)
         log.error("cannot record %d results: %s; the files stay in the inbox, retrying in %g s",
-                  len(kept), exc, delay)
+                  len(rows), exc, delay)
+
+    def _inference_failed(self, rows: list[Prepared], exc: Exception, formed_at: float) -> None:
+        """The model raised on the batch (a model broken at run time, a GPU gone): as for a failed commit,
+        its files stay in the inbox and are retried after `_back_off`; the error is logged with its
+        traceback, since it is a fault of the model or the machine rather than of an image."""
+        self.counters.inference_errors += 1
+        delay = self._back_off(rows, formed_at)
+        log.error("inference failed for a batch (%d files): %s; the files stay in the inbox, retrying in %g s",
+                  len(rows), exc, delay, exc_info=exc)
+
+    def _back_off(self, rows: list[Prepared], formed_at: float) -> float:
+        """Form no batch for a delay that doubles with each failure in a row (a batch formed before the
+        previous failure, already in flight then, keeps its delay), and retry `rows` after it."""
+        if formed_at >= self._failed_at or not self._failures_in_a_row:
+            self._failures_in_a_row += 1
+        self._failed_at = time.monotonic()
+        delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (self._failures_in_a_row - 1))
+        self.queue.pause(delay)
+        for p in rows:
+            self._schedule_retry(p.item.path, delay)
+        return delay
 
     def _schedule_retry(self, path: Path, delay: float | None = None) -> float | None:
         """Retry `path` later; returns the delay, or None when it was given up (max_attempts)."""
