@@ -137,14 +137,25 @@ def test_results_csv_by_category_and_file_glob(recorded: Path, capsys: pytest.Ca
     assert end == ""
 
 
+def test_results_category_is_checked_against_what_is_known(recorded: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # recorded: red and blue; the configured model's labels: red, green, blue
+    code, out, _ = run_cli(capsys, "results", "--category", "RED", "--format", "csv")
+    assert code == 0 and [line.split(",")[0] for line in out.splitlines()] == ["id", "4", "1"]
+    code, out, _ = run_cli(capsys, "results", "--category", "green", "--format", "csv")  # a label, no rows
+    assert (code, out) == (0, "id,file,location,sha256,size_bytes,status,category,confidence,top3,error,model,"
+                              "model_id,duplicate_of,decode_ms,inference_ms,total_ms,created_at,processed_at,"
+                              "worker,host\n")  # the header also when nothing matches
+    code, out, err = run_cli(capsys, "results", "--category", "purple")
+    assert (code, out) == (2, "")
+    assert err == "fashion-worker: error: unknown category 'purple'; valid: blue, green, red\n"
+
+
 def test_results_time_bounds_and_limit(recorded: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(capsys, "results", "--until", "1h", "--format", "json")[1] == "[]\n"
     code, out, _ = run_cli(capsys, "results", "--limit", "1", "--format", "json")
+    assert code == 0
     assert [r["file"] for r in json.loads(out)] == ["red, again.jpg"]
-    code, _, err = run_cli(capsys, "results", "--since", "yesterday")
-    assert code == 2
-    assert err.startswith("fashion-worker: error: since 'yesterday' is not a time; use ISO 8601")
-    assert err.count("\n") == 1
 
 
 def test_stats_text(recorded: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -265,7 +276,7 @@ def test_doctor_fails_on_a_bad_model_and_unwritable_folder(site: Path, capsys: p
 def test_doctor_reports_a_bad_config_as_a_failed_check(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (site / "config.toml").write_text("[batch]\nmax_batch = 0\n")
     code, out, _ = run_cli(capsys, "doctor")
-    assert (code, out) == (1, "FAIL  config: batch.max_batch must be at least 1, got 0\n")
+    assert (code, out) == (1, "FAIL  config: config.toml: batch.max_batch must be at least 1, got 0\n")
 
 
 # Errors, flags and help -----------------------------------------------------------------------------------
@@ -293,11 +304,50 @@ def test_user_mistakes_print_one_line_and_exit_2(tmp_path: Path, args: list[str]
     assert error_lines[0].startswith("fashion-worker: error: " + message.format(site=tmp_path))
 
 
-def test_argparse_errors_are_reported_by_argparse(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["results", "--format", "xml"],
+         "argument --format: invalid choice: 'xml' (choose from 'table', 'json', 'csv')"),
+        (["results", "--min-confidence", "2"], "argument --min-confidence: expected a number from 0 to 1, got 2"),
+        (["results", "--limit", "-1"], "argument --limit: expected a number of at least 0, got -1"),
+        (["results", "--since", "yesterday"], "argument --since: 'yesterday' is not a time; use ISO 8601 "
+         "(2025-01-31 or 2025-01-31T12:00:00+00:00) or a duration back from now (90s, 15m, 2h, 7d)"),
+        (["bench", "photos", "--burst", "0"], "argument --burst: expected a number of at least 1, got 0"),
+        (["bench", "photos", "--idle-seconds", "0"], "argument --idle-seconds: expected more than 0 seconds, got 0"),
+        (["bench", "photos", "--decode-threads", "-1"],
+         "argument --decode-threads: expected a number of at least 1, got -1"),
+        (["bench", "photos", "--batch-sizes", "a,b"],
+         "argument --batch-sizes: expected comma-separated whole numbers, got 'a,b'"),
+        (["run", "--log-level", "loud"],
+         "argument --log-level: invalid level 'loud'; valid: DEBUG, INFO, WARNING, ERROR"),
+    ],
+    ids=["choice", "confidence", "limit", "since", "burst", "idle", "threads", "batch-sizes", "level"],
+)
+def test_a_bad_flag_is_one_line_naming_the_flag(site: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
+                                                message: str) -> None:
     with pytest.raises(SystemExit) as info:
-        main(["results", "--format", "xml"])
+        main(argv)
     assert info.value.code == 2
-    assert "argument --format: invalid choice: 'xml' (choose from 'table', 'json', 'csv')" in capsys.readouterr().err
+    command = f"fashion-worker {argv[0]}"
+    assert capsys.readouterr().err == f"{command}: error: {message} (see {command} --help)\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench", "config.toml"], "image folder config.toml is not a folder"),
+        (["bench", "inbox", "--int8-model", "none.onnx"], "--int8-model none.onnx does not exist"),
+        (["bench", "inbox", "--json", "nowhere/bench.json"],
+         "--json nowhere/bench.json: its folder does not exist or is not writable"),
+    ],
+    ids=["images-a-file", "int8-model", "json-folder"],
+)
+def test_bench_checks_its_paths_before_it_starts(site: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
+                                                 message: str) -> None:
+    code, out, err = run_cli(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert err == f"fashion-worker: error: {message.format(site=site)}\n"
 
 
 @pytest.mark.parametrize("command", [name for name, _, _ in COMMANDS])
@@ -318,7 +368,7 @@ def test_results_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None
     with pytest.raises(SystemExit):
         main(["results", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--limit LIMIT newest N rows; 0 = all (default: 100)" in text
+    assert "--limit N newest N rows; 0 = all (default: 100)" in text
     assert "--format {table,json,csv} output format (default: table)" in text
 
 

@@ -55,20 +55,36 @@ def test_overrides_apply_after_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[inbox]\nfolder = 'x'\n", "unknown key inbox.folder; valid: path, recursive"),
-        ("[nope]\nx = 1\n", "unknown section [nope]; valid: inbox, files"),
-        ("[batch]\nmax_batch = 'big'\n", "batch.max_batch must be int, got 'big'"),
-        ("[files]\non_success = 'keep'\n", "files.on_success must be one of move, leave, delete, got 'keep'"),
-        ("[batch]\nmax_queue = 2\n", "batch.max_queue (2) must be >= batch.max_batch (16)"),
-        ("x = [", "is not valid TOML"),
+        ("[inbox]\nfolder = 'x'\n", "config.toml: unknown key inbox.folder; valid: path, recursive"),
+        ("[nope]\nx = 1\n", "config.toml: unknown section [nope]; valid: inbox, files"),
+        ("foo = 1\n", "config.toml: unknown key foo outside any section; settings go in the sections [inbox], "),
+        ("[batch]\nmax_batch = 'big'\n", 'config.toml: batch.max_batch must be an integer, got "big"'),
+        ("[batch]\nmax_batch = true\n", "config.toml: batch.max_batch must be an integer, got true"),
+        ("[inbox]\nignore = 'x'\n", 'config.toml: inbox.ignore must be an array of strings, got "x"'),
+        ("[inbox]\nrecursive = 1\n", "config.toml: inbox.recursive must be true or false, got 1"),
+        ("[files]\non_success = 'keep'\n",
+         "config.toml: files.on_success must be one of move, leave, delete, got 'keep'"),
+        ("[batch]\nmax_queue = 2\n", "config.toml: batch.max_queue (2) must be >= batch.max_batch (16)"),
+        ("[database]\nbusy_timeout_ms = -1\n", "config.toml: database.busy_timeout_ms must be >= 0, got -1"),
+        ("x = [", "config file {path} is not valid TOML"),
+        (b"\xff\xfe[batch]\n", "config file {path} is not UTF-8 text (byte 0)"),
     ],
 )
-def test_bad_config_names_the_problem(tmp_path: Path, text: str, message: str) -> None:
+def test_bad_config_names_the_problem(tmp_path: Path, text: str | bytes, message: str) -> None:
     path = tmp_path / "config.toml"
-    path.write_text(text)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
     with pytest.raises(ConfigError) as info:
         config_mod.load(path)
-    assert message in str(info.value)
+    assert str(info.value).startswith(message.replace("config.toml:", f"{path}:").format(path=path))
+
+
+def test_a_bad_value_from_the_command_line_is_named_as_such(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_mod.load(None, {"batch.max_batch": 0})
+    assert str(info.value) == "command line: batch.max_batch must be at least 1, got 0"
 
 
 def test_missing_config_file(tmp_path: Path) -> None:

@@ -146,7 +146,7 @@ def run(options: BenchOptions) -> dict:
 
 def image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
-        raise ConfigError(f"image folder {folder} does not exist")
+        raise ConfigError(f"image folder {folder} " + ("is not a folder" if folder.exists() else "does not exist"))
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
     if not files:
         raise ConfigError(f"no images ({', '.join(EXTENSIONS)}) under {folder}")

@@ -2,7 +2,8 @@
 
 Every subcommand takes the global flags --config, --inbox, --db, --model and --log-level. A user's
 mistake (FashionWorkerError) prints `fashion-worker: error: <message>` on stderr and exits 2, without a
-traceback; argparse reports bad flags its own way (also exit 2).
+traceback; a bad flag prints `fashion-worker COMMAND: error: <argparse's message> (see … --help)`, one
+line, also exit 2.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from worker import config as config_mod
 from worker.config import LOG_LEVELS, Config
-from worker.exceptions import FashionWorkerError, StoreError
+from worker.exceptions import ConfigError, FashionWorkerError, StoreError
 
 PROG = "fashion-worker"
 DEFAULT_CONFIG = Path("config.toml")
@@ -28,6 +30,13 @@ log = logging.getLogger(__name__)
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the epilog's line breaks (each option's help names its default itself)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported in one line (the full usage is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # Config -----------------------------------------------------------------------------------------------
@@ -111,22 +120,35 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 def cmd_results(args: argparse.Namespace) -> int:
     from worker.output import render
-    from worker.query import SUMMARY_COLUMNS, ResultFilter, results
+    from worker.query import RESULT_KEYS, SUMMARY_COLUMNS, ResultFilter, results
 
     cfg = setup(args)
-    flt = ResultFilter(
-        category=args.category, status=args.status, min_confidence=args.min_confidence,
-        max_confidence=args.max_confidence, since=args.since, until=args.until, file=args.file,
-        limit=args.limit,
-    )
     store = open_existing_store(cfg)
     try:
+        category = args.category and _category(args.category, store, cfg)
+        flt = ResultFilter(
+            category=category, status=args.status, min_confidence=args.min_confidence,
+            max_confidence=args.max_confidence, since=args.since, until=args.until, file=args.file,
+            limit=args.limit,
+        )
         rows = results(store, flt)
     finally:
         store.close()
-    columns = SUMMARY_COLUMNS if args.format == "table" else None
+    columns = SUMMARY_COLUMNS if args.format == "table" else RESULT_KEYS  # CSV: a header also for no rows
     sys.stdout.write(render(rows, args.format, columns))
     return 0
+
+
+def _category(name: str, store: Any, cfg: Config) -> str:
+    """--category as recorded (any case); a name neither recorded nor a label of the configured model is
+    an error listing the valid ones."""
+    from worker.model import model_file, model_labels
+    from worker.query import categories, resolve_category
+
+    recorded = categories(store)
+    if any(known.casefold() == name.casefold() for known in recorded):
+        return resolve_category(name, recorded, [])
+    return resolve_category(name, recorded, model_labels(model_file(cfg.model_path, cfg.model.providers)))
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -179,6 +201,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from worker.bench import BenchOptions, format_report, run
 
     cfg = setup(args)
+    if args.int8_model and not Path(args.int8_model).is_file():
+        raise ConfigError(f"--int8-model {args.int8_model} does not exist")
+    if args.json and not os.access(Path(args.json).absolute().parent, os.W_OK):
+        raise ConfigError(f"--json {args.json}: its folder does not exist or is not writable")
     options = BenchOptions(
         images=Path(args.images), burst=args.burst, large=args.large, drops=args.drops,
         batch_sizes=args.batch_sizes, threads=args.threads or [1, os.cpu_count() or 1], model=cfg.model_path,
@@ -218,6 +244,47 @@ def _level(value: str) -> str:
     if upper not in LOG_LEVELS:
         raise argparse.ArgumentTypeError(f"invalid level {value!r}; valid: {', '.join(LOG_LEVELS)}")
     return upper
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"expected a number of at least {minimum}, got {number}")
+        return number
+    return parse
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"expected more than 0 seconds, got {value}")
+    return number
+
+
+def _probability(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value!r}") from None
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value}")
+    return number
+
+
+def _time(value: str) -> datetime:
+    from worker.query import parse_time
+
+    try:
+        return parse_time(value, name="")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip()) from None
 
 
 def _int_list(value: str) -> list[int]:
@@ -285,7 +352,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, formatter_class=_Formatter,
         description="Classify clothing photos dropped into an inbox folder and record the results.",
         epilog="examples:\n  fashion-worker run\n  fashion-worker results --since 1h\n"
@@ -310,14 +377,16 @@ def build_parser() -> argparse.ArgumentParser:
     res = sub["results"]
     res.add_argument("--category", help="only this category (exact label)")
     res.add_argument("--status", choices=("ok", "failed"), help="only this status")
-    res.add_argument("--min-confidence", type=float, metavar="P", help="confidence at least P (0..1)")
-    res.add_argument("--max-confidence", type=float, metavar="P", help="confidence at most P (0..1)")
-    res.add_argument("--since", metavar="TIME",
-                     help="processed at or after TIME: ISO 8601 (2025-01-31T12:00) or ago (90s, 30m, 1h, 7d)")
-    res.add_argument("--until", metavar="TIME", help="processed before TIME (same forms as --since)")
+    res.add_argument("--min-confidence", type=_probability, metavar="P", help="confidence at least P (0..1)")
+    res.add_argument("--max-confidence", type=_probability, metavar="P", help="confidence at most P (0..1)")
+    res.add_argument("--since", type=_time, metavar="TIME",
+                     help="processed at or after TIME: ISO 8601 (2025-01-31T12:00, UTC unless it names an "
+                          "offset) or ago (90s, 30m, 1h, 7d)")
+    res.add_argument("--until", type=_time, metavar="TIME", help="processed before TIME (same forms as --since)")
     res.add_argument("--file", metavar="PATTERN",
                      help="file name: a substring, or a glob with * and ? (case-insensitive)")
-    res.add_argument("--limit", type=int, default=100, help="newest N rows; 0 = all (default: %(default)s)")
+    res.add_argument("--limit", type=_at_least(0), default=100, metavar="N",
+                     help="newest N rows; 0 = all (default: %(default)s)")
     res.add_argument("--format", choices=("table", "json", "csv"), default="table",
                      help="output format (default: %(default)s)")
 
@@ -325,23 +394,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub["bench"]
     bench.add_argument("images", metavar="IMAGES", help="folder of real images, searched recursively")
-    bench.add_argument("--burst", type=int, default=500, help="images in the end-to-end burst (default: %(default)s)")
-    bench.add_argument("--large", type=int, default=40,
+    bench.add_argument("--burst", type=_at_least(1), default=500, metavar="N",
+                       help="images in the end-to-end burst (default: %(default)s)")
+    bench.add_argument("--large", type=_at_least(1), default=40, metavar="N",
                        help="12-megapixel photos in the large-photo burst (default: %(default)s)")
-    bench.add_argument("--drops", type=int, default=20, help="single drops timed for latency (default: %(default)s)")
+    bench.add_argument("--drops", type=_at_least(1), default=20, metavar="N",
+                       help="single drops timed for latency (default: %(default)s)")
     bench.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 8, 16, 32], metavar="N,N",
                        help="model-throughput batch sizes (default: 1,4,8,16,32)")
     bench.add_argument("--threads", type=_int_list, default=None, metavar="N,N",
                        help="model-throughput thread counts (default: 1 and the number of cores)")
     bench.add_argument("--int8-model", default=None, metavar="FILE",
                        help="int8 model to compare with fp32 (default: MODEL.int8.onnx beside the model if present)")
-    bench.add_argument("--idle-seconds", type=float, default=10.0,
+    bench.add_argument("--idle-seconds", type=_seconds, default=10.0, metavar="S",
                        help="how long idle CPU is measured (default: %(default)s)")
     bench.add_argument("--naive", action="store_true",
                        help="also time a per-image PyTorch eager loop (needs the train extra)")
-    bench.add_argument("--max-batch", type=int, default=None, metavar="N",
+    bench.add_argument("--max-batch", type=_at_least(1), default=None, metavar="N",
                        help="the worker's batch.max_batch (default: from the config)")
-    bench.add_argument("--decode-threads", type=int, default=None, metavar="N",
+    bench.add_argument("--decode-threads", type=_at_least(1), default=None, metavar="N",
                        help="the worker's batch.decode_threads (default: from the config)")
     bench.add_argument("--ceiling", action="store_true",
                        help="also run the burst with a model doing no work: what decoding and bookkeeping allow")
@@ -352,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(default: the running one)")
     inst.add_argument("--user", default="fashion-worker",
                       help="service user, created if missing (default: %(default)s)")
-    inst.add_argument("--uploaders-group", default="uploaders",
+    inst.add_argument("--uploaders-group", default="uploaders", metavar="GROUP",
                       help="group whose members may drop files into the inbox (default: %(default)s)")
     inst.add_argument("--memory-max", default="4G", help="MemoryMax= of the unit (default: %(default)s)")
     inst.add_argument("--network", choices=("none", "loopback", "remote"), default=None,

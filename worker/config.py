@@ -8,6 +8,7 @@ folder when there is none).
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,20 +133,26 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> C
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
         config.base_dir = path.resolve().parent
         apply(config, raw, source=str(path))
+        validate(config, source=str(path))
     for dotted, value in (overrides or {}).items():
         section, key = dotted.split(".", 1)
         apply(config, {section: {key: value}}, source="command line")
-    validate(config)
+    validate(config, source="command line" if overrides else "")
     return config
 
 
 def apply(config: Config, raw: dict[str, Any], source: str) -> None:
     """Copy values from a parsed TOML dict into `config`, naming any unknown key or wrong type."""
     for section, values in raw.items():
+        if section not in SECTIONS and not isinstance(values, dict):
+            raise ConfigError(f"{source}: unknown key {section} outside any section; settings go in the "
+                              f"sections {', '.join(f'[{name}]' for name in SECTIONS)}")
         if section not in SECTIONS:
             raise ConfigError(f"{source}: unknown section [{section}]; valid: {', '.join(SECTIONS)}")
         if not isinstance(values, dict):
@@ -168,10 +175,29 @@ def _coerce(name: str, default: Any, value: Any, source: str) -> Any:
         return value
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
         return value
-    raise ConfigError(f"{source}: {name} must be {expected.__name__}, got {value!r}")
+    raise ConfigError(f"{source}: {name} must be {TOML_TYPES[expected]}, got {_toml(value)}")
 
 
-def validate(config: Config) -> None:
+#: How a setting's type is named in messages: in TOML's words, as the user wrote the file.
+TOML_TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+              list: "an array of strings"}
+
+
+def _toml(value: Any) -> str:
+    """`value` as TOML writes it (true, not True; [..] for arrays; strings quoted)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "a table"
+    return str(value)
+
+
+def validate(config: Config, source: str = "") -> None:
+    """Check the values' ranges and choices; `source` (the file, or "command line") prefixes the message."""
     checks = [
         (config.files.on_success in ON_SUCCESS,
          f"files.on_success must be one of {', '.join(ON_SUCCESS)}, got {config.files.on_success!r}"),
@@ -201,8 +227,10 @@ def validate(config: Config) -> None:
          f"model.intra_op_threads must be >= 0, got {config.model.intra_op_threads}"),
         (config.model.concurrent_batches >= 0,
          f"model.concurrent_batches must be >= 0, got {config.model.concurrent_batches}"),
+        (config.database.busy_timeout_ms >= 0,
+         f"database.busy_timeout_ms must be >= 0, got {config.database.busy_timeout_ms}"),
     ]
     for ok, message in checks:
         if not ok:
-            raise ConfigError(message)
+            raise ConfigError(f"{source}: {message}" if source else message)
     config.service.log_level = config.service.log_level.upper()

@@ -70,6 +70,17 @@ def model_file(path: Path | None, providers: list[str] | None = None) -> Path:
     return DEFAULT_MODEL
 
 
+def model_labels(path: Path) -> list[str]:
+    """The labels in a model's metadata, without preparing it to run (for commands that only need them)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return list(json.loads(session.get_modelmeta().custom_metadata_map["labels"]))
+    except Exception as exc:  # onnxruntime's own error classes, a missing key, bad JSON
+        raise ModelError(f"model file {path} cannot be loaded: {exc}") from None
+
+
 def read_contract(session: ort.InferenceSession, path: Path, model_id: str) -> ModelInfo:
     """Check inputs, outputs and metadata against the contract; raise ModelError naming what is off."""
     where = f"model {path}"

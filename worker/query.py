@@ -169,6 +169,23 @@ def results(store: Store, flt: ResultFilter | None = None) -> list[dict[str, Any
         return [row_dict(row) for row in conn.execute(query).mappings()]
 
 
+def categories(store: Store) -> list[str]:
+    """The categories recorded so far, sorted."""
+    query = sa.select(results_table.c.category).where(results_table.c.category.is_not(None)).distinct()
+    with store.engine.connect() as conn:
+        return sorted(conn.execute(query).scalars())
+
+
+def resolve_category(name: str, recorded: list[str], labels: list[str]) -> str:
+    """`name` as spelt in `recorded` or the model's `labels` (case aside); ConfigError naming the valid ones
+    when it is neither (a typo would otherwise look like "no results")."""
+    for known in (*recorded, *labels):
+        if known.casefold() == name.casefold():
+            return known
+    valid = sorted(set(recorded) | set(labels))
+    raise ConfigError(f"unknown category {name!r}; valid: {', '.join(valid) or 'none recorded yet'}")
+
+
 def stats(store: Store, *, now: datetime | None = None, stale_after_s: float = 120.0) -> dict[str, Any]:
     """Aggregates over all workers.
 
