@@ -273,6 +273,28 @@ def test_doctor_fails_on_a_bad_model_and_unwritable_folder(site: Path, capsys: p
     assert len(fails) == 2
 
 
+def test_doctor_fails_on_a_database_it_cannot_write(recorded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import shutil
+
+    path = recorded / "data" / "results.db"
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        undo = ["chmod", "644", str(path)]
+    elif shutil.which("chattr") and subprocess.run(["chattr", "+i", str(path)]).returncode == 0:
+        undo = ["chattr", "-i", str(path)]  # root ignores permission bits, not the immutable attribute
+    else:
+        pytest.skip("cannot make a file unwritable here (root without chattr)")
+    try:
+        code, out, _ = run_cli(capsys, "doctor")
+    finally:
+        subprocess.run(undo, check=True)
+    assert code == 1
+    fails = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert fails == [f"FAIL  database: sqlite:///{path} opens, but its file {path} is not writable by uid "
+                     f"{os.geteuid()}: the worker could not record results"]
+
+
 def test_doctor_reports_a_bad_config_as_a_failed_check(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (site / "config.toml").write_text("[batch]\nmax_batch = 0\n")
     code, out, _ = run_cli(capsys, "doctor")

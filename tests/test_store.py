@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import sqlite3
 import threading
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from worker import query
 from worker.exceptions import StoreError
 from worker.migrations import LATEST_VERSION
 from worker.store import ResultRecord, Store, results
@@ -111,6 +113,71 @@ def test_not_a_database_file(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="file is not a database") as info:
         Store(sqlite_url(path))
     assert "\n" not in str(info.value)
+
+
+def tables(path: Path) -> list[str]:
+    with sqlite3.connect(path) as conn:
+        return sorted(name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+
+
+def test_a_reader_never_creates_migrates_or_writes(tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE foo (x)")  # somebody else's database
+    (tmp_path / "empty.db").write_bytes(b"")
+    for path in (other, tmp_path / "empty.db"):
+        before = path.read_bytes()
+        with pytest.raises(StoreError) as info:
+            Store(sqlite_url(path), readonly=True)
+        assert str(info.value) == (f"database sqlite:///{path} is not a fashion-worker database "
+                                   "(no schema_version table)")
+        assert path.read_bytes() == before
+    with pytest.raises(StoreError, match="does not exist"):
+        Store(sqlite_url(tmp_path / "none.db"), readonly=True)
+    assert not (tmp_path / "none.db").exists()
+
+    path = tmp_path / "old.db"
+    with Store(sqlite_url(path)) as store:
+        store.add_results([record("a.jpg")])
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM schema_version WHERE version = (SELECT max(version) FROM schema_version)")
+    with pytest.raises(StoreError, match=f"has schema version {LATEST_VERSION - 1}, older than this "
+                                         f"fashion-worker's {LATEST_VERSION}: start the worker once to migrate it"):
+        Store(sqlite_url(path), readonly=True)
+
+
+def test_a_reader_opens_the_file_read_only(store: Store, db_path: Path) -> None:
+    store.add_results([record("a.jpg")])
+    with Store(sqlite_url(db_path), readonly=True) as reader:  # while the worker's store is open
+        assert [row["file"] for row in query.results(reader)] == ["a.jpg"]
+        with pytest.raises(StoreError, match="readonly database"):
+            reader.add_results([record("b.jpg", "b" * 64)])
+    assert count_rows(db_path) == 1
+
+
+def test_a_reader_reads_a_closed_database_in_a_folder_it_cannot_write(db_path: Path) -> None:
+    """WAL mode needs a -shm file that a reader cannot create in such a folder; with no worker holding the
+    database (no -wal file), the reader reads the file as immutable instead."""
+    import shutil
+    import subprocess
+
+    with Store(sqlite_url(db_path)) as store:
+        store.add_results([record("a.jpg")])
+    assert not db_path.with_name("results.db-wal").exists()  # the last close checkpointed it
+    folder = db_path.parent
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        undo = ["chmod", "755", str(folder)]
+    elif shutil.which("chattr") and subprocess.run(["chattr", "+i", str(folder)]).returncode == 0:
+        undo = ["chattr", "-i", str(folder)]  # root ignores permission bits, not the immutable attribute
+    else:
+        pytest.skip("cannot make a folder unwritable here (root without chattr)")
+    try:
+        with Store(sqlite_url(db_path), readonly=True) as reader:
+            assert [row["file"] for row in query.results(reader)] == ["a.jpg"]
+        assert sorted(p.name for p in folder.iterdir()) == ["results.db"]
+    finally:
+        subprocess.run(undo, check=True)
 
 
 def test_password_never_shown() -> None:

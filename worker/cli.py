@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 from worker import config as config_mod
 from worker.config import LOG_LEVELS, Config
-from worker.exceptions import ConfigError, FashionWorkerError, StoreError
+from worker.exceptions import ConfigError, FashionWorkerError
 
 PROG = "fashion-worker"
 DEFAULT_CONFIG = Path("config.toml")
@@ -83,15 +83,10 @@ def setup(args: argparse.Namespace, *, quiet: bool = True) -> Config:
 
 
 def open_existing_store(cfg: Config) -> Any:
-    """The results database for reading; a missing SQLite file is an error rather than created empty."""
-    from worker.lock import sqlite_file
+    """The results database for reading: never created, migrated or written (SQLite: opened read-only)."""
     from worker.store import Store
 
-    url = cfg.database_url
-    path = sqlite_file(url)
-    if path is not None and not path.exists():
-        raise StoreError(f"database {path} does not exist (nothing recorded yet, or a wrong --db/--config)")
-    return Store(url, busy_timeout_ms=cfg.database.busy_timeout_ms)
+    return Store(cfg.database_url, busy_timeout_ms=cfg.database.busy_timeout_ms, readonly=True)
 
 
 # Commands ---------------------------------------------------------------------------------------------

@@ -447,6 +447,11 @@ def _check_database(config: Config) -> Check:
     except FashionWorkerError as exc:
         return Check("database", False, " ".join(str(exc).split()))
     try:
+        if path is not None:  # SQLite opens a file it cannot write read-only, and says so only at a write
+            for what, where in (("file", path), ("folder", path.parent)):
+                if not os.access(where, os.W_OK):
+                    return Check("database", False, f"{store.url} opens, but its {what} {where} is not writable "
+                                 f"by uid {os.geteuid()}: the worker could not record results")
         return Check("database", True, f"{store.url} opens, schema version {store.schema_version}")
     finally:
         store.close()

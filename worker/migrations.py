@@ -179,6 +179,25 @@ def _lock(conn: Connection) -> None:
         log.warning("no migration lock for %s: start one worker first when migrating", conn.dialect.name)
 
 
+def check_version(engine: Engine, migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    """The schema version of a database opened to be read, never migrated: StoreError unless it is a
+    fashion-worker database at this version."""
+    latest = _check_sequence(migrations)
+    where = engine.url.render_as_string(hide_password=True)
+    try:
+        with engine.connect() as conn:
+            current = current_version(conn)
+    except SQLAlchemyError as exc:
+        raise StoreError(f"cannot open database {where}: {_one_line(exc)}") from exc
+    if current == 0:
+        raise StoreError(f"database {where} is not a fashion-worker database (no {VERSION_TABLE} table)")
+    _refuse_newer(current, latest, where)
+    if current < latest:
+        raise StoreError(f"database {where} has schema version {current}, older than this fashion-worker's "
+                         f"{latest}: start the worker once to migrate it")
+    return current
+
+
 def migrate(engine: Engine, migrations: Sequence[Migration] = MIGRATIONS) -> int:
     """Apply the missing migrations in one locked transaction; return the schema version now.
 

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -34,7 +36,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 
 from worker.exceptions import StoreError
-from worker.migrations import BEGIN_MODE, RESULTS_LOCK_KEY, migrate
+from worker.migrations import BEGIN_MODE, RESULTS_LOCK_KEY, check_version, migrate
 
 if TYPE_CHECKING:
     from worker.claims import Claims
@@ -234,13 +236,16 @@ def is_transient(exc: BaseException) -> bool:
     return "database is locked" in text or "database table is locked" in text or "database is busy" in text
 
 
-def _sqlite_setup(engine: Engine, busy_timeout_ms: int) -> None:
+def _sqlite_setup(engine: Engine, busy_timeout_ms: int, readonly: bool = False) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, record: Any) -> None:
         dbapi_conn.isolation_level = None  # pysqlite must not emit BEGIN/COMMIT itself; _on_begin does
         cursor = dbapi_conn.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")  # first: the rest may wait
+            if readonly:  # a reader changes nothing: it finds the journal mode the worker set
+                record.info["journal_mode"] = cursor.execute("PRAGMA journal_mode").fetchone()[0]
+                return
             record.info["journal_mode"] = cursor.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             cursor.execute("PRAGMA synchronous = NORMAL")
             cursor.execute("PRAGMA foreign_keys = ON")
@@ -253,7 +258,7 @@ def _sqlite_setup(engine: Engine, busy_timeout_ms: int) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def _make_engine(url: str, busy_timeout_ms: int) -> tuple[Engine, Path | None]:
+def _make_engine(url: str, busy_timeout_ms: int, readonly: bool = False) -> tuple[Engine, Path | None]:
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -268,6 +273,11 @@ def _make_engine(url: str, busy_timeout_ms: int) -> tuple[Engine, Path | None]:
             database = parsed.database or ""
             if database and database != ":memory:" and not database.startswith("file:"):
                 path = Path(database).expanduser()
+                if readonly:
+                    if not path.is_file():
+                        raise StoreError(f"database {path} does not exist (nothing recorded yet, or a wrong "
+                                         "--db/--config)")
+                    return _sqlite_reader(parsed, path, busy_timeout_ms), path
                 try:
                     path.parent.mkdir(parents=True, exist_ok=True)
                 except OSError as exc:
@@ -289,17 +299,54 @@ def _make_engine(url: str, busy_timeout_ms: int) -> tuple[Engine, Path | None]:
     return engine, path
 
 
-class Store:
-    """The results database. Thread-safe (a connection pool); open one per process."""
+def _sqlite_reader(url: sa.URL, path: Path, busy_timeout_ms: int) -> Engine:
+    """An engine whose connections open the SQLite file read-only (`mode=ro`): readers need no write
+    permission on it, and cannot change it.
 
-    def __init__(self, url: str, *, busy_timeout_ms: int = 30_000, retry_s: float = 60.0) -> None:
-        self.engine, self.path = _make_engine(url, busy_timeout_ms)
+    In WAL mode SQLite also needs the database's -shm file: the worker keeps one while it runs, and SQLite
+    creates it when the folder is writable. In a folder the reader cannot write (a read-only mount, another
+    user's folder), with no -wal file there (no worker has the database open, or the last one closed it
+    cleanly, so every change is in the file itself), the file is read as `immutable` instead.
+    """
+    target = f"file:{quote(str(path.resolve()))}?mode=ro"
+    wal = path.with_name(path.name + "-wal")
+
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(target, uri=True, timeout=busy_timeout_ms / 1000, check_same_thread=False)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # SQLite opens the file lazily
+        except sqlite3.OperationalError as exc:
+            if "unable to open" not in str(exc) or wal.exists():
+                raise
+            conn.close()
+            conn = sqlite3.connect(target + "&immutable=1", uri=True, check_same_thread=False)
+        return conn
+
+    engine = sa.create_engine(url, creator=connect)
+    _sqlite_setup(engine, busy_timeout_ms, readonly=True)
+    return engine
+
+
+class Store:
+    """The results database. Thread-safe (a connection pool); open one per process.
+
+    `readonly`: for commands that only read (results, stats): the database must already be a
+    fashion-worker database at this schema version; it is never migrated, and SQLite files are opened
+    read-only.
+    """
+
+    def __init__(self, url: str, *, busy_timeout_ms: int = 30_000, retry_s: float = 60.0,
+                 readonly: bool = False) -> None:
+        self.engine, self.path = _make_engine(url, busy_timeout_ms, readonly)
         self.url: str = self.engine.url.render_as_string(hide_password=True)  # safe to log
         self.dialect: str = self.engine.dialect.name
         self.retry_s = retry_s
         try:
-            self.schema_version: int = self._retry("migration", lambda: migrate(self.engine))
-            if self.dialect == "sqlite":
+            if readonly:
+                self.schema_version: int = check_version(self.engine)
+            else:
+                self.schema_version = self._retry("migration", lambda: migrate(self.engine))
+            if self.dialect == "sqlite" and not readonly:
                 with self.engine.connect() as conn:
                     mode = conn.connection.info.get("journal_mode")
                 if mode != "wal":
