@@ -372,6 +372,38 @@ def test_bench_checks_its_paths_before_it_starts(site: Path, capsys: pytest.Capt
     assert err == f"fashion-worker: error: {message.format(site=site)}\n"
 
 
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"fashion-worker {version('fashion-worker')}\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["stats", "--db", ""], "--db must not be empty"),
+        (["run", "--once", "--inbox", " "], "--inbox must not be empty"),
+        (["run", "--once", "--inbox", "config.toml"], "{site}/config.toml is not a folder"),
+    ],
+    ids=["db", "inbox", "inbox-a-file"],
+)
+def test_bad_paths_are_one_line(site: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
+                                message: str) -> None:
+    code, out, err = run_cli(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert err.splitlines()[-1] == f"fashion-worker: error: {message.format(site=site)}"
+
+
+def test_a_missing_inbox_is_created_with_a_warning(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--once", "--polling", "--inbox", "typo"]) == 0
+    assert (site / "typo").is_dir()
+    assert (f"WARNING worker.daemon: the inbox {site}/typo did not exist: created it (a typo in inbox.path or "
+            "--inbox?)") in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", [name for name, _, _ in COMMANDS])
 def test_every_command_has_help_with_defaults_and_examples(command: str,
                                                            capsys: pytest.CaptureFixture[str]) -> None:

@@ -56,6 +56,9 @@ def load_config(args: argparse.Namespace) -> Config:
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
     overrides: dict[str, Any] = {}
+    for flag, value in (("--inbox", args.inbox), ("--db", args.db), ("--model", args.model)):
+        if value is not None and not value.strip():
+            raise ConfigError(f"{flag} must not be empty")
     if args.inbox is not None:
         overrides["inbox.path"] = os.path.abspath(os.path.expanduser(args.inbox))
     if args.db is not None:
@@ -234,6 +237,15 @@ def _config_source(args: argparse.Namespace) -> str:
 
 
 # Parser -----------------------------------------------------------------------------------------------
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(PROG)
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def _level(value: str) -> str:
     upper = value.upper()
     if upper not in LOG_LEVELS:
@@ -353,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  fashion-worker run\n  fashion-worker results --since 1h\n"
                "  fashion-worker COMMAND --help",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = _common()
     sub = {name: commands.add_parser(name, help=text, description=text, epilog=epilog, parents=[common],

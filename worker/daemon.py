@@ -198,6 +198,10 @@ class Worker:
         if config.files.on_success == "move":
             folders.append(config.processed_path)
         for folder in folders:
+            if folder.exists() and not folder.is_dir():
+                raise ConfigError(f"{folder} is not a folder")
+            if folder == config.inbox_path and not folder.exists():
+                log.warning("the inbox %s did not exist: created it (a typo in inbox.path or --inbox?)", folder)
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
