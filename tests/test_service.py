@@ -187,6 +187,27 @@ def test_bad_settings_are_one_clear_line():
         render_unit(settings)
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--memory-max", "lots"], "--memory-max 'lots' is not a size systemd takes (e.g. 4G, 512M, 50%, infinity)"),
+        (["--user", "bad;user"], "--user 'bad;user' is not a valid user or group name (lower-case letters, "
+                                 "digits, _ and -, starting with a letter or _, at most 32)"),
+        (["--uploaders-group", "Shop"],
+         "--uploaders-group 'Shop' is not a valid user or group name (lower-case letters, digits, _ and -, "
+         "starting with a letter or _, at most 32)"),
+        (["--venv", "/nonexistent"], "--venv /nonexistent: no fashion-worker at /nonexistent/bin/fashion-worker"),
+    ],
+    ids=["memory", "user", "group", "venv"],
+)
+def test_install_flags_are_checked_before_anything_is_planned(tmp_path, flags, message):
+    result = subprocess.run([sys.executable, "-m", "worker", "install-service", "--dry-run",
+                             "--config", str(tmp_path / "fw.toml"), *flags], capture_output=True, text=True)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"fashion-worker: error: {message}\n"
+    assert not (tmp_path / "fw.toml").exists()
+
+
 def test_host_commands_failures_are_clear(site):
     config, _data, root = site
 

@@ -17,6 +17,7 @@ import grp
 import logging
 import os
 import pwd
+import re
 import shlex
 import shutil
 import subprocess
@@ -323,6 +324,22 @@ def _venv_executable(venv: Path | None) -> Path:
     return Path(os.path.abspath(venv)) / "bin" / "fashion-worker"
 
 
+#: What useradd/groupadd accept by default (Debian's NAME_REGEX), and what systemd's MemoryMax= takes.
+NAME_PATTERN = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+MEMORY_PATTERN = re.compile(r"(\d+(\.\d+)?[KMGTP]?|\d+(\.\d+)?%|infinity)")
+
+
+def _check_names(*, user: str, uploaders_group: str, memory_max: str) -> None:
+    """One clear line for a value systemd or useradd would refuse later, half-way through an install."""
+    for flag, name in (("--user", user), ("--uploaders-group", uploaders_group)):
+        if not NAME_PATTERN.fullmatch(name):
+            raise FashionWorkerError(f"{flag} {name!r} is not a valid user or group name (lower-case letters, "
+                                     "digits, _ and -, starting with a letter or _, at most 32)")
+    if not MEMORY_PATTERN.fullmatch(memory_max):
+        raise FashionWorkerError(f"--memory-max {memory_max!r} is not a size systemd takes (e.g. 4G, 512M, "
+                                 "50%, infinity)")
+
+
 def install_service(
     config: Path | str | None = None,
     *,
@@ -357,6 +374,9 @@ def install_service(
     on_host = root == Path("/")
     config_path = Path(os.path.abspath(config if config is not None else DEFAULT_CONFIG))
     executable = _venv_executable(Path(venv) if venv is not None else None)
+    _check_names(user=user, uploaders_group=uploaders_group, memory_max=memory_max)
+    if on_host and not executable.is_file():
+        raise FashionWorkerError(f"--venv {venv or sys.prefix}: no fashion-worker at {executable}")
     unit_dir = SYSTEM_UNIT_DIR
     plan = ServicePlan(unit_name, unit_dir / f"{unit_name}.service", config_path=config_path)
 
