@@ -186,6 +186,7 @@ def test_stats_json(recorded: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (data["total"], data["by_status"], data["by_category"], data["duplicates"]) == (
         4, {"ok": 3, "failed": 1}, {"red": 2, "blue": 1}, 1)
     assert [(w["id"], w["state"], w["processed"]) for w in data["workers"]] == [("host:1", "running", 4)]
+    assert run_cli(capsys, "stats", "--format", "json")[1] == out  # the same flag as results has
 
 
 def test_reading_commands_refuse_a_missing_database(site: Path, capsys: pytest.CaptureFixture[str]) -> None:

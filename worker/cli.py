@@ -159,7 +159,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         data = stats(store)
     finally:
         store.close()
-    if args.json:
+    if args.format == "json":
         print(json.dumps(data, indent=2, ensure_ascii=False))
     else:
         sys.stdout.write(render_stats(data))
@@ -335,7 +335,7 @@ COMMANDS: list[tuple[str, str, str]] = [
      "  fashion-worker results --status failed --since 1h --format json\n"
      "  fashion-worker results --file '*.png' --since 2025-01-31 --format csv --limit 0"),
     ("stats", "Counts per category and status, throughput, last activity, workers.",
-     "examples:\n  fashion-worker stats\n  fashion-worker stats --json"),
+     "examples:\n  fashion-worker stats\n  fashion-worker stats --format json"),
     ("doctor", "Check the config, model, providers, folders, database and inotify limits.",
      "examples:\n  fashion-worker doctor\n  fashion-worker doctor --config /etc/fashion-worker/config.toml\n\n"
      "prints one line per check (OK or FAIL); exit status 1 when any check fails"),
@@ -398,7 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--format", choices=("table", "json", "csv"), default="table",
                      help="output format (default: %(default)s)")
 
-    sub["stats"].add_argument("--json", action="store_true", help="print JSON instead of text")
+    stats_cmd = sub["stats"]
+    stats_cmd.add_argument("--format", choices=("text", "json"), default="text",
+                           help="output format, as for results (default: %(default)s)")
+    stats_cmd.add_argument("--json", action="store_const", const="json", dest="format", help="same as --format json")
 
     bench = sub["bench"]
     bench.add_argument("images", metavar="IMAGES", help="folder of real images, searched recursively")
