@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +122,22 @@ def inbox(tmp_path: Path) -> Path:
     path = tmp_path / "inbox"
     path.mkdir()
     return path
+
+
+@contextlib.contextmanager
+def unwritable(path: Path) -> Iterator[None]:
+    """`path` (a file or folder) refuses writes for real while the block runs: chmod for a normal user;
+    for root, who ignores permission bits, the immutable attribute (chattr +i). Skips the test where
+    neither is possible."""
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(0o555 if path.is_dir() else 0o444)
+        undo = lambda: path.chmod(mode)  # noqa: E731
+    elif shutil.which("chattr") and subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0:
+        undo = lambda: subprocess.run(["chattr", "-i", str(path)], check=True)  # noqa: E731
+    else:
+        pytest.skip("cannot make a path unwritable here (root without chattr)")
+    try:
+        yield
+    finally:
+        undo()

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_model, write_image
+from conftest import make_model, unwritable, write_image
 
 from worker.cli import COMMANDS, database_url, load_config, main
 from worker.store import ResultRecord, Store
@@ -276,20 +276,10 @@ def test_doctor_fails_on_a_bad_model_and_unwritable_folder(site: Path, capsys: p
 
 def test_doctor_fails_on_a_database_it_cannot_write(recorded: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import os
-    import shutil
 
     path = recorded / "data" / "results.db"
-    if os.geteuid() != 0:
-        path.chmod(0o444)
-        undo = ["chmod", "644", str(path)]
-    elif shutil.which("chattr") and subprocess.run(["chattr", "+i", str(path)]).returncode == 0:
-        undo = ["chattr", "-i", str(path)]  # root ignores permission bits, not the immutable attribute
-    else:
-        pytest.skip("cannot make a file unwritable here (root without chattr)")
-    try:
+    with unwritable(path):
         code, out, _ = run_cli(capsys, "doctor")
-    finally:
-        subprocess.run(undo, check=True)
     assert code == 1
     fails = [line for line in out.splitlines() if line.startswith("FAIL")]
     assert fails == [f"FAIL  database: sqlite:///{path} opens, but its file {path} is not writable by uid "

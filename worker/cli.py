@@ -265,24 +265,22 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _seconds(value: str) -> float:
+def _number(value: str, ok: Callable[[float], bool], expected: str) -> float:
     try:
         number = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"expected more than 0 seconds, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+    if not ok(number):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return number
+
+
+def _seconds(value: str) -> float:
+    return _number(value, lambda n: n > 0, "more than 0 seconds")
 
 
 def _probability(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value!r}") from None
-    if not 0.0 <= number <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value}")
-    return number
+    return _number(value, lambda n: 0.0 <= n <= 1.0, "a number from 0 to 1")
 
 
 def _time(value: str) -> datetime:

@@ -179,16 +179,21 @@ def _lock(conn: Connection) -> None:
         log.warning("no migration lock for %s: start one worker first when migrating", conn.dialect.name)
 
 
-def check_version(engine: Engine, migrations: Sequence[Migration] = MIGRATIONS) -> int:
-    """The schema version of a database opened to be read, never migrated: StoreError unless it is a
-    fashion-worker database at this version."""
+def _versions(engine: Engine, migrations: Sequence[Migration]) -> tuple[int, int, str]:
+    """(the database's schema version, the latest of `migrations`, the URL without its password)."""
     latest = _check_sequence(migrations)
     where = engine.url.render_as_string(hide_password=True)
     try:
         with engine.connect() as conn:
-            current = current_version(conn)
+            return current_version(conn), latest, where
     except SQLAlchemyError as exc:
         raise StoreError(f"cannot open database {where}: {_one_line(exc)}") from exc
+
+
+def check_version(engine: Engine, migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    """The schema version of a database opened to be read, never migrated: StoreError unless it is a
+    fashion-worker database at this version."""
+    current, latest, where = _versions(engine, migrations)
     if current == 0:
         raise StoreError(f"database {where} is not a fashion-worker database (no {VERSION_TABLE} table)")
     _refuse_newer(current, latest, where)
@@ -203,13 +208,7 @@ def migrate(engine: Engine, migrations: Sequence[Migration] = MIGRATIONS) -> int
 
     Raises StoreError when the database is newer than `migrations` or a migration fails.
     """
-    latest = _check_sequence(migrations)
-    where = engine.url.render_as_string(hide_password=True)
-    try:
-        with engine.connect() as conn:
-            current = current_version(conn)
-    except SQLAlchemyError as exc:
-        raise StoreError(f"cannot open database {where}: {_one_line(exc)}") from exc
+    current, latest, where = _versions(engine, migrations)
     _refuse_newer(current, latest, where)
     if current == latest:
         return current
