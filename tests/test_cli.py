@@ -388,11 +388,10 @@ def test_bad_paths_are_one_line(site: Path, capsys: pytest.CaptureFixture[str], 
     assert err.splitlines()[-1] == f"fashion-worker: error: {message.format(site=site)}"
 
 
-def test_a_missing_inbox_is_created_with_a_warning(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_missing_inbox_is_created_and_said_so(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "--once", "--polling", "--inbox", "typo"]) == 0
     assert (site / "typo").is_dir()
-    assert (f"WARNING worker.daemon: the inbox {site}/typo did not exist: created it (a typo in inbox.path or "
-            "--inbox?)") in capsys.readouterr().err
+    assert f"INFO worker.daemon: created the inbox {site}/typo (it did not exist)\n" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [name for name, _, _ in COMMANDS])

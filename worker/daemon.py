@@ -201,7 +201,7 @@ class Worker:
             if folder.exists() and not folder.is_dir():
                 raise ConfigError(f"{folder} is not a folder")
             if folder == config.inbox_path and not folder.exists():
-                log.warning("the inbox %s did not exist: created it (a typo in inbox.path or --inbox?)", folder)
+                log.info("created the inbox %s (it did not exist)", folder)  # a first start, or a typo: say so
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
