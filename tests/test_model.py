@@ -28,7 +28,13 @@ def test_contract_model_loads_and_predicts(tiny_model):
     assert [p.category for p in predictions] == LABELS
     assert predictions[0].top3[0] == ("red", predictions[0].confidence)
     assert [label for label, _ in predictions[0].top3] == ["red", "green", "blue"]
-    model.warm_up(max_batch=2)
+    # the tiny model's logits are 0.1 x the channel means: [25.5, 0, 0] for image 0 (all red)
+    logits = 0.1 * batch.reshape(3, -1, 3).mean(1)
+    expected = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert np.allclose(model.probabilities(batch), expected, atol=1e-6)
+    assert predictions[0].confidence == pytest.approx(float(expected[0, 0]), abs=1e-6)
+    model.warm_up(max_batch=2)  # dummy runs change nothing of what follows
+    assert np.allclose(model.probabilities(batch), expected, atol=1e-6)
 
 
 def test_missing_model_file(tmp_path):
@@ -49,9 +55,64 @@ def test_wrong_input_type_is_named(tmp_path):
         Model(path)
 
 
-def test_missing_metadata_is_named(tmp_path):
+def test_labels_that_are_not_json_are_named(tmp_path):
     path = make_model(tmp_path / "m.onnx", metadata={"labels": ""})
     with pytest.raises(ModelError, match="not valid JSON"):
+        Model(path)
+
+
+def _edited(path, edit):
+    """`path` after `edit(model proto)`: a contract broken in one place, as a third-party export might be."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    edit(proto)
+    onnx.save(proto, str(path))
+    return path
+
+
+def _drop_metadata(key):
+    def edit(proto):
+        kept = [(p.key, p.value) for p in proto.metadata_props if p.key != key]
+        del proto.metadata_props[:]
+        for k, v in kept:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = k, v
+    return edit
+
+
+def _rename(where, old, new):
+    def edit(proto):
+        for value in getattr(proto.graph, where):
+            if value.name == old:
+                value.name = new
+        for node in proto.graph.node:
+            node.input[:] = [new if name == old else name for name in node.input]
+            node.output[:] = [new if name == old else name for name in node.output]
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_drop_metadata("labels"), r"lacks metadata labels \(needs labels, input_size, resize, name, version"),
+        (_drop_metadata("resize"), r"lacks metadata resize \(needs "),
+        (_rename("input", "images", "pixels_in"),
+         r"has inputs \['pixels_in'\]; the contract needs one named 'images'"),
+        (_rename("output", "probabilities", "scores"),
+         r"has outputs \['scores'\]; the contract needs 'probabilities'"),
+    ],
+    ids=["no-labels", "no-resize", "input-name", "output-name"],
+)
+def test_every_contract_violation_is_named(tmp_path, edit, message):
+    path = _edited(make_model(tmp_path / "m.onnx"), edit)
+    with pytest.raises(ModelError, match=message):
+        Model(path)
+
+
+def test_empty_labels_are_named(tmp_path):
+    path = make_model(tmp_path / "m.onnx", metadata={"labels": "[]"})
+    with pytest.raises(ModelError, match="metadata 'labels' must be a non-empty JSON list of strings"):
         Model(path)
 
 

@@ -41,21 +41,31 @@ def test_supported_formats_become_uint8_rgb_of_the_model_size(fmt):
 
 def test_exif_orientation_is_applied():
     image = Image.new("RGB", (60, 20), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 20, 20))  # the left third red
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90° clockwise on display
-    upright = decode(encode(image, "JPEG", exif=exif), max_pixels=LIMIT)
-    assert upright.size == (20, 60)
+    exif[0x0112] = 6  # rotate 90° clockwise on display: the left edge becomes the top
+    upright = np.asarray(decode(encode(image, "JPEG", exif=exif), max_pixels=LIMIT)).astype(int)
+    assert upright.shape == (60, 20, 3)
+    top, bottom = upright[:16].mean((0, 1)), upright[-36:].mean((0, 1))
+    assert top[0] > 200 and top[2] < 50  # red on top
+    assert bottom[2] > 200 and bottom[0] < 50  # blue below
 
 
 @pytest.mark.parametrize(
-    ("mode", "color"),
-    [("CMYK", (0, 255, 255, 0)), ("L", 128), ("LA", (128, 255)), ("I;16", 40000), ("1", 1), ("P", 3)],
+    ("mode", "color", "expected"),
+    [("CMYK", (0, 255, 255, 0), (255, 0, 0)),  # no cyan, full magenta and yellow: red
+     ("L", 128, (128, 128, 128)), ("LA", (128, 255), (128, 128, 128)),
+     ("I;16", 40000, (255, 255, 255)),  # 16-bit is scaled to its own maximum
+     ("1", 1, (255, 255, 255)),
+     ("P", 3, Image.new("P", (1, 1), 3).convert("RGB").getpixel((0, 0)))],  # the palette's colour 3
 )
-def test_every_mode_is_flattened_to_rgb(mode, color):
+def test_every_mode_is_flattened_to_rgb(mode, color, expected):
     image = Image.new(mode, (16, 16), color)
     fmt = "JPEG" if mode in ("CMYK", "L") else "PNG"
     rgb = decode(encode(image, fmt), max_pixels=LIMIT)
     assert rgb.mode == "RGB" and rgb.size == (16, 16)
+    pixels = np.asarray(rgb).reshape(-1, 3).astype(int)
+    assert np.abs(pixels - np.array(expected)).max() <= 3  # JPEG may move a flat colour by a step or two
 
 
 def test_sixteen_bit_keeps_its_contrast():

@@ -34,6 +34,7 @@ from worker.service import (
     default_unit_settings,
     install_service,
     render_unit,
+    run_command,
     uninstall_service,
 )
 
@@ -209,15 +210,28 @@ def test_install_flags_are_checked_before_anything_is_planned(tmp_path, flags, m
 
 
 def test_host_commands_failures_are_clear(site):
+    """run_command on real commands: one that is missing, one that fails with a message, one that succeeds."""
+    with pytest.raises(FashionWorkerError) as missing:
+        run_command(["no-such-command-here", "--x"])
+    assert str(missing.value) == "`no-such-command-here` not found; is this a systemd-based Linux?"
+    with pytest.raises(FashionWorkerError) as failed:
+        run_command(["sh", "-c", "echo first >&2; echo 'the reason' >&2; exit 3"])
+    assert str(failed.value).endswith("` failed (exit 3): the reason")  # the last line of its stderr
+    assert str(failed.value).startswith("`sh -c ")
+    run_command(["true"])  # no error
+
+
+@needs_analyze
+def test_a_failing_host_command_stops_the_install(site):
+    """systemd-analyze verify is the one host command that also runs under a test root: a failure of it
+    (made with a runner that fails, since the unit itself is valid) ends the install with its message."""
     config, _data, root = site
 
     def failing(argv):
         raise FashionWorkerError(f"`{argv[0]}` failed (exit 1): boom")
 
-    # systemd-analyze verify is the one host command that also runs under a test root.
-    if ANALYZE:
-        with pytest.raises(FashionWorkerError, match="systemd-analyze` failed"):
-            install_service(config, venv=VENV, root=root, runner=failing)
+    with pytest.raises(FashionWorkerError, match="systemd-analyze` failed"):
+        install_service(config, venv=VENV, root=root, runner=failing)
 
 
 def test_the_committed_unit_is_the_reference_rendering():
