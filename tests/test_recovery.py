@@ -1,0 +1,155 @@
+"""worker/recovery.py: rows a crashed worker left naming the inbox get the place their file went.
+
+The crash itself is made for real in tests/test_reliability_crash.py (SIGKILL at random moments); here
+each outcome is set up exactly: a real SQLite file with the rows and the workers row a killed worker leaves
+(its pid one of a process that has exited), and the real files where disposition would have put them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from worker import config as config_mod
+from worker.config import Config
+from worker.recovery import recover_locations
+from worker.store import ResultRecord, Store
+
+HOST = "host-a"
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Config:
+    config = config_mod.load(None, {"inbox.path": str(tmp_path / "inbox"),
+                                    "files.processed_dir": str(tmp_path / "processed"),
+                                    "files.failed_dir": str(tmp_path / "failed")})
+    for folder in (config.inbox_path, config.processed_path, config.failed_path):
+        folder.mkdir(parents=True)
+    return config
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with Store(f"sqlite:///{tmp_path}/results.db") as opened:
+        yield opened
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def crashed_worker(store: Store, cfg: Config, rows: dict[str, bytes], *, worker: str = "host-a:1",
+                   host: str = HOST, pid: int | None = None, status: str = "ok") -> dict[str, int]:
+    """A worker that recorded `rows` (name -> content) with their inbox location, then died: its workers
+    row was never marked stopped. Returns each name's row id."""
+    store.heartbeat(worker, host, dead_pid() if pid is None else pid, len(rows))
+    ids = {}
+    for name, content in rows.items():
+        fields = {"category": "red", "confidence": 0.9, "top3": [("red", 0.9)]} if status == "ok" else {
+            "error": "not an image"}
+        (record_id,) = store.add_results([ResultRecord(
+            file=name, location=str(Path(os.path.realpath(cfg.inbox_path)) / name), status=status,
+            sha256=hashlib.sha256(content).hexdigest(), model_id="m" * 64, model_name="tiny", worker=worker,
+            **fields)])
+        ids[name] = record_id
+    return ids
+
+
+def locations(store: Store) -> dict[int, str]:
+    with sqlite3.connect(store.path) as db:
+        return dict(db.execute("SELECT id, location FROM results"))
+
+
+def stopped(store: Store, worker: str) -> bool:
+    with sqlite3.connect(store.path) as db:
+        return db.execute("SELECT stopped_at FROM workers WHERE worker_id = ?", (worker,)).fetchone()[0] is not None
+
+
+def test_a_moved_file_gets_its_place_and_the_worker_is_marked_stopped(store: Store, cfg: Config) -> None:
+    ids = crashed_worker(store, cfg, {"a.jpg": b"a", "sub/b.jpg": b"b"})
+    (cfg.processed_path / "sub").mkdir()
+    (cfg.processed_path / "a.jpg").write_bytes(b"a")
+    (cfg.processed_path / "sub" / "b.jpg").write_bytes(b"b")
+    assert recover_locations(store, cfg, HOST) == 2
+    assert locations(store) == {ids["a.jpg"]: str(cfg.processed_path / "a.jpg"),
+                                ids["sub/b.jpg"]: str(cfg.processed_path / "sub" / "b.jpg")}
+    assert stopped(store, "host-a:1")
+    assert recover_locations(store, cfg, HOST) == 0  # looked at once: the next start does not look again
+
+
+def test_the_numbered_copy_with_the_same_content_is_chosen(store: Store, cfg: Config) -> None:
+    (cfg.processed_path / "a.jpg").write_bytes(b"an earlier drop of another photo")
+    (cfg.processed_path / "a (1).jpg").write_bytes(b"this one")
+    ids = crashed_worker(store, cfg, {"a.jpg": b"this one"})
+    assert recover_locations(store, cfg, HOST) == 1
+    assert locations(store)[ids["a.jpg"]] == str(cfg.processed_path / "a (1).jpg")
+
+
+def test_a_failed_row_is_looked_for_in_failed(store: Store, cfg: Config) -> None:
+    ids = crashed_worker(store, cfg, {"bad.jpg": b"text"}, status="failed")
+    (cfg.failed_path / "bad.jpg").write_bytes(b"text")
+    assert recover_locations(store, cfg, HOST) == 1
+    assert locations(store)[ids["bad.jpg"]] == str(cfg.failed_path / "bad.jpg")
+
+
+def test_a_file_found_nowhere_is_recorded_as_gone_with_a_warning(store: Store, cfg: Config,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    ids = crashed_worker(store, cfg, {"lost.jpg": b"x"})
+    (cfg.processed_path / "lost.jpg").write_bytes(b"other content")  # same name, not the same photo
+    with caplog.at_level(logging.WARNING, logger="worker.recovery"):
+        assert recover_locations(store, cfg, HOST) == 1
+    assert locations(store)[ids["lost.jpg"]] == ""
+    assert caplog.messages == [f"lost.jpg (row {ids['lost.jpg']}) was recorded in the inbox by a worker that "
+                               "crashed, and is neither there nor in the processed folder"]
+
+
+def test_a_row_whose_file_is_still_in_the_inbox_is_left_alone(store: Store, cfg: Config) -> None:
+    ids = crashed_worker(store, cfg, {"waiting.jpg": b"w"})
+    (cfg.inbox_path / "waiting.jpg").write_bytes(b"w")  # never moved: the next pass moves it
+    assert recover_locations(store, cfg, HOST) == 0
+    assert locations(store)[ids["waiting.jpg"]] == str(cfg.inbox_path / "waiting.jpg")
+
+
+def test_live_workers_and_other_hosts_are_not_touched(store: Store, cfg: Config) -> None:
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        live = crashed_worker(store, cfg, {"a.jpg": b"a"}, worker="host-a:live", pid=alive.pid)
+        other = crashed_worker(store, cfg, {"b.jpg": b"b"}, worker="host-b:1", host="host-b")
+        (cfg.processed_path / "a.jpg").write_bytes(b"a")
+        (cfg.processed_path / "b.jpg").write_bytes(b"b")
+        assert recover_locations(store, cfg, HOST) == 0
+        assert locations(store) == {live["a.jpg"]: str(cfg.inbox_path / "a.jpg"),
+                                    other["b.jpg"]: str(cfg.inbox_path / "b.jpg")}
+        assert not stopped(store, "host-a:live") and not stopped(store, "host-b:1")
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_with_on_success_delete_an_ok_row_is_recorded_as_gone(store: Store, tmp_path: Path) -> None:
+    cfg = config_mod.load(None, {"inbox.path": str(tmp_path / "inbox"), "files.on_success": "delete"})
+    cfg.inbox_path.mkdir()
+    ids = crashed_worker(store, cfg, {"a.jpg": b"a"})
+    assert recover_locations(store, cfg, HOST) == 1
+    assert locations(store)[ids["a.jpg"]] == ""
+
+
+def test_a_database_error_is_logged_and_start_up_goes_on(store: Store, cfg: Config,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    crashed_worker(store, cfg, {"a.jpg": b"a"})
+    with sqlite3.connect(store.path) as db:
+        db.execute("ALTER TABLE workers RENAME TO workers_gone")  # what recovery reads is not there
+    with caplog.at_level(logging.WARNING, logger="worker.recovery"):
+        assert recover_locations(store, cfg, HOST) == 0
+    assert len(caplog.messages) == 1
+    assert caplog.messages[0].startswith("cannot check the locations recorded by crashed workers: ")
+    assert "no such table: workers" in caplog.messages[0]
