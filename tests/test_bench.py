@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import make_model, write_image
+
+from worker.bench import BenchOptions, bottleneck, per_batch, percentile, targets
 
 
 @pytest.mark.timeout(300)
@@ -76,3 +79,62 @@ def test_model_throughput_also_times_the_workers_concurrent_batches(tmp_path):
         (2, 1, 1), (2, 1, 4), (2, 2, 1), (2, 2, 4)]
     assert all(r["images_per_s"] > 0 for r in rows)
     assert [r.get("concurrent", 1) for r in model_throughput(model, decoded, [1], [2], concurrent=1)] == [1]
+
+
+def hand_made_report(*, burst: float, large_ms: float, p50: float, idle: float, speedup: float,
+                     provider: str = "CPUExecutionProvider") -> dict:
+    """A report with the figures `targets` and `bottleneck` read, chosen so each verdict is known."""
+    return {
+        "machine": {"cores": 2},
+        "model": {"providers": [provider]},
+        "model_throughput": [  # the best at the worker's batch size (16) with every thread: 200 images/s
+            {"threads": 1, "batch": 16, "images_per_s": 120.0}, {"threads": 2, "batch": 1, "images_per_s": 150.0},
+            {"threads": 2, "batch": 16, "images_per_s": 190.0}, {"threads": 2, "batch": 16, "images_per_s": 200.0},
+            {"threads": 2, "batch": 32, "images_per_s": 400.0},  # above max_batch: not the comparison
+        ],
+        "decode": {"listing_images_per_s_all_threads": 1000.0},
+        "ceiling": {"images_per_s": 600.0, "cpu_ms_per_image_besides_the_model": 2.5},
+        "single_image_inference_ms": 5.0,
+        "int8": {"speedup": speedup},
+        "end_to_end": {"burst": {"images_per_s": burst, "ms_per_image": 1000 / burst},
+                       "large_burst": {"ms_per_image": large_ms}, "latency_ms": {"p50": p50},
+                       "idle_cpu_percent": idle},
+    }
+
+
+def test_targets_are_ratios_against_the_model_alone_at_the_worker_batch_size() -> None:
+    options = BenchOptions(images=Path("."), batch_sizes=[1, 16, 32], threads=[1, 2], max_batch=16, max_wait_ms=20)
+    met = targets(hand_made_report(burst=170.0, large_ms=15.0, p50=30.0, idle=0.5, speedup=1.6), options)
+    assert met == {
+        "burst_vs_model": {"ratio": 0.85, "target": ">= 0.85", "met": True},  # 170 / 200
+        "latency_p50": {"ms": 30.0, "bound_ms": 30.0, "met": True},  # 20 + 2 x 5
+        "int8_speedup": {"ratio": 1.6, "target": ">= 1.6", "met": True},
+        "idle_cpu": {"percent": 0.5, "target": "< 1", "met": True},
+        "large_vs_listing": {"ratio": 2.55, "target": "<= 3", "met": True},  # 15 / (1000 / 170)
+    }
+    missed = targets(hand_made_report(burst=160.0, large_ms=20.0, p50=30.1, idle=1.0, speedup=1.5,
+                                      provider="CUDAExecutionProvider"), options)
+    assert {name: verdict["met"] for name, verdict in missed.items()} == {
+        "burst_vs_model": False, "latency_p50": False, "int8_speedup": False, "gpu_end_to_end": False,
+        "idle_cpu": False, "large_vs_listing": False}
+    assert missed["gpu_end_to_end"] == {"images_per_s": 160.0, "target": ">= 3000", "met": False}
+
+
+def test_bottleneck_names_the_slowest_stage_and_the_bound_the_cpu_allows() -> None:
+    options = BenchOptions(images=Path("."), batch_sizes=[1, 16, 32], threads=[1, 2], max_batch=16)
+    found = bottleneck(hand_made_report(burst=170.0, large_ms=15.0, p50=30.0, idle=0.5, speedup=2.0), options)
+    assert found["stages_images_per_s"] == {"decode": 1000.0, "inference": 200.0, "decode_and_bookkeeping": 600.0}
+    assert found["slowest"] == "inference"
+    # per photo: the model 2 cores / 200 per s = 10 core-ms, the rest 2.5: at most 10 / 12.5 of the model
+    assert found["best_possible_ratio"] == 0.8
+    slow = bottleneck(hand_made_report(burst=90.0, large_ms=15.0, p50=30.0, idle=0.5, speedup=2.0), options)
+    assert slow["slowest"] == "the worker between the stages (per-file and per-batch work, contention)"
+
+
+def test_percentile_and_per_batch() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and np.isnan(percentile([], 50))
+    before = {"images": (10.0, 2.0), "inference": (0.1, 2.0)}
+    after = {"images": (42.0, 4.0), "inference": (0.5, 4.0)}
+    stages = per_batch(before, after)
+    assert stages["batches"] == 2 and stages["images_per_batch"] == 16.0
+    assert stages["inference_ms"] == 200.0  # 0.4 s over 2 batches

@@ -12,8 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import make_model, unwritable, write_image
+from conftest import LABELS, make_model, unwritable, write_image
 
 from worker.cli import COMMANDS, database_url, load_config, main
 from worker.store import ResultRecord, Store
@@ -68,12 +69,17 @@ def test_classify_prints_one_json_line_per_file(site: Path, capsys: pytest.Captu
     write_image(site / "b b.png", (10, 240, 30))
     code, out, err = run_cli(capsys, "classify", "a.png", "b b.png")
     assert (code, err) == (0, "")
-    assert out == (
-        '{"file": "a.png", "status": "ok", "category": "red", "confidence": 0.999954, '
-        '"top3": [["red", 0.999954], ["green", 4.5e-05], ["blue", 0.0]], "model": "tiny-test-model 1"}\n'
-        '{"file": "b b.png", "status": "ok", "category": "green", "confidence": 1.0, '
-        '"top3": [["green", 1.0], ["blue", 0.0], ["red", 0.0]], "model": "tiny-test-model 1"}\n'
-    )
+
+    def line(file: str, color: tuple[int, int, int]) -> str:
+        # the tiny model: softmax of 0.1 x the channel means (a flat PNG: the colour itself), 6 decimals
+        logits = 0.1 * np.array(color, dtype=np.float64)
+        p = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        top = [(label, round(float(p[i]), 6)) for i, label in sorted(enumerate(LABELS), key=lambda x: -p[x[0]])]
+        return json.dumps({"file": file, "status": "ok", "category": top[0][0], "confidence": top[0][1],
+                           "top3": top, "model": "tiny-test-model 1"}) + "\n"
+
+    assert out == line("a.png", (200, 100, 50)) + line("b b.png", (10, 240, 30))
+    assert '"confidence": 0.999954' in out and '["green", 4.5e-05]' in out  # as the user sees it
 
 
 def test_classify_reports_bad_files_and_exits_1(site: Path, capsys: pytest.CaptureFixture[str]) -> None:

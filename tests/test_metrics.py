@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -155,15 +156,17 @@ def test_works_with_the_server_off_and_instances_do_not_collide():
 
 
 def test_status_line_and_throughput_for_systemd_status():
+    created = time.monotonic()
     metrics = Metrics()
     metrics.set_queue_depth(5)
     for _ in range(30):
         metrics.observe_image("ok", None)  # end-to-end time unknown: counted, not timed
     assert metrics.processed_total == 30
-    assert metrics.throughput() > 0
+    # 30 images over the time since the start, counted as at least one second
+    assert 30 / max(1.0, time.monotonic() - created) <= metrics.throughput() <= 30.0
     line = metrics.status_line()
-    assert line.startswith("starting; queue 5; ")
-    assert line.endswith("30 processed")
+    assert re.fullmatch(r"starting; queue 5; (\d+\.\d) images/s \(last minute\); 30 processed", line)
+    assert 0 < float(line.split("; ")[2].split()[0]) <= 30.0
     metrics.set_ready(True)
     assert metrics.status_line().startswith("ready; ")
     s = samples(metrics.exposition().decode())
