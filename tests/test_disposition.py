@@ -5,14 +5,13 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from conftest import unwritable, write_image
 
-from tests.conftest import write_image
 from worker import disposition
 from worker.config import Config, load
 from worker.disposition import DispositionError, dispose, prune_empty_dirs, unique_destination
@@ -208,32 +207,16 @@ def test_link_unlink_fallback_when_renameat2_is_missing(inbox: Path, tmp_path: P
     assert not (inbox / "a.jpg").exists()
 
 
-def _make_unwritable(folder: Path) -> tuple[str, ...] | None:
-    """Make `folder` refuse new entries for real; returns the undo command or None if impossible here."""
-    if os.geteuid() != 0:
-        folder.chmod(0o555)
-        return ("chmod", "755", str(folder))
-    # root ignores permission bits; the immutable attribute stops root too (needs CAP_LINUX_IMMUTABLE).
-    if shutil.which("chattr") and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0:
-        return ("chattr", "-i", str(folder))
-    return None
-
-
 def test_unwritable_destination_keeps_the_source(inbox: Path, tmp_path: Path) -> None:
     config = make_config(tmp_path)
     (tmp_path / "processed").mkdir()
-    undo = _make_unwritable(tmp_path / "processed")
-    if undo is None:
-        pytest.skip("cannot make a folder unwritable here (root without chattr)")
-    try:
+    with unwritable(tmp_path / "processed"):
         path = write_image(inbox / "sub" / "a.jpg")
         with pytest.raises(DispositionError) as caught:
             dispose(path, inbox, "ok", config)
         assert caught.value.errno in (errno.EACCES, errno.EPERM)
         assert "sub" in str(caught.value) and "processed" in str(caught.value)
         assert path.exists() and isinstance(caught.value, OSError)
-    finally:
-        subprocess.run(undo, check=True)
     # Once the fault clears, the same call succeeds.
     assert dispose(path, inbox, "ok", config) == tmp_path / "processed" / "sub" / "a.jpg"
 

@@ -9,8 +9,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import write_image
 
-from tests.conftest import write_image
 from worker.config import InboxConfig
 from worker.exceptions import FileSkipped, ImageRejected
 from worker.files import FILE_FLAGS, is_ignored, read_image_file, relative_name, sha256_hex
