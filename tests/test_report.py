@@ -1,0 +1,57 @@
+"""train/report.py: the evaluation figures, checked on hand-made predictions whose answers are known."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train.report import classification_metrics, expected_calibration_error, plot_confusion, plot_curves, write_json
+
+CLASSES = ["hat", "shoes", "skirt"]
+
+
+def one_hot(predicted: list[int], confidence: float = 0.8) -> np.ndarray:
+    """Probabilities that pick `predicted` with `confidence` and share the rest evenly."""
+    probs = np.full((len(predicted), 3), (1 - confidence) / 2)
+    probs[np.arange(len(predicted)), predicted] = confidence
+    return probs
+
+
+def test_precision_recall_f1_and_confusion_by_hand() -> None:
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    predicted = [0, 0, 1, 1, 1, 0]  # hat: 2 of 3 found, 1 skirt taken for a hat; skirt never found
+    m = classification_metrics(labels, one_hot(predicted), CLASSES)
+    assert m["confusion_matrix"] == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]  # rows true, columns predicted
+    assert m["accuracy"] == round(4 / 6, 4) and m["n"] == 6 and m["classes"] == CLASSES
+    hat, shoes, skirt = (m["per_class"][c] for c in CLASSES)
+    assert (hat["precision"], hat["recall"], hat["f1"], hat["support"]) == (round(2 / 3, 4), round(2 / 3, 4),
+                                                                          round(2 / 3, 4), 3)
+    assert (shoes["precision"], shoes["recall"], shoes["f1"]) == (round(2 / 3, 4), 1.0, 0.8)
+    assert skirt == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}  # never predicted: no 0/0
+    assert m["macro_f1"] == round((2 / 3 + 0.8 + 0.0) / 3, 4)
+
+
+def test_calibration_error_by_hand() -> None:
+    labels = np.array([0, 0, 0, 0])
+    # all four at confidence 0.8 in one bin, three right: |0.75 - 0.8| = 0.05
+    assert expected_calibration_error(labels, one_hot([0, 0, 0, 1])) == pytest.approx(0.05)
+    # two bins: 0.9 (both right: 0.1) and 0.6 (one of two right: 0.1), weighted 1/2 each
+    probs = np.vstack([one_hot([0, 0], 0.9), one_hot([0, 1], 0.6)])
+    assert expected_calibration_error(labels, probs) == pytest.approx(0.1)
+    assert expected_calibration_error(labels, one_hot([0, 0, 0, 0], 1.0)) == pytest.approx(0.0)
+
+
+def test_figures_are_written_as_png_and_json(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the figures need the train extra (matplotlib)")
+    m = classification_metrics(np.array([0, 1, 2]), one_hot([0, 1, 1]), CLASSES)
+    plot_confusion(tmp_path / "confusion.png", m, "validation")
+    plot_curves(tmp_path / "curves.png", [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e,
+                                           "train_acc": 1 - 1 / (e + 1), "val_acc": 0.9 - 1 / (e + 2)}
+                                          for e in (1, 2, 3)])
+    for name in ("confusion.png", "curves.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    write_json(tmp_path / "m.json", m)
+    assert json.loads((tmp_path / "m.json").read_text()) == m
