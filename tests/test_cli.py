@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import LABELS, make_model, unwritable, write_image
 
-from worker.cli import COMMANDS, database_url, load_config, main
+from worker.cli import COMMANDS, GLOBAL_FLAGS, database_url, load_config, main
 from worker.store import ResultRecord, Store
 
 TS = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(\.\d+)?(\+00:00)?")
@@ -409,9 +409,21 @@ def test_every_command_has_help_with_defaults_and_examples(command: str,
     text = capsys.readouterr().out
     assert "examples:\n  " in text and "fashion-worker " + command.split("-")[0] in text
     text = " ".join(text.split())
-    for flag in ("--config FILE", "--inbox DIR", "--db URL|FILE", "--model FILE", "--log-level LEVEL"):
-        assert flag in text
-    assert "default: ./config.toml if it exists, else built-in defaults" in text
+    shared = {"--config": "--config FILE", "--inbox": "--inbox DIR", "--db": "--db URL|FILE",
+              "--model": "--model FILE", "--log-level": "--log-level LEVEL"}
+    for flag, usage in shared.items():  # only the shared flags the command uses: none is silently ignored
+        assert (usage in text) == (flag in GLOBAL_FLAGS[command]), flag
+    if "--config" in GLOBAL_FLAGS[command]:
+        assert "default: ./config.toml if it exists, else built-in defaults" in text
+
+
+def test_a_shared_flag_a_command_does_not_use_is_refused(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_image(site / "a.png", (200, 0, 0))
+    with pytest.raises(SystemExit) as info:
+        main(["classify", "--db", "other.db", "a.png"])  # classify records nothing: --db would do nothing
+    assert info.value.code == 2
+    assert capsys.readouterr().err == ("fashion-worker: error: unrecognized arguments: --db "
+                                       "(see fashion-worker --help)\n")
 
 
 def test_results_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:

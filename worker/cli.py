@@ -1,9 +1,9 @@
 """`fashion-worker`: the command line, thin over the library (parse, call, print).
 
-Every subcommand takes the global flags --config, --inbox, --db, --model and --log-level. A user's
-mistake (FashionWorkerError) prints `fashion-worker: error: <message>` on stderr and exits 2, without a
-traceback; a bad flag prints `fashion-worker COMMAND: error: <argparse's message> (see … --help)`, one
-line, also exit 2.
+Each subcommand takes those of the shared flags --config, --inbox, --db, --model and --log-level that it
+uses (GLOBAL_FLAGS). A user's mistake (FashionWorkerError) prints `fashion-worker: error: <message>` on
+stderr and exits 2, without a traceback; a bad flag prints one line, `fashion-worker COMMAND: error:
+<argparse's message> (see … --help)`, also exit 2.
 """
 
 from __future__ import annotations
@@ -52,19 +52,20 @@ def load_config(args: argparse.Namespace) -> Config:
 
     Paths given as flags are relative to the current folder; those in the file to the file's folder.
     """
-    path = args.config
+    path = getattr(args, "config", None)
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
     overrides: dict[str, Any] = {}
-    for flag, value in (("--inbox", args.inbox), ("--db", args.db), ("--model", args.model)):
+    inbox, db, model = (getattr(args, name, None) for name in ("inbox", "db", "model"))
+    for flag, value in (("--inbox", inbox), ("--db", db), ("--model", model)):
         if value is not None and not value.strip():
             raise ConfigError(f"{flag} must not be empty")
-    if args.inbox is not None:
-        overrides["inbox.path"] = os.path.abspath(os.path.expanduser(args.inbox))
-    if args.db is not None:
-        overrides["database.url"] = database_url(args.db)
-    if args.model is not None:
-        overrides["model.path"] = os.path.abspath(os.path.expanduser(args.model))
+    if inbox is not None:
+        overrides["inbox.path"] = os.path.abspath(os.path.expanduser(inbox))
+    if db is not None:
+        overrides["database.url"] = database_url(db)
+    if model is not None:
+        overrides["model.path"] = os.path.abspath(os.path.expanduser(model))
     if args.log_level is not None:
         overrides["service.log_level"] = args.log_level
     for key, value in getattr(args, "extra_overrides", {}).items():
@@ -302,21 +303,37 @@ def _int_list(value: str) -> list[int]:
     return numbers
 
 
-def _common() -> argparse.ArgumentParser:
+#: The shared options each command takes: only those it uses, so that none is silently ignored.
+GLOBAL_FLAGS: dict[str, tuple[str, ...]] = {
+    "run": ("--config", "--inbox", "--db", "--model", "--log-level"),
+    "classify": ("--config", "--model", "--log-level"),
+    "results": ("--config", "--db", "--model", "--log-level"),  # --model: its labels check --category
+    "stats": ("--config", "--db", "--log-level"),
+    "doctor": ("--config", "--inbox", "--db", "--model", "--log-level"),
+    "bench": ("--config", "--model", "--log-level"),  # its worker gets a temp inbox and database
+    "install-service": ("--config", "--inbox", "--log-level"),
+    "uninstall-service": ("--log-level",),
+}
+
+
+def _common(flags: tuple[str, ...]) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("global options")
-    group.add_argument("--config", type=Path, default=None, metavar="FILE",
-                       help="config file (default: ./config.toml if it exists, else built-in defaults)")
-    group.add_argument("--inbox", default=None, metavar="DIR",
-                       help="inbox folder (default: inbox.path of the config, 'inbox')")
-    group.add_argument("--db", default=None, metavar="URL|FILE",
-                       help="SQLAlchemy URL or SQLite file path (default: database.url of the config, "
-                            "sqlite:///data/results.db)")
-    group.add_argument("--model", default=None, metavar="FILE",
-                       help="ONNX model file (default: model.path of the config; empty = the shipped model)")
-    group.add_argument("--log-level", type=_level, default=None, metavar="LEVEL",
-                       help=f"{' | '.join(LOG_LEVELS)} (default: service.log_level of the config, INFO; "
-                            "commands other than run show only warnings unless this is given)")
+    options: dict[str, tuple[dict[str, Any], str]] = {
+        "--config": ({"type": Path, "metavar": "FILE"},
+                     "config file (default: ./config.toml if it exists, else built-in defaults)"),
+        "--inbox": ({"metavar": "DIR"}, "inbox folder (default: inbox.path of the config, 'inbox')"),
+        "--db": ({"metavar": "URL|FILE"}, "SQLAlchemy URL or SQLite file path (default: database.url of the "
+                                          "config, sqlite:///data/results.db)"),
+        "--model": ({"metavar": "FILE"},
+                    "ONNX model file (default: model.path of the config; empty = the shipped model)"),
+        "--log-level": ({"type": _level, "metavar": "LEVEL"},
+                        f"{' | '.join(LOG_LEVELS)} (default: service.log_level of the config, INFO; commands "
+                        "other than run show only warnings unless this is given)"),
+    }
+    for flag in flags:
+        extra, text = options[flag]
+        group.add_argument(flag, default=None, help=text, **extra)
     return common
 
 
@@ -365,9 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    common = _common()
-    sub = {name: commands.add_parser(name, help=text, description=text, epilog=epilog, parents=[common],
-                                     formatter_class=_Formatter)
+    sub = {name: commands.add_parser(name, help=text, description=text, epilog=epilog,
+                                     parents=[_common(GLOBAL_FLAGS[name])], formatter_class=_Formatter)
            for name, text, epilog in COMMANDS}
     for name, command in sub.items():
         command.set_defaults(handler=HANDLERS[name])
@@ -381,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub["classify"].add_argument("files", nargs="+", metavar="FILE", help="image files to classify")
 
     res = sub["results"]
-    res.add_argument("--category", help="only this category (exact label)")
+    res.add_argument("--category", help="only this category (a label, in any case)")
     res.add_argument("--status", choices=("ok", "failed"), help="only this status")
     res.add_argument("--min-confidence", type=_probability, metavar="P", help="confidence at least P (0..1)")
     res.add_argument("--max-confidence", type=_probability, metavar="P", help="confidence at most P (0..1)")
