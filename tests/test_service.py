@@ -129,6 +129,11 @@ def test_dry_run_only_describes(site):
     assert "groupadd --system uploaders" in script
     assert f"inbox {data}/inbox: owner fashion-worker, group uploaders, mode 2775" in script
     assert "systemctl restart fashion-worker.service" in script
+    # the unit it would write, in full, as comments under its step
+    written = script.split("# write the unit /etc/systemd/system/fashion-worker.service\n", 1)[1]
+    shown = [line[4:] if line.startswith("#   ") else "" for line in written.splitlines()
+             if line.startswith("#   ") or line == "#"]  # an empty line of the unit is shown as "#"
+    assert "\n".join(shown[: len(plan.unit_text.splitlines())]) == plan.unit_text.rstrip("\n")
 
 
 def test_a_missing_config_is_written_with_system_paths(tmp_path):

@@ -209,6 +209,7 @@ class Step:
     argv: list[str] | None = None
     apply: Callable[[Path], None] | None = None
     host_only: bool = False  # acts on the host's users or systemd: not done when root != "/"
+    content: str | None = None  # the text a file action writes, shown by --dry-run
 
     def shell(self) -> str:
         return shlex.join(self.argv) if self.argv else f"# {self.description}"
@@ -232,6 +233,8 @@ class ServicePlan:
             lines.append(f"# {step.description}")
             if step.argv:
                 lines.append(shlex.join(step.argv))
+            if step.content is not None:
+                lines.extend(f"#   {line}".rstrip() for line in step.content.splitlines())
         return "\n".join(lines) + "\n"
 
 
@@ -446,7 +449,8 @@ def install_service(
     # Files and folders.
     if write_config:
         plan.steps.append(Step(f"write the default config {config_path}",
-                               apply=_write_file(config_path, default_config_text())))
+                               apply=_write_file(config_path, default_config_text()),
+                               content=default_config_text()))
     plan.steps.append(Step(f"inbox {inbox_path}: owner {user}, group {uploaders_group}, mode 2775 "
                            "(setgid, group-writable)",
                            apply=_make_dir(inbox_path, 0o2775, user, uploaders_group)))
@@ -459,7 +463,7 @@ def install_service(
             plan.steps.append(Step(f"{folder}: owner {user}, mode 0750",
                                    apply=_make_dir(folder, 0o750, user, group)))
     plan.steps.append(Step(f"write the unit {plan.unit_path}",
-                           apply=_write_file(plan.unit_path, plan.unit_text)))
+                           apply=_write_file(plan.unit_path, plan.unit_text), content=plan.unit_text))
     if shutil.which("systemd-analyze"):
         plan.steps.append(Step("check the unit",
                                ["systemd-analyze", "verify", str(_rooted(root, plan.unit_path))]))
