@@ -528,15 +528,15 @@ def ceiling(root: Path, files: list[Path], model: Model, options: BenchOptions) 
         os.rename(warm[0], worker.inbox / warm[0].name)
         worker.wait_rows(1, timeout=120)
         cpu = worker.cpu_seconds()
-        timed = time_burst(worker, burst, 1 + len(burst))
+        figures = time_burst(worker, burst, 1 + len(burst))
         cpu = worker.cpu_seconds() - cpu
     finally:
         worker.stop()
-    per_batch = timed["per_batch"]
+    per_batch = figures["per_batch"]
     # CPU the worker spent per photo besides the model: all its threads' CPU time over the burst, less the
     # do-nothing model's own time (it still averages the pixels, on one core).
     rest_ms = 1000 * cpu / len(burst) - per_batch["inference_ms"] / max(per_batch["images_per_batch"], 1)
-    return {**{key: timed[key] for key in ("images", "seconds", "images_per_s")},
+    return {**{key: figures[key] for key in ("images", "seconds", "images_per_s")},
             "cpu_ms_per_image_besides_the_model": round(max(rest_ms, 0.0), 2)}
 
 

@@ -145,9 +145,10 @@ def _category(name: str, store: Any, cfg: Config) -> str:
     from worker.query import categories, resolve_category
 
     recorded = categories(store)
-    if any(known.casefold() == name.casefold() for known in recorded):
+    try:
         return resolve_category(name, recorded, [])
-    return resolve_category(name, recorded, model_labels(model_file(cfg.model_path, cfg.model.providers)))
+    except ConfigError:  # not recorded yet: a label of the model, or a mistake (the model is read only now)
+        return resolve_category(name, recorded, model_labels(model_file(cfg.model_path, cfg.model.providers)))
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -71,14 +71,16 @@ def model_file(path: Path | None, providers: list[str] | None = None) -> Path:
 
 
 def model_labels(path: Path) -> list[str]:
-    """The labels in a model's metadata, without preparing it to run (for commands that only need them)."""
+    """The labels of a contract-checked model, without preparing it to run (for commands that only need
+    them): an unoptimised session, read by `read_contract`."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return list(json.loads(session.get_modelmeta().custom_metadata_map["labels"]))
-    except Exception as exc:  # onnxruntime's own error classes, a missing key, bad JSON
-        raise ModelError(f"model file {path} cannot be loaded: {exc}") from None
+    except Exception as exc:  # onnxruntime raises its own classes for every kind of bad file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"model file {path} cannot be loaded: {first}") from None
+    return read_contract(session, path, model_id="").labels
 
 
 def read_contract(session: ort.InferenceSession, path: Path, model_id: str) -> ModelInfo:

@@ -408,7 +408,7 @@ class Pipeline:
         # thread only). Not with claims: there a file is claimed before it is read.
         self._early: dict[QueuedFile, Future[Prepared]] = {}
         self._failures_in_a_row = 0
-        self._failed_at = float("-inf")  # monotonic time of the last failed commit
+        self._failed_at = float("-inf")  # monotonic time of the last failed commit or inference
 
     # Input -------------------------------------------------------------------------------------------
     def submit(self, path: Path) -> bool:

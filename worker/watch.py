@@ -187,7 +187,7 @@ class InboxWatcher:
             self._stopping = False
         for name in WATCHDOG_INOTIFY_LOGGERS:
             logging.getLogger(name).addHandler(self._overflow_hook)
-            logging.getLogger(name).addFilter(_drop_stop_race)
+            logging.getLogger(name).addFilter(_drop_stop_race)  # once per process (a second add is ignored)
         self._start_observer()
         now = time.monotonic()
         with self._cond:
@@ -212,8 +212,6 @@ class InboxWatcher:
         observer, self._observer = self._observer, None
         if observer is not None:
             _stop_observer(observer)
-        for name in WATCHDOG_INOTIFY_LOGGERS:
-            logging.getLogger(name).removeFilter(_drop_stop_race)
 
     def scan(self) -> int:
         """Walk the inbox and report files that look complete (mtime older than settle_s); younger ones
