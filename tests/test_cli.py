@@ -131,6 +131,14 @@ def test_results_json_with_filters(recorded: Path, capsys: pytest.CaptureFixture
     ]
 
 
+def test_results_takes_a_negative_duration_as_a_value(recorded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse would read "-1h" as an unknown option; the rows were recorded a moment ago, so all four match.
+    code, out, _ = run_cli(capsys, "results", "--since", "-1h", "--until", "-0s", "--format", "json")
+    assert code == 0
+    assert [row["file"] for row in json.loads(out)] == [
+        "red, again.jpg", "bad.jpg", "shoes/blue sky.png", "red.jpg"]
+
+
 def test_results_csv_by_category_and_file_glob(recorded: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(capsys, "results", "--category", "red", "--file", "*again*", "--format", "csv")
     assert code == 0

@@ -110,6 +110,7 @@ def test_parse_time() -> None:
     now = datetime(2025, 6, 1, 0, 0, tzinfo=UTC)
     assert parse_time("90s", now=now) == now - timedelta(seconds=90)
     assert parse_time("2h", now=now) == now - timedelta(hours=2)
+    assert parse_time("-2h", now=now) == now - timedelta(hours=2)  # a leading minus says "ago" too
     assert parse_time("1.5d", now=now) == now - timedelta(hours=36)
     assert parse_time("2025-01-31") == datetime(2025, 1, 31, tzinfo=UTC)
     assert parse_time(datetime(2025, 1, 31, 13, 0, tzinfo=UTC).astimezone()) == datetime(

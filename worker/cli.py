@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -406,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="processed at or after TIME: ISO 8601 (2025-01-31T12:00, UTC unless it names an "
                           "offset) or ago (90s, 30m, 1h, 7d)")
     res.add_argument("--until", type=_time, metavar="TIME", help="processed before TIME (same forms as --since)")
+    # argparse takes "-1h" for an option unless it looks like a negative number; let it take a negative
+    # duration as a value too (no option of `results` looks like one).
+    res._negative_number_matcher = re.compile(r"^-\d+(\.\d+)?[smhdwSMHDW]?$|^-\d*\.\d+$")
     res.add_argument("--file", metavar="PATTERN",
                      help="file name: a substring, or a glob with * and ? (case-insensitive)")
     res.add_argument("--limit", type=_at_least(0), default=100, metavar="N",

@@ -41,7 +41,8 @@ RESULT_KEYS = (
 # A readable subset for the table format (JSON and CSV suit all of RESULT_KEYS).
 SUMMARY_COLUMNS = ("processed_at", "file", "status", "category", "confidence", "error")
 THROUGHPUT_WINDOWS_MIN = (1, 5, 60)
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
+# A duration back from now: "90s", "2h", or "-2h" (a leading minus says the same, "2 hours ago").
+_DURATION = re.compile(r"^\s*-?\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
