@@ -259,6 +259,19 @@ def test_a_second_worker_with_the_same_id_refuses_but_other_ids_share_the_inbox(
     first.wait()
     again = workers.start(site, pg_url)
     workers.wait_ready(again)
+    # ...and the two ids share the drops: each file recorded once, moved once, by one of them.
+    staged = distinct_jpegs(tmp_path / "staging", 60)
+    for path in staged:
+        os.rename(path, site / "inbox" / path.name)
+    wait_until(lambda: row_count(pg_url) >= 60 and not any((site / "inbox").iterdir()), 60,
+               "60 rows and an empty inbox")
+    time.sleep(2 * LEASE_S)  # a second row for any file would show up now
+    assert query(pg_url, "SELECT count(*), count(DISTINCT file), count(duplicate_of) FROM results") == [(60, 60, 0)]
+    assert {w for (w,) in query(pg_url, "SELECT DISTINCT worker FROM results")} <= {"web1", "web2"}
+    # Each moves into its own processed/ (a default relative to its config): together, every name once.
+    moved = [p.name for folder in (site, other) if (folder / "processed").is_dir()
+             for p in (folder / "processed").iterdir()]
+    assert sorted(moved) == sorted(p.name for p in staged)
     for proc in (neighbour, again):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
