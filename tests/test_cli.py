@@ -247,8 +247,10 @@ def test_run_once_with_inotify_logs_no_warning_or_error(site: Path) -> None:
 
 # doctor ---------------------------------------------------------------------------------------------------
 def test_doctor_all_ok(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = sorted(site.rglob("*"))
     code, out, err = run_cli(capsys, "doctor")
     assert (code, err) == (0, "")
+    assert sorted(site.rglob("*")) == before  # a check creates nothing: no data/, no database, no lock file
     lines = out.replace(str(site), "<site>").splitlines()
     model_id = lines[5].rsplit("id ", 1)[1]
     assert lines[:6] == [
@@ -262,7 +264,8 @@ def test_doctor_all_ok(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert lines[6].startswith("OK    providers: using CPUExecutionProvider (available: ")
     assert lines[7] == "OK    decode: on the CPU, 2 thread(s)"
     assert lines[8] == "OK    database: <site>/data/results.db does not exist yet; the worker creates it"
-    assert re.fullmatch(r"OK    lock: free \(<site>/data/\.fashion-worker-[0-9a-f]{16}\.lock\)", lines[9])
+    assert re.fullmatch(r"OK    lock: free \(<site>/data/\.fashion-worker-[0-9a-f]{16}\.lock does not exist yet; "
+                        r"the worker creates it\)", lines[9])
     assert re.fullmatch(r"OK    inotify: max_user_watches \d+, max_user_instances \d+; the inbox needs 1 "
                         r"watch\(es\)", lines[10])
     assert len(lines) == 11

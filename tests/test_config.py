@@ -66,6 +66,9 @@ def test_overrides_apply_after_the_file(tmp_path: Path) -> None:
          "config.toml: files.on_success must be one of move, leave, delete, got 'keep'"),
         ("[batch]\nmax_queue = 2\n", "config.toml: batch.max_queue (2) must be >= batch.max_batch (16)"),
         ("[database]\nbusy_timeout_ms = -1\n", "config.toml: database.busy_timeout_ms must be >= 0, got -1"),
+        ("[database]\nurl = 'sqlite://data/results.db'\n",
+         "config.toml: database.url 'sqlite://data/results.db' has two slashes: a SQLite URL has three before a "
+         "relative path (sqlite:///data/results.db) and four before an absolute one"),
         ("x = [", "config file {path} is not valid TOML"),
         (b"\xff\xfe[batch]\n", "config file {path} is not UTF-8 text (byte 0)"),
     ],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,6 +230,9 @@ def validate(config: Config, source: str = "") -> None:
          f"model.concurrent_batches must be >= 0, got {config.model.concurrent_batches}"),
         (config.database.busy_timeout_ms >= 0,
          f"database.busy_timeout_ms must be >= 0, got {config.database.busy_timeout_ms}"),
+        (not re.match(r"sqlite(\+\w+)?://[^/]", config.database.url),
+         f"database.url {config.database.url!r} has two slashes: a SQLite URL has three before a relative path "
+         "(sqlite:///data/results.db) and four before an absolute one (sqlite:////var/lib/fashion-worker/r.db)"),
     ]
     for ok, message in checks:
         if not ok:

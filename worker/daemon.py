@@ -467,6 +467,11 @@ def _check_lock(config: Config) -> Check:
     if uses_claims(config.database_url):
         return _check_worker_id(config)
     lock = InboxLock(config.inbox_path, config.database_url)
+    if not lock.path.exists():  # nobody holds it; checked without creating the file (or its folder)
+        folder = _check_folder("lock", lock.path.parent)
+        if not folder.ok:
+            return folder
+        return Check("lock", True, f"free ({lock.path} does not exist yet; the worker creates it)")
     try:
         lock.acquire()
     except InboxLocked as exc:
