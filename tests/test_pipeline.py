@@ -504,6 +504,47 @@ def test_overflowing_queue_drops_paths_and_rescans_them_later(cfg: Config) -> No
 
 
 @pytest.mark.timeout(60)
+class ReplacedAfterCommit(Store):
+    """The real store; right after its first commit, the first file is replaced by a new upload under the
+    same name (real files: only the moment is arranged, the worst one, between commit and move)."""
+
+    def __init__(self, url: str, path: Path, upload: Path) -> None:
+        super().__init__(url)
+        self.replaced, self.upload = path, upload
+
+    def add_results(self, records, **kwargs):  # type: ignore[no-untyped-def]
+        ids = super().add_results(records, **kwargs)
+        if self.upload.exists():
+            os.rename(self.upload, self.replaced)
+        return ids
+
+
+@pytest.mark.parametrize("action", ["move", "leave", "delete"])
+def test_a_file_replaced_while_processed_gets_its_own_row(tmp_path: Path, action: str,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    cfg = make_config(tmp_path, **{"files.on_success": action})
+    path = write_image(cfg.inbox_path / "photo.jpg", (255, 0, 0))
+    upload = write_image(tmp_path / "upload.jpg", (0, 0, 255))
+    blue = upload.read_bytes()
+    h = Harness(cfg, store=ReplacedAfterCommit(cfg.database_url, path, upload))
+    try:
+        h.submit_all()
+        h.drain()
+        rows = h.rows()
+        assert [r[:4] for r in rows] == [("photo.jpg", "ok", "red", None), ("photo.jpg", "ok", "blue", None)]
+        # The red photo's row says it is gone (its bytes were replaced); the blue one is where it went.
+        where = {"move": str(cfg.processed_path / "photo.jpg"), "leave": str(path), "delete": ""}[action]
+        assert [r[4] for r in rows] == ["", where]
+        if action == "move":
+            assert (cfg.processed_path / "photo.jpg").read_bytes() == blue
+            assert sorted(p.name for p in cfg.processed_path.iterdir()) == ["photo.jpg"]
+        assert path.exists() is (action == "leave")
+        assert any("'photo.jpg' was replaced or rewritten since it was read; row 1 keeps what was read" in m
+                   for m in caplog.messages)
+    finally:
+        h.close()
+
+
 def test_leave_and_delete_dispositions(tmp_path: Path) -> None:
     for action in ("leave", "delete"):
         cfg = make_config(tmp_path / action, **{"files.on_success": action})

@@ -9,6 +9,13 @@ Call `dispose` only after the row is committed. Moves never overwrite: a clash g
 - across filesystems (EXDEV): copy into an O_EXCL hidden temp file in the destination folder, fsync, give
   it its final name without clobbering, fsync the folder, then unlink the source.
 
+The file is reached through folder descriptors opened without following symlinks (`files.open_parent`),
+and, given the identity of what was read (`files.identity`), it must still be that file: one replaced,
+rewritten or moved away since is not touched (FileChanged), so a swapped-in file can never be moved or
+deleted under another file's row, and a subfolder swapped for a symlink cannot send a move or a delete
+outside the inbox. What is left is the instant between that check and the rename; a file swapped in
+right then is noticed after the rename and put back.
+
 Failures raise DispositionError (an OSError with the errno kept) and leave the source in the inbox.
 """
 
@@ -25,7 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from worker.config import Config
-from worker.files import real_inbox, relative_name
+from worker.exceptions import FileSkipped
+from worker.files import identity, open_parent, real_inbox, relative_name
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,20 @@ class DispositionError(OSError):
     """A file could not be moved or deleted; it is still where it was (in the inbox)."""
 
 
+class FileChanged(DispositionError):
+    """The file at the path is not the one whose row was committed; nothing was moved or deleted.
+
+    `replaced`: another file is there now (a new upload under the same name, or the same file rewritten),
+    which needs a row of its own; otherwise the file was moved away or its folder was.
+    """
+
+    def __init__(self, rel: str, path: Path, *, replaced: bool) -> None:
+        what = "was replaced or rewritten" if replaced else "is no longer there"
+        super().__init__(errno.ESTALE if replaced else errno.ENOENT, f"{rel!r} {what} since it was read",
+                         str(path))
+        self.replaced = replaced
+
+
 def _load_renameat2():  # type: ignore[no-untyped-def]
     try:
         func = ctypes.CDLL(None, use_errno=True).renameat2
@@ -56,14 +78,17 @@ _renameat2 = _load_renameat2()
 AT_FDCWD = -100
 
 
-def _rename_noreplace(src: Path, dst: Path) -> None:
-    """Give `src` the name `dst` atomically; FileExistsError if `dst` exists (never overwrites).
+def _rename_noreplace(src: Path | str, dst: Path | str, src_dir_fd: int | None = None,
+                      dst_dir_fd: int | None = None) -> None:
+    """Give `src` the name `dst` atomically (each relative to its folder descriptor when given);
+    FileExistsError if `dst` exists (never overwrites).
 
     Raises OSError(EXDEV) when they are on different filesystems.
     """
     global _renameat2
     if _renameat2 is not None:
-        result = _renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE)
+        result = _renameat2(AT_FDCWD if src_dir_fd is None else src_dir_fd, os.fsencode(src),
+                            AT_FDCWD if dst_dir_fd is None else dst_dir_fd, os.fsencode(dst), RENAME_NOREPLACE)
         if result == 0:
             return
         err = ctypes.get_errno()
@@ -72,16 +97,18 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
         if err == errno.ENOSYS:
             _renameat2 = None
     try:
-        os.link(src, dst, follow_symlinks=False)
+        os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
     except OSError as exc:
         if exc.errno not in _NO_HARDLINKS:
             raise
         # No hard links here (some FUSE/SMB mounts): check-then-rename, the best this filesystem allows.
-        if os.path.lexists(dst):
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
-        os.rename(src, dst)
-        return
-    os.unlink(src)
+        try:
+            os.stat(dst, dir_fd=dst_dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+            return
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+    os.unlink(src, dir_fd=src_dir_fd)
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -124,11 +151,14 @@ def unique_destination(directory: Path, relative: str) -> Path:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def dispose(path: Path, inbox: Path, outcome: str, config: Config) -> Path | None:
+def dispose(path: Path, inbox: Path, outcome: str, config: Config,
+            expect: tuple[int, int, int, int] | None = None) -> Path | None:
     """Move, leave or delete `path` after its result row is committed; return where it is now (None: deleted).
 
     outcome "ok" follows config.files.on_success; "failed" always moves to config.files.failed_dir. The
-    subfolder below the inbox is kept. Raises DispositionError (file left in place) when that fails.
+    subfolder below the inbox is kept. `expect`: the `files.identity` of the file as it was read; FileChanged
+    when the file there now is another (nothing is touched). Raises DispositionError (file left in place)
+    when the move or delete fails.
     """
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
@@ -138,20 +168,40 @@ def dispose(path: Path, inbox: Path, outcome: str, config: Config) -> Path | Non
     path = Path(path)
     rel = relative_name(inbox, path)
     ancestors = _ancestor_mtimes(inbox, rel)
-    if action == "delete":
-        try:
-            os.unlink(path)
-        except OSError as exc:
-            raise DispositionError(exc.errno, f"cannot delete {rel!r}: {exc.strerror}", str(path)) from None
-        _remove_empty_parents(ancestors)
-        return None
-    target = config.processed_path if outcome == "ok" else config.failed_path
-    destination = _move(path, target, rel)
+    try:
+        dir_fd, name = open_parent(inbox, path)
+    except FileSkipped:  # a folder on the way is gone, or now a symlink: the file is not where it was read
+        raise FileChanged(rel, path, replaced=False) from None
+    try:
+        _check_same(dir_fd, name, rel, path, expect)
+        if action == "delete":
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except OSError as exc:
+                raise DispositionError(exc.errno, f"cannot delete {rel!r}: {exc.strerror}", str(path)) from None
+            destination = None
+        else:
+            target = config.processed_path if outcome == "ok" else config.failed_path
+            destination = _move(dir_fd, name, path, target, rel, expect)
+    finally:
+        os.close(dir_fd)
     _remove_empty_parents(ancestors)
     return destination
 
 
-def _move(src: Path, directory: Path, rel: str) -> Path:
+def _check_same(dir_fd: int, name: str, rel: str, path: Path, expect: tuple[int, int, int, int] | None) -> None:
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        raise FileChanged(rel, path, replaced=False) from None
+    except OSError as exc:
+        raise DispositionError(exc.errno, f"cannot stat {rel!r}: {exc.strerror}", str(path)) from None
+    if expect is not None and identity(st) != expect:
+        raise FileChanged(rel, path, replaced=True)
+
+
+def _move(dir_fd: int, name: str, src: Path, directory: Path, rel: str,
+          expect: tuple[int, int, int, int] | None) -> Path:
     first = next(_candidates(directory, rel))
     try:
         first.parent.mkdir(parents=True, exist_ok=True)
@@ -163,29 +213,53 @@ def _move(src: Path, directory: Path, rel: str) -> Path:
     try:
         for candidate in _candidates(directory, rel):
             try:
-                _rename_noreplace(src, candidate)
+                _rename_noreplace(name, candidate, src_dir_fd=dir_fd)
             except FileExistsError:
                 continue
+            if expect is not None and _identity_of(candidate) != expect:
+                _put_back(candidate, dir_fd, name, rel, src)  # swapped in between the check and the rename
             log.debug("moved %r to %s", rel, candidate)
             return candidate
     except OSError as exc:
+        if isinstance(exc, DispositionError):
+            raise
         if exc.errno == errno.EXDEV:
-            return _copy_across(src, directory, rel)
+            return _copy_across(dir_fd, name, src, directory, rel, expect)
         raise DispositionError(
             exc.errno, f"cannot move {rel!r} into {first.parent!s}: {exc.strerror}", str(src)
         ) from None
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _copy_across(src: Path, directory: Path, rel: str) -> Path:
+def _identity_of(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        return identity(os.lstat(path))
+    except OSError:
+        return None
+
+
+def _put_back(moved: Path, dir_fd: int, name: str, rel: str, src: Path) -> None:
+    """A file other than the one read was just moved: give it its inbox name back; raise FileChanged."""
+    try:
+        _rename_noreplace(moved, name, dst_dir_fd=dir_fd)
+    except OSError as exc:
+        log.error("%s was replaced while it was being moved, and the new file could not be put back (%s): it "
+                  "is %s", rel, exc.strerror or exc, moved)
+    raise FileChanged(rel, src, replaced=True)
+
+
+def _copy_across(dir_fd: int, name: str, src: Path, directory: Path, rel: str,
+                 expect: tuple[int, int, int, int] | None) -> Path:
     """Move to another filesystem: copy to a hidden O_EXCL temp, fsync, no-clobber rename, unlink src."""
     parent = next(_candidates(directory, rel)).parent
     temp = parent / _fit(f".{PurePosixPath(rel).name}", f".{secrets.token_hex(4)}.fw-partial")
     placed: Path | None = None
     try:
-        in_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        in_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
             st = os.fstat(in_fd)
+            if expect is not None and identity(st) != expect:
+                raise FileChanged(rel, src, replaced=True)
             out_fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                              st.st_mode & 0o777)
             try:
@@ -210,13 +284,16 @@ def _copy_across(src: Path, directory: Path, rel: str) -> Path:
             placed = candidate
             break
         _fsync_dir(parent)
-        os.unlink(src)
+        _check_same(dir_fd, name, rel, src, identity(st))  # still the file copied
+        os.unlink(name, dir_fd=dir_fd)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         if placed is not None:  # the copy landed but the source could not go: undo, keep the source
             with contextlib.suppress(OSError):
                 os.unlink(placed)
+        if isinstance(exc, DispositionError):
+            raise
         raise DispositionError(
             exc.errno, f"cannot copy {rel!r} to {parent!s} (other filesystem): {exc.strerror}", str(src)
         ) from None

@@ -87,29 +87,45 @@ def read_image_file(inbox: Path, path: Path, max_bytes: int) -> tuple[bytes, os.
     directory, a file that disappeared. Raises ImageRejected (a `failed` row) for a regular file that must
     not be classified: hard-linked, empty, larger than `max_bytes`, unreadable.
     """
-    rel = relative_name(inbox, path)
-    parts = rel.split("/")
+    dir_fd, name = open_parent(inbox, path)
+    try:
+        return _read_at(dir_fd, name, max_bytes)
+    finally:
+        os.close(dir_fd)
+
+
+def open_parent(inbox: Path, path: Path) -> tuple[int, str]:
+    """A descriptor of the folder holding inbox file `path`, and the file's name in it.
+
+    Each folder below the inbox is opened relative to its parent without following symlinks, so a folder
+    swapped for a symlink cannot redirect what is done through the descriptor. Raises FileSkipped when
+    `path` is not below the inbox or a folder on the way is gone, a symlink or not a folder. The caller
+    closes the descriptor.
+    """
+    parts = relative_name(inbox, path).split("/")
     try:
         dir_fd = os.open(real_inbox(inbox), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         raise FileSkipped(f"cannot open the inbox {inbox!s}: {exc.strerror}") from None
-    try:
-        for index, part in enumerate(parts[:-1]):
-            try:
-                next_fd = os.open(part, DIR_FLAGS, dir_fd=dir_fd)
-            except OSError as exc:
-                folder = "/".join(parts[: index + 1])
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise FileSkipped(f"folder {folder!r} is a symlink or not a folder; not followed") \
-                        from None
-                if exc.errno == errno.ENOENT:
-                    raise FileSkipped(f"folder {folder!r} no longer exists") from None
-                raise FileSkipped(f"cannot open folder {folder!r}: {exc.strerror}") from None
+    for index, part in enumerate(parts[:-1]):
+        try:
+            next_fd = os.open(part, DIR_FLAGS, dir_fd=dir_fd)
+        except OSError as exc:
             os.close(dir_fd)
-            dir_fd = next_fd
-        return _read_at(dir_fd, parts[-1], max_bytes)
-    finally:
+            folder = "/".join(parts[: index + 1])
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise FileSkipped(f"folder {folder!r} is a symlink or not a folder; not followed") from None
+            if exc.errno == errno.ENOENT:
+                raise FileSkipped(f"folder {folder!r} no longer exists") from None
+            raise FileSkipped(f"cannot open folder {folder!r}: {exc.strerror}") from None
         os.close(dir_fd)
+        dir_fd = next_fd
+    return dir_fd, parts[-1]
+
+
+def identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one inbox file from its replacement or a rewrite: device, inode, size, mtime."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _read_at(dir_fd: int, name: str, max_bytes: int) -> tuple[bytes, os.stat_result]:

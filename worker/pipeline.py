@@ -59,9 +59,9 @@ import numpy as np
 
 from worker.claims import ClaimOutcome, Claims, Granted, drop_key
 from worker.config import Config
-from worker.disposition import dispose
+from worker.disposition import FileChanged, dispose
 from worker.exceptions import FileSkipped, ImageRejected, StoreError
-from worker.files import read_image_file, relative_name, sha256_hex
+from worker.files import identity, read_image_file, relative_name, sha256_hex
 from worker.model import Model, Prediction
 from worker.preprocess import load_pixels, open_image
 from worker.store import ResultRecord, Store, StoredResult
@@ -277,6 +277,7 @@ class Prepared:
     skipped: str | None = None  # set: logged once and left alone, no row
     gone: bool = False  # vanished before it was read (moved away, or already disposed of)
     skip_key: tuple[Any, ...] | None = None
+    read_as: tuple[int, int, int, int] | None = None  # files.identity of the file that was read
     decode_ms: float = 0.0
     # Filled in by `_infer_batch`, or already by `_prepare` for a file read while its window is open:
     matched: bool = False  # row_id and same_as below have been looked up
@@ -720,6 +721,7 @@ class Pipeline:
         try:
             p.file = relative_name(self.inbox, item.path)
             data, st = read_image_file(self.inbox, item.path, self.config.files.max_file_bytes)
+            p.read_as = identity(st)
             p.size_bytes = st.st_size
             p.sha256 = sha256_hex(data)
             if early and self._match_early(p):
@@ -1015,7 +1017,18 @@ class Pipeline:
         for p in rows:
             assert p.row_id is not None
             try:
-                dest = dispose(p.item.path, self.inbox, p.outcome, self.config)
+                dest = dispose(p.item.path, self.inbox, p.outcome, self.config, expect=p.read_as)
+            except FileChanged as exc:
+                # Not the file that was read: left alone. Its row keeps what was read; a new file there
+                # gets a row of its own once this batch lets go of the path.
+                log.warning("%s; row %d keeps what was read%s", exc.strerror, p.row_id,
+                            ", the file there now is queued" if exc.replaced else "")
+                if self.claims is None:
+                    locations.append((p.row_id, GONE))
+                finished.append(p)
+                if exc.replaced:
+                    self._look_again(p.item.path)
+                continue
             except OSError as exc:
                 if not os.path.lexists(p.item.path):
                     log.warning("%s vanished from the inbox after its row %d was committed%s",
@@ -1036,8 +1049,16 @@ class Pipeline:
             if location != str(p.item.path):
                 locations.append((p.row_id, location))
                 finished.append(p)
+            elif p.read_as is not None and _signature(p.item.path) not in (None, p.read_as[1:]):
+                # on_success = "leave", and the file there was rewritten or replaced since it was read
+                log.warning("%r was replaced or rewritten since it was read; row %d keeps what was read, the "
+                            "file there now is queued", p.file, p.row_id)
+                if self.claims is None:
+                    locations.append((p.row_id, GONE))
+                finished.append(p)
+                self._look_again(p.item.path)
             else:
-                self._remember_left(p.item.path)
+                self._remember_left(p.item.path, p.read_as)
                 left.append(p)
         for (target, cause, delay), files in stuck.items():  # one line per batch and cause, not per file
             retry = f", retrying in {delay:g} s" if delay is not None else ", giving up"
@@ -1126,8 +1147,14 @@ class Pipeline:
         until = max(0.0, min(dues) - time.monotonic())
         return until if timeout is None else min(timeout, until)
 
-    def _remember_left(self, path: Path) -> None:
-        signature = _signature(path)
+    def _look_again(self, path: Path) -> None:
+        """Queue `path` again as soon as its batch lets go of it (not counted as a failed attempt)."""
+        self._retries.setdefault(path, _Retry()).due = time.monotonic()
+
+    def _remember_left(self, path: Path, read_as: tuple[int, int, int, int] | None = None) -> None:
+        """`path` is done and stays in the inbox: rescans skip it while it is unchanged. `read_as`: its
+        identity when it was read (a file rewritten since is not taken for the one recorded)."""
+        signature = _signature(path) if read_as is None else read_as[1:]
         if signature is None:
             return
         self._left[path] = signature
