@@ -361,6 +361,35 @@ def test_add_results_retries_while_another_writer_holds_the_lock(db_path: Path, 
     assert count_rows(db_path) == 2
 
 
+class LostCommitAnswer(Store):
+    """The real store, whose first write commits and then fails as a dropped connection would: the answer
+    to COMMIT lost. Raised by hand (the one thing not real here) because a local SQLite commit cannot lose
+    its answer; on PostgreSQL a server restart or a network cut during COMMIT does exactly this."""
+
+    lost = False
+
+    def _retry(self, what, attempt):  # type: ignore[no-untyped-def]
+        def commit_then_lose():  # type: ignore[no-untyped-def]
+            result = attempt()
+            if not self.lost:
+                self.lost = True
+                raise sa.exc.OperationalError("COMMIT", {}, sqlite3.OperationalError("database is locked"))
+            return result
+        return super()._retry(what, commit_then_lose)
+
+
+def test_a_commit_whose_answer_was_lost_is_not_recorded_twice(db_path: Path, caplog) -> None:
+    with LostCommitAnswer(sqlite_url(db_path)) as store:
+        store.add_results([record("x.jpg", "c" * 64)])
+        store.lost = False  # the next batch's commit answer is lost
+        batch = [record("a.jpg", "a" * 64), record("b.jpg", "b" * 64), record("c.jpg", "c" * 64)]
+        assert store.add_results(batch) == [2, 3, 4]  # the ids the first attempt committed
+        assert [r.duplicate_of for r in batch] == [None, None, 1]
+    assert count_rows(db_path) == 4
+    assert "an earlier attempt at recording 3 results had committed 3 of them; not recording them again" in \
+        caplog.text
+
+
 @pytest.mark.timeout(60)
 def test_add_results_gives_up_after_retry_window_and_writes_nothing(db_path: Path) -> None:
     store = Store(sqlite_url(db_path), busy_timeout_ms=20, retry_s=0.5)

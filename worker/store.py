@@ -462,9 +462,16 @@ class Store:
             if record.status not in STATUSES:
                 raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {record.status!r}")
 
+        stamps: list[datetime] = []  # each attempt's processed_at
+
         def body(conn: Connection) -> list[tuple[int, int | None] | None]:
             if conn.dialect.name == "postgresql":  # serialise duplicate detection across workers
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": RESULTS_LOCK_KEY})
+            if stamps:  # a retry: an earlier attempt may have committed before its answer was lost
+                earlier = self._written_before(conn, records, stamps)
+                if earlier is not None:
+                    return earlier
+            stamps.append(utcnow())
             if claims is None:
                 return list(insert_batch(conn, records))
             held = claims.lock_held(conn, [r.claim_key for r in records if r.claim_key is not None])
@@ -477,7 +484,7 @@ class Store:
 
         def insert_batch(conn: Connection, batch: list[ResultRecord]) -> list[tuple[int, int | None]]:
             firsts = self._first_ids(conn, batch)
-            processed_at = utcnow()
+            processed_at = stamps[-1]
             rows, pending = [], []  # pending: (index, index of the first occurrence in this batch)
             duplicates: list[int | None] = []  # duplicate_of pointing at rows committed before this batch
             seen: dict[tuple[str, str], int] = {}
@@ -505,6 +512,23 @@ class Store:
             if row is not None:
                 record.duplicate_of = row[1]
         return [None if row is None else row[0] for row in written]
+
+    @staticmethod
+    def _written_before(conn: Connection, records: list[ResultRecord],
+                        stamps: list[datetime]) -> list[tuple[int, int | None] | None] | None:
+        """The rows an earlier attempt of this batch committed (found by worker, file and that attempt's
+        processed_at), in the order of `records` (None: not written, its claim was lost); None if it
+        committed nothing. A dropped connection during COMMIT leaves that unknown, and inserting again
+        would record every file twice."""
+        found = {row.file: (row.id, row.duplicate_of) for row in conn.execute(
+            sa.select(results.c.id, results.c.file, results.c.duplicate_of).where(
+                results.c.worker.in_({r.worker for r in records}), results.c.processed_at.in_(stamps),
+                results.c.file.in_([r.file for r in records])))}
+        if not found:
+            return None
+        log.warning("an earlier attempt at recording %d results had committed %d of them; not recording "
+                    "them again", len(records), len(found))
+        return [found.get(record.file) for record in records]
 
     @staticmethod
     def _first_ids(conn: Connection, records: list[ResultRecord]) -> dict[tuple[str, str], int]:
