@@ -57,6 +57,17 @@ def test_second_lock_on_the_same_pair_names_the_holder(inbox: Path, tmp_path: Pa
         pass
 
 
+def test_two_spellings_of_one_database_share_the_lock(inbox: Path, tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    os.symlink(tmp_path / "data", tmp_path / "alias")
+    spellings = [f"sqlite:///{tmp_path}/data/r.db", f"sqlite:///{tmp_path}/alias/r.db",
+                 f"sqlite:///{tmp_path}/data/../data/r.db"]
+    with InboxLock(inbox, spellings[0]):
+        for url in spellings[1:]:
+            with pytest.raises(InboxLocked):
+                InboxLock(inbox, url).acquire()
+
+
 @pytest.mark.timeout(30)
 def test_sigkill_of_the_holder_releases_the_lock(inbox: Path, tmp_path: Path) -> None:
     url = sqlite_url(tmp_path)

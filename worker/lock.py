@@ -10,9 +10,9 @@ Where the lock file lives (never inside the watched inbox):
   the systemd `StateDirectory=`), named `.fashion-worker-<key>.lock`;
 - any other URL (PostgreSQL…): in `$XDG_RUNTIME_DIR` when it is set and writable, otherwise in the inbox's
   parent folder.
-`<key>` is a hash of the inbox's real path and the database URL, so one folder can hold the locks of
-several (inbox, database) pairs. flock is local to a machine: it does not guard an inbox shared over NFS
-by workers on several hosts.
+`<key>` is a hash of the inbox's real path and the database (a SQLite file by its real path), so one
+folder can hold the locks of several (inbox, database) pairs. flock is local to a machine: it does not
+guard an inbox shared over NFS by workers on several hosts.
 
 PostgreSQL (scale-out, README.md, Scale-out): several workers may share an inbox, on one host or several,
 because each file is claimed in the database before it is read (worker.claims), so no inbox lock is
@@ -62,8 +62,11 @@ def uses_claims(database_url: str) -> bool:
 
 
 def lock_key(inbox: Path, database_url: str) -> str:
-    """A short stable key for the pair (inbox real path, database URL)."""
-    text = f"{Path(inbox).resolve()}\0{database_url}"
+    """A short stable key for the pair (inbox real path, database): a SQLite file by its real path, so that
+    two spellings of one database (a symlinked folder, "data/../data") share one lock; other URLs as given."""
+    database_file = sqlite_file(database_url)
+    database = str(database_file.resolve()) if database_file is not None else database_url
+    text = f"{Path(inbox).resolve()}\0{database}"
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
@@ -80,7 +83,7 @@ def lock_path(inbox: Path, database_url: str) -> Path:
     name = f".fashion-worker-{lock_key(inbox, database_url)}.lock"
     database_file = sqlite_file(database_url)
     if database_file is not None:
-        return database_file.parent / name
+        return database_file.resolve().parent / name
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK):
         return Path(runtime) / name
