@@ -166,6 +166,22 @@ def test_file_moved_in_from_outside(inbox: Path, watch, tmp_path: Path) -> None:
     assert reports.names(inbox) == ["moved in.jpg"]
 
 
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+def test_a_file_moved_out_and_back_is_reported_again(inbox: Path, watch, tmp_path: Path, polling: bool) -> None:
+    """The same file (same inode, size and mtime) coming back, as an operator's `mv processed/a.jpg inbox/`
+    does, is a new arrival: it used to be taken for the report already made (until the next rescan under
+    inotify, for good when polling)."""
+    _, reports = watch(inbox__polling=polling)
+    path = write_image(inbox / "a.jpg", noise_seed=1)
+    assert wait_for(lambda: reports.count(inbox, "a.jpg") == 1)
+    os.rename(path, tmp_path / "a.jpg")
+    sentinel(inbox, reports)  # the move out has been seen
+    os.rename(tmp_path / "a.jpg", path)
+    assert wait_for(lambda: reports.count(inbox, "a.jpg") == 2)
+    settle_pause()
+    assert reports.count(inbox, "a.jpg") == 2
+
+
 def test_folder_of_images_moved_in_at_once(inbox: Path, watch, tmp_path: Path) -> None:
     _, reports = watch()
     folder = tmp_path / "batch"

@@ -315,7 +315,7 @@ class InboxWatcher:
             if self._accepts(src):
                 self._report(src)
         elif isinstance(event, FileMovedEvent):
-            self._forget(src)
+            self._forget(src, gone=True)
             dest = os.fsdecode(event.dest_path) if event.dest_path else ""
             if dest and self._accepts(dest):
                 self._report(dest)
@@ -333,7 +333,7 @@ class InboxWatcher:
                         candidate.written = True
                         candidate.check_at = float("inf")
         elif isinstance(event, FileDeletedEvent):
-            self._forget(src)
+            self._forget(src, gone=True)
 
     def _scan_moved_folder(self, folder: str) -> None:
         if not self._within(folder) or not self._recursive or self._excluded_path(folder):
@@ -370,8 +370,8 @@ class InboxWatcher:
         signature = (st.st_ino, st.st_size, st.st_mtime_ns)
         with self._cond:
             recent = self._recent.get(path)
-            if recent is not None and recent[0] == signature:
-                return  # already reported as it is now
+            if recent is not None and recent[0] == signature and now - recent[1] < self._recent_ttl:
+                return  # just reported as it is now
             candidate = self._candidates.get(path)
             if candidate is not None:
                 if candidate.signature != signature:
@@ -382,9 +382,13 @@ class InboxWatcher:
             self._candidates[path] = _Candidate(signature, now, now + self._settle, written)
             self._cond.notify_all()
 
-    def _forget(self, path: str) -> None:
+    def _forget(self, path: str, *, gone: bool = False) -> None:
+        """Stop watching `path` settle; `gone`: it left the inbox (moved away, deleted), so a file that
+        comes back under that name, even the same one, is a new arrival."""
         with self._cond:
             self._candidates.pop(path, None)
+            if gone:
+                self._recent.pop(path, None)
 
     def _report(self, path: str, *, force: bool = False) -> bool:
         """Call on_ready for a regular file; False if it is gone, not regular, or just reported as is."""
