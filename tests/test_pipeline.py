@@ -545,6 +545,53 @@ def test_a_file_replaced_while_processed_gets_its_own_row(tmp_path: Path, action
         h.close()
 
 
+class LockedAfterFirstCommit(Store):
+    """The real store; right after its first commit another connection takes SQLite's write lock (a real
+    lock: the location update that follows fails), until `unlock()`."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, busy_timeout_ms=20, retry_s=0.2)
+        self.holder: sqlite3.Connection | None = None
+        self.commits = 0
+
+    def add_results(self, records, **kwargs):  # type: ignore[no-untyped-def]
+        ids = super().add_results(records, **kwargs)
+        self.commits += 1
+        if self.commits == 1:
+            self.holder = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self.holder.execute("BEGIN IMMEDIATE")
+        return ids
+
+    def unlock(self) -> None:
+        assert self.holder is not None
+        self.holder.execute("ROLLBACK")
+        self.holder.close()
+
+
+def test_a_refused_location_update_is_retried_and_never_swallows_a_later_drop(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = make_config(tmp_path)
+    store = LockedAfterFirstCommit(cfg.database_url)
+    h = Harness(cfg, store=store)
+    try:
+        path = write_image(cfg.inbox_path / "a.jpg", (255, 0, 0))
+        content = path.read_bytes()
+        h.submit_all()
+        h.drain()
+        assert any("cannot record the new location of 1 files" in m for m in caplog.messages)
+        store.unlock()
+        assert h.rows() == [("a.jpg", "ok", "red", None, str(path), None)]  # stale: names the inbox
+        path.write_bytes(content)  # the same name and bytes dropped again: a new drop, its own row
+        h.submit_all()
+        h.drain()
+        assert h.rows() == [
+            ("a.jpg", "ok", "red", None, str(cfg.processed_path / "a.jpg"), None),  # recorded at last
+            ("a.jpg", "ok", "red", 1, str(cfg.processed_path / "a (1).jpg"), None),
+        ]
+    finally:
+        h.close()
+
+
 def test_leave_and_delete_dispositions(tmp_path: Path) -> None:
     for action in ("leave", "delete"):
         cfg = make_config(tmp_path / action, **{"files.on_success": action})

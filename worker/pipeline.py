@@ -82,6 +82,8 @@ DELETED = ""
 GONE = ""
 #: How many (path, inode, mtime) keys of skipped entries are remembered to log each only once.
 SKIP_MEMORY = 10_000
+#: New locations the database refused, kept to record with the next batch (the newest this many).
+STALE_LOCATIONS_MAX = 100_000
 #: Scale-out: a file another worker holds is looked at again this long after that worker's lease ends.
 CLAIM_RECHECK_MARGIN_S = 0.5
 #: Scale-out: when claims thin a batch out, top it up from the queue at most this many more times.
@@ -409,6 +411,7 @@ class Pipeline:
         # thread only). Not with claims: there a file is claimed before it is read.
         self._early: dict[QueuedFile, Future[Prepared]] = {}
         self._failures_in_a_row = 0
+        self._stale_locations: dict[int, str] = {}  # row id -> where its file is now, not recorded yet
         self._failed_at = float("-inf")  # monotonic time of the last failed commit or inference
 
     # Input -------------------------------------------------------------------------------------------
@@ -451,6 +454,13 @@ class Pipeline:
             self._handoff.clear()
         for items, _ in left:
             self.queue.release(item.path for item in items)
+        if self._stale_locations:  # one last try; otherwise the rows keep naming the inbox (logged)
+            try:
+                self.store.set_locations(list(self._stale_locations.items()))
+                self._stale_locations = {}
+            except StoreError as exc:
+                log.error("%d rows still name the inbox although their files were moved: %s",
+                          len(self._stale_locations), exc)
 
     def wake(self) -> None:
         """Make a waiting `process_next` return at once (used by signal handlers)."""
@@ -883,6 +893,8 @@ class Pipeline:
             if p.sha256 is not None and p.sha256 not in first:
                 continue  # new content: it cannot have been recorded before
             p.row_id = self.store.find_drop(p.file, p.sha256, model_id, str(p.item.path))
+            if p.row_id in self._stale_locations:  # that row's file was moved on: this is another drop
+                p.row_id = None
             if p.row_id is None and p.sha256 is not None:
                 p.same_as = first[p.sha256]
 
@@ -1073,11 +1085,19 @@ class Pipeline:
         if self.claims is not None and (finished or left):
             claims, done, kept = self.claims, self._claim_keys(finished), self._claim_keys(left)
             release = lambda conn: claims.release_in(conn, done, left=kept)  # noqa: E731
+        stale = self._stale_locations
+        locations = [*stale.items(), *locations]
         if locations or release is not None:
             try:
                 self.store.set_locations(locations, also=release)
+                if stale:
+                    self._stale_locations = {}
             except StoreError as exc:  # the files are safe where they are; only `location` is stale
-                log.error("cannot record the new location of %d files: %s", len(locations), exc)
+                log.error("cannot record the new location of %d files: %s; trying again with the next batch",
+                          len(locations), exc)
+                # Kept, retried, and meanwhile known to be stale: such a row still names the inbox, and a
+                # later drop of the same name and bytes must not be taken for it (see _match_existing).
+                self._stale_locations = dict(locations[-STALE_LOCATIONS_MAX:])
                 if self.claims is not None:  # done with them all the same: release on their own
                     self.claims.release_later(self._claim_keys(finished), left=self._claim_keys(left))
 
