@@ -11,7 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker.exceptions import FashionWorkerError
+from worker.exceptions import FashionWorkerError, MissingExtra
 
 if TYPE_CHECKING:
     from export.onnx_export import ExportConfig
@@ -63,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ExportConfig, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        import export.onnx_export  # torch and onnx: the train extra
+    except ModuleNotFoundError as exc:  # the base install: say which extra, not a traceback
+        print(f"fashion-export: error: {MissingExtra('train', exc.name or str(exc))}", file=sys.stderr)
+        return 2
     config, rescoring = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from export.onnx_export import main as export

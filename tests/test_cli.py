@@ -424,7 +424,10 @@ def test_every_command_has_help_with_defaults_and_examples(command: str,
               "--model": "--model FILE", "--log-level": "--log-level LEVEL"}
     for flag, usage in shared.items():  # only the shared flags the command uses: none is silently ignored
         assert (usage in text) == (flag in GLOBAL_FLAGS[command]), flag
-    if "--config" in GLOBAL_FLAGS[command]:
+    if command == "install-service":  # the config the service will run with
+        assert "--config FILE the service's config file (default: /etc/fashion-worker/config.toml" in \
+            text.replace("fashion- worker", "fashion-worker")  # argparse may wrap the line at the hyphen
+    elif "--config" in GLOBAL_FLAGS[command]:
         assert "default: ./config.toml if it exists, else built-in defaults" in text
 
 
@@ -433,8 +436,16 @@ def test_a_shared_flag_a_command_does_not_use_is_refused(site: Path, capsys: pyt
     with pytest.raises(SystemExit) as info:
         main(["classify", "--db", "other.db", "a.png"])  # classify records nothing: --db would do nothing
     assert info.value.code == 2
-    assert capsys.readouterr().err == ("fashion-worker: error: unrecognized arguments: --db "
-                                       "(see fashion-worker --help)\n")
+    assert capsys.readouterr().err == ("fashion-worker classify: error: unrecognized arguments: --db "
+                                       "(see fashion-worker classify --help)\n")
+
+
+def test_a_shared_flag_before_the_command_says_where_it_goes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--config", "config.toml", "classify", "a.png"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == ("fashion-worker: error: --config goes after the command: fashion-worker "
+                                       "COMMAND --config … (see fashion-worker --help)\n")
 
 
 def test_results_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:

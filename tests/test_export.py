@@ -194,3 +194,13 @@ def test_fp16_variant_is_written_scored_and_close_to_fp32(checkpoint, tmp_path):
     assert model.info.metadata["precision"] == "fp16"
     assert report["fp16"]["max_abs_diff_vs_fp32"] < 0.05
     assert abs(report["fp16"]["accuracy_drop_points"]) <= 100 / 6 + 1e-9  # at most one of 6 images
+
+
+def test_without_the_train_extra_the_command_says_which_extra_in_one_line():
+    # onnx is installed here; the base install's missing onnx is made with a None in sys.modules.
+    code = ("import sys; sys.modules['onnx'] = None\n"
+            "from export.__main__ import main; sys.exit(main(['--help']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == ("fashion-export: error: needs the train extra (no module named 'onnx'); install it "
+                           "with: .venv/bin/pip install -e '.[train]'\n")

@@ -151,3 +151,14 @@ def test_mixup_and_weight_averaging_save_the_averaged_weights(tmp_path):
     assert [k for k, v in last["model"].items() if v.is_floating_point() and not torch.equal(v, raw[k])]
     resumed = training.main(tiny_config(data, out, epochs=3, mixup=0.2, ema=0.9, resume=True))
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+
+
+def test_without_the_train_extra_the_command_says_which_extra_in_one_line():
+    # torch is installed here; the base install's missing torch is made with a None in sys.modules (what
+    # `import torch` then raises is the ModuleNotFoundError a missing package raises).
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from train.__main__ import main; sys.exit(main(['--help']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == ("fashion-train: error: needs the train extra (no module named 'torch'); install it "
+                           "with: .venv/bin/pip install -e '.[train]'\n")

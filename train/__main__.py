@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 import sys
 
-from worker.exceptions import FashionWorkerError
+from worker.exceptions import FashionWorkerError, MissingExtra
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.train import main as train
-    from train.train import parse_args
+    try:
+        from train.train import main as train
+        from train.train import parse_args
+    except ModuleNotFoundError as exc:  # the base install has no torch: say which extra, not a traceback
+        print(f"fashion-train: error: {MissingExtra('train', exc.name or str(exc))}", file=sys.stderr)
+        return 2
 
     config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

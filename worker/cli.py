@@ -36,6 +36,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 class _Parser(argparse.ArgumentParser):
     """argparse, with a usage mistake reported in one line (the full usage is one --help away)."""
 
+    commands: dict[str, argparse.ArgumentParser]  # the top-level parser's subcommand parsers, by name
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
@@ -318,11 +320,13 @@ GLOBAL_FLAGS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _common(flags: tuple[str, ...]) -> argparse.ArgumentParser:
+def _common(command: str) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    group = common.add_argument_group("global options")
+    group = common.add_argument_group("shared options")
     options: dict[str, tuple[dict[str, Any], str]] = {
         "--config": ({"type": Path, "metavar": "FILE"},
+                     "the service's config file (default: /etc/fashion-worker/config.toml, written with system "
+                     "paths if it does not exist)" if command == "install-service" else
                      "config file (default: ./config.toml if it exists, else built-in defaults)"),
         "--inbox": ({"metavar": "DIR"}, "inbox folder (default: inbox.path of the config, 'inbox')"),
         "--db": ({"metavar": "URL|FILE"}, "SQLAlchemy URL or SQLite file path (default: database.url of the "
@@ -330,10 +334,12 @@ def _common(flags: tuple[str, ...]) -> argparse.ArgumentParser:
         "--model": ({"metavar": "FILE"},
                     "ONNX model file (default: model.path of the config; empty = the shipped model)"),
         "--log-level": ({"type": _level, "metavar": "LEVEL"},
-                        f"{' | '.join(LOG_LEVELS)} (default: service.log_level of the config, INFO; commands "
-                        "other than run show only warnings unless this is given)"),
+                        f"{' | '.join(LOG_LEVELS)} (default: "
+                        + ("service.log_level of the config, INFO)" if command == "run" else
+                           "WARNING)" if "--config" not in GLOBAL_FLAGS[command] else
+                           "WARNING, or service.log_level of the config if that is higher)")),
     }
-    for flag in flags:
+    for flag in GLOBAL_FLAGS[command]:
         extra, text = options[flag]
         group.add_argument(flag, default=None, help=text, **extra)
     return common
@@ -385,10 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub = {name: commands.add_parser(name, help=text, description=text, epilog=epilog,
-                                     parents=[_common(GLOBAL_FLAGS[name])], formatter_class=_Formatter)
+                                     parents=[_common(name)], formatter_class=_Formatter)
            for name, text, epilog in COMMANDS}
     for name, command in sub.items():
         command.set_defaults(handler=HANDLERS[name])
+    parser.commands = sub
 
     run = sub["run"]
     run.add_argument("--once", action="store_true",
@@ -471,7 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    flags = {flag for flags in GLOBAL_FLAGS.values() for flag in flags}
+    if argv and argv[0].split("=", 1)[0] in flags:  # `fashion-worker --config x run`: say where it goes
+        parser.error(f"{argv[0].split('=', 1)[0]} goes after the command: {PROG} COMMAND {argv[0]} …")
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command's own parser, which points at the command's --help
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args)
     except FashionWorkerError as exc:

@@ -36,3 +36,11 @@ class FileSkipped(FashionWorkerError):
 
     It is logged once and left where it is; no result row is written for it.
     """
+
+
+class MissingExtra(FashionWorkerError):
+    """A command needs packages of an install extra that is not installed (torch for training…)."""
+
+    def __init__(self, extra: str, missing: str) -> None:
+        super().__init__(f"needs the {extra} extra (no module named {missing!r}); install it with: "
+                         f".venv/bin/pip install -e '.[{extra}]'")
