@@ -102,7 +102,7 @@ def test_render_stats() -> None:
     }
     assert render_stats(stats) == (
         "Database:    sqlite:////srv/data/results.db (schema version 1)\n"
-        "Results:     12 total, 10 ok, 2 failed, 1 duplicates\n"
+        "Results:     12 total, 10 ok, 2 failed, 1 duplicate\n"
         "Throughput:  2.0/min over 1m, 1.2/min over 5m, 0.2/min over 60m\n"
         "First:       2025-01-31T12:00:00+00:00\n"
         "Last:        2025-01-31T13:00:00+00:00\n"

@@ -7,6 +7,7 @@ controls exactly which paths arrive and when.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sqlite3
@@ -239,6 +240,7 @@ def test_content_recorded_after_its_early_lookup_is_still_recorded_as_a_duplicat
 @pytest.mark.timeout(60)
 def test_mixed_batch_good_bad_and_odd_files(harness: Harness, cfg: Config,
                                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="worker.pipeline")
     inbox = cfg.inbox_path
     write_image(inbox / "red.jpg", (255, 0, 0))
     write_image(inbox / "sub" / "green shirt.png", (0, 255, 0))
@@ -275,6 +277,9 @@ def test_mixed_batch_good_bad_and_odd_files(harness: Harness, cfg: Config,
     harness.drain()
     assert sum("skipping pipe.jpg" in m for m in caplog.messages) == 1
     assert harness.pipeline.counters.rows == 6
+    # Each failed file is one INFO line with its reason (an operator following the log sees bad uploads).
+    assert sorted(r.getMessage() for r in caplog.records if "as failed" in r.getMessage()) == [
+        f"recorded {name!r} as failed: {rows[name][5]}" for name in ("corrupt.jpg", "empty.jpg", "notes.jpg")]
 
 
 @pytest.mark.timeout(60)

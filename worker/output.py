@@ -123,7 +123,7 @@ def render_stats(stats: Mapping[str, Any]) -> str:
         f"Database:    {stats.get('database')} (schema version {stats.get('schema_version')})",
         f"Results:     {stats.get('total', 0)} total, "
         + ", ".join(f"{count} {status}" for status, count in by_status.items())
-        + f", {stats.get('duplicates', 0)} duplicates",
+        + f", {stats.get('duplicates', 0)} duplicate{'' if stats.get('duplicates', 0) == 1 else 's'}",
         "Throughput:  " + ", ".join(f"{_rate(rate)} over {window}" for window, rate in throughput.items()),
         f"First:       {stats.get('first_activity') or '-'}",
         f"Last:        {stats.get('last_activity') or '-'}",

@@ -1010,6 +1010,7 @@ class Pipeline:
                 status = p.outcome
             if p.outcome == "failed":
                 c.failed += 1
+                log.info("recorded %r as failed: %s", p.file, record.error)  # a bad upload: worth a line
             else:
                 c.ok += 1
             if self.metrics is not None:

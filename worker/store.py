@@ -300,7 +300,8 @@ def _make_engine(url: str, busy_timeout_ms: int, readonly: bool = False) -> tupl
             "postgresql+psycopg://..."
         ) from None
     except ImportError as exc:
-        hint = " (pip install 'psycopg[binary]')" if parsed.get_backend_name() == "postgresql" else ""
+        hint = (" (pip install -e '.[postgres]', or pip install 'psycopg[binary]')"
+                if parsed.get_backend_name() == "postgresql" else "")
         raise StoreError(f"database URL {masked}: driver not installed: {exc}{hint}") from None
     return engine, path
 
