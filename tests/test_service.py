@@ -185,6 +185,9 @@ def test_uninstall_removes_the_unit_and_keeps_the_data(site):
     assert (root / str(data / "inbox").lstrip("/")).is_dir()
     assert "systemctl disable --now fashion-worker.service" in plan.script()
     assert "userdel fashion-worker" in plan.script()
+    # Keeping the data is said as a note, not a warning: nothing is wrong.
+    assert plan.warnings == [] and plan.script().startswith(
+        "# NOTE: the inbox, processed and failed folders, the database and the config are kept\n")
 
 
 def test_bad_settings_are_one_clear_line():

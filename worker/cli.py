@@ -233,6 +233,8 @@ def _print_plan(plan: Any, dry_run: bool, done: str) -> None:
     for warning in plan.warnings:
         print(f"warning: {warning}")
     print(f"{plan.unit_name}: {done} ({plan.unit_path})")
+    for note in plan.notes:
+        print(note)
 
 
 def _config_source(args: argparse.Namespace) -> str:
@@ -452,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--decode-threads", type=_at_least(1), default=None, metavar="N",
                        help="the worker's batch.decode_threads (default: from the config)")
     bench.add_argument("--ceiling", action="store_true",
-                       help="also run the burst with a model doing no work: what decoding and bookkeeping allow")
+                       help="also run the burst with a model doing no work: what decoding and bookkeeping allow "
+                            "(needs the onnx package: the train or test extra)")
     bench.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
 
     inst = sub["install-service"]

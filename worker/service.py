@@ -225,10 +225,11 @@ class ServicePlan:
     config_path: Path | None = None
     steps: list[Step] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # worth saying, nothing wrong
 
     def script(self) -> str:
         """The plan as a commented shell-like script (what `--dry-run` prints)."""
-        lines = [f"# WARNING: {w}" for w in self.warnings]
+        lines = [f"# WARNING: {w}" for w in self.warnings] + [f"# NOTE: {n}" for n in self.notes]
         for step in self.steps:
             lines.append(f"# {step.description}")
             if step.argv:
@@ -501,7 +502,7 @@ def uninstall_service(
     plan.steps.append(Step("reload systemd", ["systemctl", "daemon-reload"], host_only=True))
     if remove_user:
         plan.steps.append(Step(f"delete the user {user}", ["userdel", user], host_only=True))
-    plan.warnings.append("the inbox, processed and failed folders, the database and the config are kept")
+    plan.notes.append("the inbox, processed and failed folders, the database and the config are kept")
     if not dry_run:
         if on_host:
             _require_host()
@@ -554,6 +555,8 @@ def _carry_out(plan: ServicePlan, root: Path, runner: Callable[[Sequence[str]], 
     on_host = root == Path("/")
     for warning in plan.warnings:
         log.warning("%s", warning)
+    for note in plan.notes:
+        log.info("%s", note)
     for step in plan.steps:
         if step.host_only and not on_host:
             log.debug("not on the host root, skipping: %s", step.description)
