@@ -95,6 +95,13 @@ def test_bad_url_is_one_clear_line(url: str, expected: str) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_a_missing_database_folder_is_created_and_said_so(tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="worker.store"), Store(sqlite_url(tmp_path / "deep" / "er" / "r.db")):
+        pass
+    assert (tmp_path / "deep" / "er" / "r.db").is_file()  # a first start, or a typo in --db: the log says which
+    assert f"created the database folder {tmp_path}/deep/er (it did not exist)" in caplog.messages
+
+
 def test_folder_that_cannot_be_created(tmp_path: Path) -> None:
     blocker = tmp_path / "afile"
     blocker.write_text("x")  # a file where the folder should be: fails even for root

@@ -285,7 +285,9 @@ def _make_engine(url: str, busy_timeout_ms: int, readonly: bool = False) -> tupl
                                          "--db/--config)")
                     return _sqlite_reader(parsed, path, busy_timeout_ms), path
                 try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
+                    if not path.parent.is_dir():
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        log.info("created the database folder %s (it did not exist)", path.parent)  # or a typo
                 except OSError as exc:
                     raise StoreError(
                         f"cannot create database folder {path.parent}: {exc.strerror or exc}"
