@@ -59,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ExportConfig, bool]:
     args = parser.parse_args(argv)
     if not args.checkpoint and not args.rescore:
         parser.error("the checkpoint is required (or --rescore to score models already exported)")
+    for flag, value in (("--calibration-images", args.calibration_images), ("--parity-images", args.parity_images)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if args.tolerance <= 0:
+        parser.error(f"--tolerance must be positive, got {args.tolerance:g}")
     return ExportConfig(**{f.name: getattr(args, f.name) for f in fields(ExportConfig)}), args.rescore
 
 
@@ -83,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             payload = {}
             training = Path(config.checkpoint).parent / "metrics.json"
             if training.is_file():
-                payload["training"] = json.loads(training.read_text())
+                found = json.loads(training.read_text())
+                # Exported into the run folder before: that file is an export's; its "training" is the run's.
+                payload["training"] = found.get("training", {}) if "export" in found else found
     except FashionWorkerError as exc:
         print(f"fashion-export: error: {exc}", file=sys.stderr)
         return 2

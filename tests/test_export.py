@@ -204,3 +204,30 @@ def test_without_the_train_extra_the_command_says_which_extra_in_one_line():
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == ("fashion-export: error: needs the train extra (no module named 'onnx'); install it "
                            "with: .venv/bin/pip install -e '.[train]'\n")
+
+
+@pytest.mark.timeout(300)
+def test_exporting_into_the_run_folder_again_keeps_the_training_figures_flat(checkpoint, tmp_path):
+    best, _ = checkpoint
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(best.read_bytes())
+    training_figures = json.loads((best.parent / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps(training_figures))
+    for _ in range(2):  # as in the README: the model written beside the checkpoint, twice
+        done = subprocess.run([sys.executable, "-m", "export", str(run / "best.pt"), "--out", str(run / "m.onnx")],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    written = json.loads((run / "metrics.json").read_text())
+    assert written["training"] == training_figures  # not {"export": …, "training": {"training": …}}
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--parity-images", "0"], "--parity-images must be at least 1, got 0"),
+    (["--calibration-images", "0"], "--calibration-images must be at least 1, got 0"),
+    (["--tolerance", "0"], "--tolerance must be positive, got 0"),
+])
+def test_flags_out_of_range_are_one_line(flags, message):
+    done = subprocess.run([sys.executable, "-m", "export", "x.pt", *flags], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == f"fashion-export: error: {message}"

@@ -90,9 +90,43 @@ def test_seed_makes_runs_repeatable_and_resume_continues(tmp_path):
     second = training.main(tiny_config(data, tmp_path / "b", epochs=2))
     assert first["history"] == [{**h, "seconds": s["seconds"]} for h, s in zip(second["history"],
                                                                                 first["history"], strict=True)]
+    # Run again in the same folder: the activation caches are found on disk, and the run is the same.
+    again = training.main(tiny_config(data, tmp_path / "b", epochs=2))
+    assert [{**h, "seconds": 0} for h in again["history"]] == [{**h, "seconds": 0} for h in first["history"]]
     resumed = training.main(tiny_config(data, tmp_path / "a", epochs=3, resume=True))
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     assert resumed["history"][:2] == first["history"]
+
+
+def test_resume_refuses_a_run_of_another_shape(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    training.main(tiny_config(data, tmp_path / "run"))
+    with pytest.raises(DataError, match=r"--resume: .*last.pt was trained with another frozen_blocks \(8, now 6\); "
+                                        "start a new --out or drop --resume"):
+        training.main(tiny_config(data, tmp_path / "run", frozen_blocks=6, epochs=2, resume=True))
+
+
+def test_a_changed_validation_set_is_not_scored_from_a_stale_cache(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    assert training.main(tiny_config(data, tmp_path / "run"))["validation"]["n"] == 6
+    write_image(data / "validation" / "hat" / "new.jpg", COLORS["hat"], (48, 64), noise_seed=777)
+    assert training.main(tiny_config(data, tmp_path / "run"))["validation"]["n"] == 7  # crashed before
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--lr", "-1"], "--lr must be positive, got -1"),
+    (["--mixup", "-1"], "--mixup must be >= 0, got -1"),
+    (["--ema", "1"], "--ema must be in [0, 1), got 1"),
+    (["--frozen-blocks", "-3"], "--frozen-blocks must be >= 0, got -3"),
+    (["--image-size", "8"], "--image-size must be 0 or at least 32, got 8"),
+])
+def test_flags_out_of_range_are_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        training.parse_args(["--data", "d", *flags])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"fashion-train: error: {message}"
 
 
 def test_missing_data_folder(tmp_path):

@@ -1,9 +1,15 @@
-"""Training data: ImageFolder splits, checked up front, decoded through the worker's own path."""
+"""Training data: ImageFolder splits, checked up front, decoded through the worker's own decoder.
+
+Validation images go exactly the worker's way (`worker_pixels`: the same decode, half-size draft and
+resize). Training images are decoded in full by the same decoder (EXIF rotation, mode flattening) and then
+augmented (`training_pixels`: random resized crops need the full picture).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +22,8 @@ from worker.exceptions import DataError, ImageRejected
 from worker.preprocess import decode, load_pixels
 
 MAX_PIXELS = 100_000_000
+#: Part of the activation cache's key: change it when what `worker_pixels` or `training_pixels` produce changes.
+PREPROCESSING_VERSION = "draft-0.75"
 
 
 def load_split(root: Path, name: str) -> datasets.ImageFolder:
@@ -100,14 +108,15 @@ def torchvision_pixels(data: bytes, size: int) -> torch.Tensor:
         warnings.simplefilter("ignore", DeprecationWarning)
         from torchvision.io import ImageReadMode, decode_image
 
-        tensor = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        tensor = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                              apply_exif_orientation=True)  # upright, as the worker sees it
     return v2.functional.resize(tensor, [size, size], antialias=True).float()
 
 
 class Decoded(torch.utils.data.Dataset):
     """(pixels, label) pairs from an ImageFolder of bytes, through a `bytes -> tensor` function."""
 
-    def __init__(self, dataset: datasets.ImageFolder, to_pixels) -> None:
+    def __init__(self, dataset: datasets.ImageFolder, to_pixels: Callable[[bytes], torch.Tensor]) -> None:
         self.dataset = dataset
         self.to_pixels = to_pixels
 

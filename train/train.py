@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import logging
 import math
 import random
@@ -80,11 +82,14 @@ def main(config: TrainConfig) -> dict:
     model.freeze_trunk(split)
 
     fingerprint = data.fingerprint(train_set)
-    cache = out / "cache" / f"{config.arch}-{config.image_size}-b{split}-s{config.seed}-{fingerprint[:12]}"
+    # Cached activations are only valid for these images (both splits), this trunk and this preprocessing.
+    key = data.fingerprint(val_set) + fingerprint + data.PREPROCESSING_VERSION
+    cache = out / "cache" / f"{config.arch}-{config.image_size}-b{split}-s{config.seed}-{_short_hash(key)}"
     val_x = cache_validation(model, val_set, split, config, device, cache)
     val_y = torch.tensor(val_set.targets)
     train_views = cache_training_views(model, train_set, split, config, device, cache) if split else None
     train_y = torch.tensor(train_set.targets)
+    seed_everything(config.seed)  # the same run whether the caches were just made or found on disk
 
     counts = data.class_counts(train_set)
     weights = torch.tensor([(1.0 / max(c, 1)) ** config.class_balance for c in counts])
@@ -96,7 +101,8 @@ def main(config: TrainConfig) -> dict:
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
     state = {"epoch": 0, "best_val_acc": -1.0, "history": [], "stale": 0}
     if config.resume and (out / "last.pt").exists():
-        state = resume(out / "last.pt", model, optimizer, scheduler, ema)
+        state = resume(out / "last.pt", model, optimizer, scheduler, ema,
+                       expect={"classes": classes, "spec": asdict(spec), "frozen_blocks": split})
         log.info("resumed after epoch %d (best validation accuracy %.4f)", state["epoch"], state["best_val_acc"])
 
     meta = {"classes": classes, "data_fingerprint": fingerprint, "class_counts": counts}
@@ -163,8 +169,11 @@ def run_trunk(model: Classifier, dataset, split: int, config: TrainConfig, devic
 def cache_validation(model, val_set, split, config, device, cache: Path) -> torch.Tensor:
     path = cache / "validation.pt"
     if path.exists():
-        return torch.load(path, weights_only=True)
-    images = data.Decoded(val_set, lambda b: data.worker_pixels(b, config.image_size))
+        cached = torch.load(path, weights_only=True)
+        if len(cached) == len(val_set):
+            return cached
+        log.warning("ignoring %s: %d items, the validation set has %d", path, len(cached), len(val_set))
+    images = data.Decoded(val_set, functools.partial(data.worker_pixels, size=config.image_size))
     activations = run_trunk(model, images, split, config, device, "caching validation")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(activations, path)
@@ -174,13 +183,16 @@ def cache_validation(model, val_set, split, config, device, cache: Path) -> torc
 def cache_training_views(model, train_set, split, config, device, cache: Path) -> list[torch.Tensor]:
     """`config.views` augmented passes of the frozen trunk over the training set, each cached on disk."""
     transform = data.train_transform(config.image_size)
-    images = data.Decoded(train_set, lambda b: data.training_pixels(b, transform))
+    images = data.Decoded(train_set, functools.partial(data.training_pixels, transform=transform))
     views = []
     for view in range(config.views):
         path = cache / f"train-view{view}.pt"
         if path.exists():
-            views.append(torch.load(path, weights_only=True))
-            continue
+            cached = torch.load(path, weights_only=True)
+            if len(cached) == len(train_set):
+                views.append(cached)
+                continue
+            log.warning("ignoring %s: %d items, the training set has %d", path, len(cached), len(train_set))
         torch.manual_seed(config.seed * 1000 + view)  # each view's augmentation is repeatable
         activations = run_trunk(model, images, split, config, device, f"caching view {view + 1}/{config.views}")
         torch.save(activations, path)
@@ -198,7 +210,7 @@ def cached_batches(features: torch.Tensor, labels: torch.Tensor, batch_size: int
 
 def pixel_batches(train_set, config: TrainConfig):
     transform = data.train_transform(config.image_size)
-    images = data.Decoded(train_set, lambda b: data.training_pixels(b, transform))
+    images = data.Decoded(train_set, functools.partial(data.training_pixels, transform=transform))
     yield from torch.utils.data.DataLoader(images, batch_size=config.batch_size, shuffle=True,
                                            num_workers=config.workers, drop_last=False)
 
@@ -282,11 +294,11 @@ def evaluate(model, split, features, labels, config, device) -> tuple[float, flo
 
 def finish(out, model, split, val_set, val_x, val_y, config, device, meta, state) -> dict:
     """Score the best checkpoint through both preprocessing paths; write metrics.json and PNGs."""
-    best = torch.load(out / "best.pt", map_location=device, weights_only=False)
+    best = torch.load(out / "best.pt", map_location=device, weights_only=True)
     model.load_state_dict(best["model"])
     _, _, probs = evaluate(model, split, val_x, val_y, config, device)
     metrics = report.classification_metrics(val_y.numpy(), probs, meta["classes"])
-    tv_images = data.Decoded(val_set, lambda b: data.torchvision_pixels(b, config.image_size))
+    tv_images = data.Decoded(val_set, functools.partial(data.torchvision_pixels, size=config.image_size))
     tv_x = run_trunk(model, tv_images, split, config, device, "torchvision path")
     _, tv_acc, _ = evaluate(model, split, tv_x, val_y, config, device)
     metrics = {
@@ -331,6 +343,10 @@ def save_checkpoint(path: Path, model, config, split, meta, state, optimizer=Non
         payload["optimizer"] = optimizer.state_dict()
         payload["scheduler"] = scheduler.state_dict()
         payload["rng"] = torch.get_rng_state()
+        version, state, gauss = random.getstate()
+        payload["rng_python"] = [version, list(state), gauss]
+        _, key, pos, has_gauss, cached = np.random.get_state()
+        payload["rng_numpy"] = [key.tolist(), int(pos), int(has_gauss), float(cached)]
     if raw is not None:
         payload["raw_model"] = raw.state_dict()
         payload["ema"] = ema.state_dict()
@@ -339,15 +355,30 @@ def save_checkpoint(path: Path, model, config, split, meta, state, optimizer=Non
     tmp.replace(path)
 
 
-def resume(path: Path, model, optimizer, scheduler, ema=None) -> dict:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+def resume(path: Path, model, optimizer, scheduler, ema=None, *, expect: dict | None = None) -> dict:
+    """Continue from last.pt; `expect`: the run's classes, spec and frozen blocks, which it must share."""
+    # weights_only: tensors and plain data only, so a foreign file runs no code
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    for key, value in (expect or {}).items():
+        found = checkpoint["config"]["frozen_blocks"] if key == "frozen_blocks" else checkpoint.get(key)
+        if found != value:
+            raise DataError(f"--resume: {path} was trained with another {key} ({found!r}, now {value!r}); "
+                            "start a new --out or drop --resume")
     model.load_state_dict(checkpoint.get("raw_model", checkpoint["model"]))
     if ema is not None and "ema" in checkpoint:
         ema.load_state_dict(checkpoint["ema"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     torch.set_rng_state(checkpoint["rng"])
+    if "rng_python" in checkpoint:  # mixup draws from numpy; older checkpoints lack these
+        random.setstate((checkpoint["rng_python"][0], tuple(checkpoint["rng_python"][1]), checkpoint["rng_python"][2]))
+        np.random.set_state(("MT19937", np.array(checkpoint["rng_numpy"][0], dtype=np.uint32),
+                             *checkpoint["rng_numpy"][1:]))
     return {key: checkpoint[key] for key in ("epoch", "best_val_acc", "history", "stale")}
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def seed_everything(seed: int) -> None:
@@ -395,6 +426,26 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                         help="use only N images of each split, spread over classes (smoke tests); 0 = all")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     args = parser.parse_args(argv)
-    if args.views < 1:
-        parser.error(f"--views must be at least 1, got {args.views}")
+    checks = [
+        (args.views >= 1, f"--views must be at least 1, got {args.views}"),
+        (args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}"),
+        (args.patience >= 1, f"--patience must be at least 1, got {args.patience}"),
+        (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}"),
+        (args.lr > 0, f"--lr must be positive, got {args.lr:g}"),
+        (args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay:g}"),
+        (args.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {args.warmup_epochs:g}"),
+        (0 <= args.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {args.label_smoothing:g}"),
+        (args.class_balance >= 0, f"--class-balance must be >= 0, got {args.class_balance:g}"),
+        (0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout:g}"),
+        (args.mixup >= 0, f"--mixup must be >= 0, got {args.mixup:g}"),
+        (0 <= args.ema < 1, f"--ema must be in [0, 1), got {args.ema:g}"),
+        (args.frozen_blocks >= 0, f"--frozen-blocks must be >= 0, got {args.frozen_blocks}"),
+        (args.image_size == 0 or args.image_size >= 32,
+         f"--image-size must be 0 or at least 32, got {args.image_size}"),
+        (args.workers >= 0, f"--workers must be >= 0, got {args.workers}"),
+        (args.limit >= 0, f"--limit must be >= 0, got {args.limit}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
     return TrainConfig(**vars(args))
