@@ -34,6 +34,21 @@ def test_precision_recall_f1_and_confusion_by_hand() -> None:
     assert m["macro_f1"] == round((2 / 3 + 0.8 + 0.0) / 3, 4)
 
 
+def test_a_class_without_samples_does_not_count_in_macro_f1_and_no_samples_is_an_error() -> None:
+    m = classification_metrics(np.array([0, 1]), one_hot([0, 1]), CLASSES)  # no skirt at all (--limit)
+    assert m["per_class"]["skirt"]["support"] == 0
+    assert m["macro_f1"] == 1.0  # a perfect classifier of the classes present (it said 0.6667)
+    with pytest.raises(ValueError, match="no samples to score"):
+        classification_metrics(np.array([], dtype=int), np.zeros((0, 3)), CLASSES)
+
+
+def test_a_confidence_a_hair_above_one_still_falls_in_the_top_bin() -> None:
+    probs = one_hot([0, 0], 1.0)
+    probs[:, 0] = 1.0 + 1e-7  # float32 softmax can round like this
+    assert expected_calibration_error(np.array([0, 0]), probs) == pytest.approx(0.0, abs=1e-6)
+    assert expected_calibration_error(np.array([1, 1]), probs) == pytest.approx(1.0, abs=1e-6)
+
+
 def test_calibration_error_by_hand() -> None:
     labels = np.array([0, 0, 0, 0])
     # all four at confidence 0.8 in one bin, three right: |0.75 - 0.8| = 0.05

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 torch = pytest.importorskip("torch", reason="training needs the train extra (torch)")
 
@@ -164,6 +165,23 @@ def test_cli_reports_bad_data_in_one_line(tmp_path):
     expected = f"fashion-train: error: data folder {tmp_path / 'nope'} does not exist"
     assert result.stderr.strip().splitlines()[-1] == expected
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_an_image_failing_in_a_decoding_process_is_one_line(tmp_path):
+    # A BMP passes the header check (ImageFolder takes .bmp) and is refused by the worker's decoder, which
+    # runs in a DataLoader worker process: that error comes back wrapped in the process's traceback.
+    data = make_dataset(tmp_path / "data")
+    Image.new("RGB", (48, 64), COLORS["hat"]).save(data / "train" / "hat" / "0.bmp")
+    (data / "train" / "hat" / "0.jpg").unlink()
+    result = subprocess.run([sys.executable, "-m", "train", "--data", str(data), "--out", str(tmp_path / "run"),
+                             "--arch", "efficientnet-lite0", "--image-size", "64", "--epochs", "1",
+                             "--batch-size", "8", "--workers", "2"], capture_output=True, text=True)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (f"fashion-train: error: {data / 'train' / 'hat' / '0.bmp'}: not a supported image (expected "
+                    "one of JPEG, PNG, WEBP)")
+    assert "Original Traceback" not in result.stderr
 
 
 def test_cli_help_shows_defaults_and_example():

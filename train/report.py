@@ -12,7 +12,13 @@ import numpy as np
 def classification_metrics(
     labels: np.ndarray, probabilities: np.ndarray, classes: list[str], bins: int = 15
 ) -> dict:
-    """Accuracy, per-class precision/recall/F1/support, confusion matrix and expected calibration error."""
+    """Accuracy, per-class precision/recall/F1/support, confusion matrix and expected calibration error.
+
+    Macro F1 averages the classes that have validation samples (a class with none, as with --limit, has no
+    F1 to speak of); an empty set is a ValueError rather than NaN figures.
+    """
+    if len(labels) == 0:
+        raise ValueError("no samples to score")
     predictions = probabilities.argmax(1)
     n = len(classes)
     confusion = np.zeros((n, n), dtype=int)
@@ -32,7 +38,7 @@ def classification_metrics(
         }
     return {
         "accuracy": round(float((predictions == labels).mean()), 4),
-        "macro_f1": round(float(np.mean([c["f1"] for c in per_class.values()])), 4),
+        "macro_f1": round(float(np.mean([c["f1"] for c in per_class.values() if c["support"]])), 4),
         "ece": round(expected_calibration_error(labels, probabilities, bins), 4),
         "per_class": per_class,
         "confusion_matrix": confusion.tolist(),
@@ -43,7 +49,7 @@ def classification_metrics(
 
 def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> float:
     """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
-    confidence = probabilities.max(1)
+    confidence = np.clip(probabilities.max(1), 0.0, 1.0)  # float rounding may put a hair above 1
     correct = probabilities.argmax(1) == labels
     edges = np.linspace(0.0, 1.0, bins + 1)
     ece = 0.0
