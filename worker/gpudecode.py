@@ -17,6 +17,7 @@ never imports them.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 from PIL import Image
@@ -60,6 +61,10 @@ class GpuDecoder:
                               "'fashion-worker[gpu]'); use \"cpu\" otherwise") from None
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError('batch.decode_on = "gpu" but torch sees no CUDA device; use "cpu"')
+        # torchvision 0.29 deprecates its decoders in favour of torchcodec, which has no batched nvJPEG
+        # decode yet; said once per process, the warning would read like a fault in the worker's log.
+        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                                category=DeprecationWarning)
         self.torch = torch
         self.io = torchvision.io
         self.size = size
