@@ -348,3 +348,33 @@ def test_across_filesystems_a_replaced_file_is_not_copied(inbox: Path, tmp_path:
         dispose(path, inbox, "ok", config, expect=read_as)
     assert read_identity(path) != read_as  # the new upload is still in the inbox...
     assert list((tmp_path / "processed").iterdir()) == []  # ...and nothing was copied, no temp file left
+
+
+def test_across_filesystems_a_file_replaced_after_its_copy_keeps_the_copy(
+        inbox: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The copy of the file read has landed; then the inbox name gets a new upload (a real swap, timed by a
+    # hook on the folder sync that follows the copy). The copy is the only one left of the file read: kept.
+    config = make_config(tmp_path)
+    path = write_image(inbox / "photo.jpg", (200, 0, 0), noise_seed=1)
+    original = path.read_bytes()
+    read_as = read_identity(path)
+    newer = write_image(tmp_path / "upload.jpg", (0, 0, 200), noise_seed=2)
+    upload = newer.read_bytes()
+    real_rename, real_sync = disposition._rename_noreplace, disposition._fsync_dir
+
+    def cross_device(src: Path | str, dst: Path, src_dir_fd: int | None = None) -> None:
+        if src_dir_fd is not None:  # simulated EXDEV, as in test_exdev_fallback_simulated
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        real_rename(src, dst)
+
+    def swap_then_sync(directory: Path) -> None:
+        os.rename(newer, path)
+        real_sync(directory)
+
+    monkeypatch.setattr(disposition, "_rename_noreplace", cross_device)
+    monkeypatch.setattr(disposition, "_fsync_dir", swap_then_sync)
+    with pytest.raises(FileChanged) as caught:
+        dispose(path, inbox, "ok", config, expect=read_as)
+    assert caught.value.replaced and caught.value.copied_to == tmp_path / "processed" / "photo.jpg"
+    assert caught.value.copied_to.read_bytes() == original and path.read_bytes() == upload
+    assert [p.name for p in (tmp_path / "processed").iterdir()] == ["photo.jpg"]  # no temp file left

@@ -57,11 +57,12 @@ class FileChanged(DispositionError):
     which needs a row of its own; otherwise the file was moved away or its folder was.
     """
 
-    def __init__(self, rel: str, path: Path, *, replaced: bool) -> None:
+    def __init__(self, rel: str, path: Path, *, replaced: bool, copied_to: Path | None = None) -> None:
         what = "was replaced or rewritten" if replaced else "is no longer there"
         super().__init__(errno.ESTALE if replaced else errno.ENOENT, f"{rel!r} {what} since it was read",
                          str(path))
         self.replaced = replaced
+        self.copied_to = copied_to  # across filesystems: the file read was copied there before it was replaced
 
 
 def _load_renameat2():  # type: ignore[no-untyped-def]
@@ -284,8 +285,15 @@ def _copy_across(dir_fd: int, name: str, src: Path, directory: Path, rel: str,
             placed = candidate
             break
         _fsync_dir(parent)
-        _check_same(dir_fd, name, rel, src, identity(st))  # still the file copied
+        try:
+            _check_same(dir_fd, name, rel, src, identity(st))  # still the file copied?
+        except FileChanged as changed:  # the copy is the file read: kept; the new file stays in the inbox
+            raise FileChanged(rel, src, replaced=changed.replaced, copied_to=placed) from None
         os.unlink(name, dir_fd=dir_fd)
+    except FileChanged:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(temp)

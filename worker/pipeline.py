@@ -1036,8 +1036,8 @@ class Pipeline:
                 # gets a row of its own once this batch lets go of the path.
                 log.warning("%s; row %d keeps what was read%s", exc.strerror, p.row_id,
                             ", the file there now is queued" if exc.replaced else "")
-                if self.claims is None:
-                    locations.append((p.row_id, GONE))
+                if self.claims is None or exc.copied_to is not None:
+                    locations.append((p.row_id, GONE if exc.copied_to is None else str(exc.copied_to)))
                 finished.append(p)
                 if exc.replaced:
                     self._look_again(p.item.path)
