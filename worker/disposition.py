@@ -164,9 +164,11 @@ def dispose(path: Path, inbox: Path, outcome: str, config: Config,
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
     action = config.files.on_success if outcome == "ok" else "move"
-    if action == "leave":
-        return path
     path = Path(path)
+    if action == "leave":  # nothing to touch; but a file rewritten or replaced since is not the one read
+        if expect is not None and _identity_of(path) not in (None, expect):
+            raise FileChanged(relative_name(inbox, path), path, replaced=True)
+        return path
     rel = relative_name(inbox, path)
     ancestors = _ancestor_mtimes(inbox, rel)
     try:

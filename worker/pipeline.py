@@ -1062,14 +1062,6 @@ class Pipeline:
             if location != str(p.item.path):
                 locations.append((p.row_id, location))
                 finished.append(p)
-            elif p.read_as is not None and _signature(p.item.path) not in (None, p.read_as[1:]):
-                # on_success = "leave", and the file there was rewritten or replaced since it was read
-                log.warning("%r was replaced or rewritten since it was read; row %d keeps what was read, the "
-                            "file there now is queued", p.file, p.row_id)
-                if self.claims is None:
-                    locations.append((p.row_id, GONE))
-                finished.append(p)
-                self._look_again(p.item.path)
             else:
                 self._remember_left(p.item.path, p.read_as)
                 left.append(p)
