@@ -87,7 +87,8 @@ def test_every_connection_gets_the_pragmas(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("url", "expected"), [
     ("not a url", "is not valid"),
     ("nosuchdb://x/y", "no SQLAlchemy dialect"),
-    ("sqlite://data/results.db", r"names a host \('data'\), which SQLite has not; a SQLite URL has three "),
+    ("sqlite://data/results.db", r"database URL 'sqlite://data/results\.db' has two slashes: a SQLite URL has "
+                                 r"three before a relative path \(sqlite:///data/results\.db\) and four before "),
 ])
 def test_bad_url_is_one_clear_line(url: str, expected: str) -> None:
     with pytest.raises(StoreError, match=expected) as info:

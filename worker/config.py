@@ -197,6 +197,15 @@ def _toml(value: Any) -> str:
     return str(value)
 
 
+def sqlite_url_problem(url: str) -> str | None:
+    """What is wrong with a SQLite URL of two slashes ("sqlite://data/results.db" names a host, "data"), or
+    None; checked by the config and by the store."""
+    if not re.match(r"sqlite(\+\w+)?://[^/]", url):
+        return None
+    return (f"{url!r} has two slashes: a SQLite URL has three before a relative path (sqlite:///data/results.db) "
+            "and four before an absolute one (sqlite:////var/lib/fashion-worker/r.db)")
+
+
 def validate(config: Config, source: str = "") -> None:
     """Check the values' ranges and choices; `source` (the file, or "command line") prefixes the message."""
     checks = [
@@ -230,9 +239,8 @@ def validate(config: Config, source: str = "") -> None:
          f"model.concurrent_batches must be >= 0, got {config.model.concurrent_batches}"),
         (config.database.busy_timeout_ms >= 0,
          f"database.busy_timeout_ms must be >= 0, got {config.database.busy_timeout_ms}"),
-        (not re.match(r"sqlite(\+\w+)?://[^/]", config.database.url),
-         f"database.url {config.database.url!r} has two slashes: a SQLite URL has three before a relative path "
-         "(sqlite:///data/results.db) and four before an absolute one (sqlite:////var/lib/fashion-worker/r.db)"),
+        (sqlite_url_problem(config.database.url) is None,
+         f"database.url {sqlite_url_problem(config.database.url)}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -35,6 +35,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 
+from worker.config import sqlite_url_problem
 from worker.exceptions import StoreError
 from worker.migrations import BEGIN_MODE, RESULTS_LOCK_KEY, check_version, migrate
 
@@ -267,12 +268,9 @@ def _make_engine(url: str, busy_timeout_ms: int, readonly: bool = False) -> tupl
             "postgresql+psycopg://user:password@host/dbname"
         ) from None
     masked = parsed.render_as_string(hide_password=True)
-    if parsed.get_backend_name() == "sqlite" and (parsed.host or parsed.username or parsed.port):
-        raise StoreError(
-            f"database URL {url!r} names a host ({parsed.host!r}), which SQLite has not; a SQLite URL has three "
-            "slashes before a relative path (sqlite:///data/results.db) and four before an absolute one "
-            "(sqlite:////var/lib/fashion-worker/results.db)"
-        )
+    problem = sqlite_url_problem(url)
+    if problem is not None:
+        raise StoreError(f"database URL {problem}")
     path: Path | None = None
     try:
         if parsed.get_backend_name() == "sqlite":
