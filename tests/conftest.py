@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,3 +142,12 @@ def unwritable(path: Path) -> Iterator[None]:
         yield
     finally:
         undo()
+
+
+def run_without(package: str, command: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m COMMAND ARGS` in a process where `import PACKAGE` fails as it does when the package is not
+    installed (a None in sys.modules raises the same ModuleNotFoundError): the base install, without the
+    train extra, on a machine where the extra is installed."""
+    code = (f"import sys; sys.modules[{package!r}] = None\n"
+            f"from {command}.__main__ import main; sys.exit(main({list(args)!r}))")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

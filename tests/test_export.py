@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="export needs the train extra (torch)")
 
+from conftest import run_without  # noqa: E402
 from test_train import make_dataset, tiny_config  # noqa: E402
 
 from export import onnx_export  # noqa: E402
@@ -197,10 +198,7 @@ def test_fp16_variant_is_written_scored_and_close_to_fp32(checkpoint, tmp_path):
 
 
 def test_without_the_train_extra_the_command_says_which_extra_in_one_line():
-    # onnx is installed here; the base install's missing onnx is made with a None in sys.modules.
-    code = ("import sys; sys.modules['onnx'] = None\n"
-            "from export.__main__ import main; sys.exit(main(['--help']))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    proc = run_without("onnx", "export", "--help")
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == ("fashion-export: error: needs the train extra (no module named 'onnx'); install it "
                            "with: .venv/bin/pip install -e '.[train]'\n")

@@ -12,7 +12,7 @@ from PIL import Image
 
 torch = pytest.importorskip("torch", reason="training needs the train extra (torch)")
 
-from conftest import write_image  # noqa: E402
+from conftest import run_without, write_image  # noqa: E402
 
 from train import train as training  # noqa: E402
 from train.model import ARCHS, ModelSpec, build, weights_path  # noqa: E402
@@ -206,11 +206,7 @@ def test_mixup_and_weight_averaging_save_the_averaged_weights(tmp_path):
 
 
 def test_without_the_train_extra_the_command_says_which_extra_in_one_line():
-    # torch is installed here; the base install's missing torch is made with a None in sys.modules (what
-    # `import torch` then raises is the ModuleNotFoundError a missing package raises).
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from train.__main__ import main; sys.exit(main(['--help']))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    proc = run_without("torch", "train", "--help")
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == ("fashion-train: error: needs the train extra (no module named 'torch'); install it "
                            "with: .venv/bin/pip install -e '.[train]'\n")
