@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from worker import config as config_mod
+from worker import recovery
 from worker.config import Config
 from worker.recovery import recover_locations
 from worker.store import ResultRecord, Store
@@ -153,3 +154,70 @@ def test_a_database_error_is_logged_and_start_up_goes_on(store: Store, cfg: Conf
     assert len(caplog.messages) == 1
     assert caplog.messages[0].startswith("cannot check the locations recorded by crashed workers: ")
     assert "no such table: workers" in caplog.messages[0]
+
+
+def test_a_move_cut_between_link_and_unlink_is_finished(store: Store, cfg: Config,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    # What a kill between disposition's link and unlink leaves where there is no renameat2 (NFS): the
+    # inbox name and the processed/ name are two links to one file. The next pass would refuse it as
+    # hard-linked and record a second, failed row.
+    ids = crashed_worker(store, cfg, {"a.jpg": b"a", "sub/b.jpg": b"b"})
+    (cfg.inbox_path / "sub").mkdir()
+    (cfg.processed_path / "sub").mkdir()
+    (cfg.processed_path / "a.jpg").write_bytes(b"an earlier photo of the same name")
+    (cfg.inbox_path / "a.jpg").write_bytes(b"a")
+    os.link(cfg.inbox_path / "a.jpg", cfg.processed_path / "a (1).jpg")
+    (cfg.inbox_path / "sub" / "b.jpg").write_bytes(b"b")
+    os.link(cfg.inbox_path / "sub" / "b.jpg", cfg.processed_path / "sub" / "b.jpg")
+    with caplog.at_level(logging.INFO, logger="worker.recovery"):
+        assert recover_locations(store, cfg, HOST) == 2
+    assert sorted(p.name for p in cfg.inbox_path.rglob("*")) == ["sub"]  # no hidden name left behind either
+    assert locations(store) == {ids["a.jpg"]: str(cfg.processed_path / "a (1).jpg"),
+                                ids["sub/b.jpg"]: str(cfg.processed_path / "sub" / "b.jpg")}
+    assert (cfg.processed_path / "a (1).jpg").read_bytes() == b"a"
+    assert os.stat(cfg.processed_path / "a (1).jpg").st_nlink == 1
+    assert (cfg.processed_path / "a.jpg").read_bytes() == b"an earlier photo of the same name"
+    assert caplog.messages[:2] == [
+        f"removed {cfg.inbox_path / 'a.jpg'}, a second name of {cfg.processed_path / 'a (1).jpg'} left by a "
+        "move a crash cut short",
+        f"removed {cfg.inbox_path / 'sub' / 'b.jpg'}, a second name of {cfg.processed_path / 'sub' / 'b.jpg'} "
+        "left by a move a crash cut short"]
+
+
+def test_a_hard_link_of_the_users_own_is_left_alone(store: Store, cfg: Config, tmp_path: Path) -> None:
+    # The inbox name is hard-linked, but not to where disposition puts the file: the user's own link.
+    # Same name and content in processed/, but another file (inode): not ours to remove either.
+    ids = crashed_worker(store, cfg, {"a.jpg": b"a"})
+    (tmp_path / "elsewhere.jpg").write_bytes(b"a")
+    os.link(tmp_path / "elsewhere.jpg", cfg.inbox_path / "a.jpg")
+    (cfg.processed_path / "a.jpg").write_bytes(b"a")
+    assert recover_locations(store, cfg, HOST) == 0
+    assert os.stat(cfg.inbox_path / "a.jpg").st_nlink == 2
+    assert locations(store)[ids["a.jpg"]] == str(cfg.inbox_path / "a.jpg")
+    assert stopped(store, "host-a:1")
+
+
+def test_an_upload_that_takes_the_name_meanwhile_is_kept(store: Store, cfg: Config, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # The upload is real; only its moment is arranged (a hook on the rename, the one thing not real here):
+    # it lands between recovery's look at the inbox name and its rename aside, which by chance would take
+    # millions of tries. The upload must come back under its name, for a row of its own.
+    ids = crashed_worker(store, cfg, {"a.jpg": b"a"})
+    (cfg.inbox_path / "a.jpg").write_bytes(b"a")
+    os.link(cfg.inbox_path / "a.jpg", cfg.processed_path / "a.jpg")
+    upload = tmp_path / "upload.jpg"
+    upload.write_bytes(b"a new upload of the same name")
+    real = recovery._rename_noreplace
+
+    def upload_then_rename(src: Path | str, dst: Path | str) -> None:
+        if upload.exists():
+            os.rename(upload, cfg.inbox_path / "a.jpg")
+        real(src, dst)
+
+    monkeypatch.setattr(recovery, "_rename_noreplace", upload_then_rename)
+    assert recover_locations(store, cfg, HOST) == 1
+    assert sorted(p.name for p in cfg.inbox_path.iterdir()) == ["a.jpg"]
+    assert (cfg.inbox_path / "a.jpg").read_bytes() == b"a new upload of the same name"
+    assert (cfg.processed_path / "a.jpg").read_bytes() == b"a"
+    assert os.stat(cfg.processed_path / "a.jpg").st_nlink == 1  # the upload replaced the second name
+    assert locations(store)[ids["a.jpg"]] == str(cfg.processed_path / "a.jpg")

@@ -11,7 +11,13 @@ whose row was never marked stopped and whose process is gone, and only at their 
 path inside this inbox where no file is (the index on processed_at bounds the search to those runs). For
 each, the file is looked for where disposition puts it: the same relative name under processed/ (or
 failed/), or a numbered variant "name (n).ext", with the same sha256 and not already named by another
-row. Found: the row gets that location; not found: the row gets "" (gone), with a warning. Then the dead
+row. Found: the row gets that location; not found: the row gets "" (gone), with a warning.
+
+Where the filesystem has no renameat2 (NFS), disposition moves by link then unlink; a worker killed
+between the two leaves the inbox name as a second link to the file in processed/ (or failed/), which the
+next pass would refuse as a hard-linked file and record again as `failed`. Recovery finishes such a
+move: it removes the inbox name once it has checked it is the same file (device and inode) as a name
+disposition gives that file, and records that place. Then the dead
 workers are marked stopped, so that the next start does not look again. Best effort: a database error
 is logged and start-up goes on (the files themselves are safe either way).
 """
@@ -22,6 +28,8 @@ import contextlib
 import hashlib
 import logging
 import os
+import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.config import Config
-from worker.disposition import _candidates
+from worker.disposition import _candidates, _rename_noreplace, unique_destination
 from worker.exceptions import StoreError
 from worker.migrations import BEGIN_MODE
 from worker.store import Store, results, workers
@@ -63,6 +71,7 @@ def _recover(store: Store, config: Config, host: str) -> int:
         if not dead:
             return 0
         stale = []
+        half_moved = []  # (row, lstat of its inbox name): a move by link then unlink cut between the two
         for worker_id, started_at in dead:
             query = sa.select(results.c.id, results.c.file, results.c.sha256, results.c.status,
                               results.c.location).where(
@@ -70,7 +79,12 @@ def _recover(store: Store, config: Config, host: str) -> int:
                 results.c.processed_at >= started_at,
                 results.c.location.startswith(inbox + os.sep, autoescape=True),
             )
-            stale.extend(row for row in conn.execute(query) if not os.path.lexists(row.location))
+            for row in conn.execute(query):
+                left = _lstat(row.location)
+                if left is None:
+                    stale.append(row)
+                elif stat.S_ISREG(left.st_mode) and left.st_nlink > 1:
+                    half_moved.append((row, left))
 
         assigned: set[Path] = set()
 
@@ -90,6 +104,11 @@ def _recover(store: Store, config: Config, host: str) -> int:
                 log.warning("%s (row %d) was recorded in the inbox by a worker that crashed, and is neither "
                             "there nor in the %s folder", row.file, row.id,
                             "failed" if row.status == "failed" else "processed")
+        for row, left in half_moved:
+            found = _finish_move(Path(row.location), left, row.file, row.status, config, named)
+            if found is not None:
+                fixes.append((row.id, str(found)))
+                assigned.add(found)
     if fixes:
         store.set_locations(fixes)
         log.info("recorded where %d file(s) went that a crashed worker had moved without saying so",
@@ -125,6 +144,58 @@ def _find(file: str, sha256: str | None, status: str, config: Config,
         if sha256 is None or _sha256(candidate) == sha256:
             return candidate
     return None
+
+
+def _finish_move(inbox_name: Path, left: os.stat_result, file: str, status: str, config: Config,
+                 named: Callable[[Path], bool]) -> Path | None:
+    """Finish a move that disposition made by link then unlink (filesystems without renameat2, NFS) and a
+    crash cut between the two: the inbox name is a second link to a file in processed/ (or failed/).
+    The inbox name is removed only while it is that same file (device and inode): it is first renamed to a
+    hidden name, so an upload that takes the name meanwhile is never the one removed. Returns the file's
+    place, or None where the inbox name is not such a link (a user's own hard link: left as it is)."""
+    candidate = _other_name(left, config.failed_path if status == "failed" else config.processed_path, file, named)
+    if candidate is None:
+        return None
+    aside = inbox_name.with_name(f".{inbox_name.name}.{secrets.token_hex(4)}.recovering")
+    try:
+        _rename_noreplace(inbox_name, aside)
+    except OSError as exc:
+        log.warning("cannot remove the inbox name %s of %s left by a crashed move: %s", inbox_name, candidate, exc)
+        return None
+    now = _lstat(aside)
+    if now is not None and (now.st_dev, now.st_ino) == (left.st_dev, left.st_ino):
+        os.unlink(aside)
+        log.info("removed %s, a second name of %s left by a move a crash cut short", inbox_name, candidate)
+        return candidate
+    # An upload took the name between our look and the rename (and so unlinked the second name itself):
+    # give it its name back, for a row of its own.
+    try:
+        _rename_noreplace(aside, inbox_name)
+    except FileExistsError:
+        _rename_noreplace(aside, unique_destination(inbox_name.parent, inbox_name.name))
+    return candidate
+
+
+def _other_name(left: os.stat_result, folder: Path, file: str, named: Callable[[Path], bool]) -> Path | None:
+    """The name disposition gave `file` under `folder` that is the same file as `left`, if any."""
+    try:
+        candidates = _candidates(folder, file)
+    except ValueError:
+        return None
+    for index, candidate in enumerate(candidates):
+        there = _lstat(candidate)
+        if index > MAX_NUMBERED or there is None:
+            return None
+        if (there.st_dev, there.st_ino) == (left.st_dev, left.st_ino) and not named(candidate):
+            return candidate
+    return None  # pragma: no cover - _candidates never ends
+
+
+def _lstat(path: Path | str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
 
 
 def _sha256(path: Path) -> str | None:
