@@ -6,6 +6,7 @@ tests run `python -m worker` as a subprocess to prove no traceback reaches the u
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -252,14 +253,14 @@ def test_doctor_all_ok(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (code, err) == (0, "")
     assert sorted(site.rglob("*")) == before  # a check creates nothing: no data/, no database, no lock file
     lines = out.replace(str(site), "<site>").splitlines()
-    model_id = lines[5].rsplit("id ", 1)[1]
+    model_id = hashlib.sha256((site / "model.onnx").read_bytes()).hexdigest()[:12]
     assert lines[:6] == [
         "OK    config: <site>/config.toml",
         "OK    folders: inbox, processed and failed are distinct",
         "OK    inbox: <site>/inbox exists and is writable",
         "OK    processed: <site>/processed does not exist yet; the worker creates it",
         "OK    failed: <site>/failed does not exist yet; the worker creates it",
-        f"OK    model: <site>/model.onnx (tiny-test-model 1, 3 labels, input 32x32, id {model_id}",
+        f"OK    model: <site>/model.onnx (tiny-test-model 1, 3 labels, input 32x32, id {model_id})",
     ]
     assert lines[6].startswith("OK    providers: using CPUExecutionProvider (available: ")
     assert lines[7] == "OK    decode: on the CPU, 2 thread(s)"

@@ -166,7 +166,8 @@ def test_hard_link_is_rejected(inbox: Path, tmp_path: Path) -> None:
 def test_too_large_is_rejected_with_size_and_limit(inbox: Path) -> None:
     path = inbox / "big.jpg"
     path.write_bytes(b"x" * 5000)
-    with pytest.raises(ImageRejected, match="5000 bytes, above the limit of 4096 bytes"):
+    with pytest.raises(ImageRejected,
+                       match=r"^file is 5,000 bytes, above the limit of 4,096 bytes \(files.max_file_bytes\)$"):
         read_image_file(inbox, path, 4096)
 
 
@@ -213,7 +214,8 @@ def test_file_growing_past_the_limit_while_read_is_rejected(inbox: Path, monkeyp
     path = inbox / "growing.jpg"
     path.write_bytes(b"x" * 1000)
     grow_after_fstat(monkeypatch, path, 300 * 1024)
-    with pytest.raises(ImageRejected, match="file grew above the limit of 262144 bytes while being read"):
+    with pytest.raises(ImageRejected, match=r"^file grew above the limit of 262,144 bytes "
+                                             r"\(files.max_file_bytes\) while being read$"):
         read_image_file(inbox, path, 256 * 1024)
     assert path.stat().st_size == 1000 + 300 * 1024  # the file itself is left as it is
 

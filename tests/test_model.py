@@ -204,6 +204,7 @@ def test_a_batch_alone_gets_every_core_and_one_started_meanwhile_gets_a_lane(tin
         t.start()
     for t in threads:
         t.join()
+    assert [len(got[index]) for index in (0, 1)] == [25, 25]  # a thread that raised would have fewer
     for index in (0, 1):
         for n, probs in enumerate(got[index]):
             np.testing.assert_allclose(probs, expected[index * 4 + n % 4], rtol=1e-5, atol=1e-6)

@@ -147,9 +147,11 @@ def test_queue_take_returns_empty_on_wake_and_close() -> None:
     result: list[list] = []
     thread = threading.Thread(target=lambda: result.append(queue.take(2, 0.01)))
     thread.start()
-    time.sleep(0.05)
-    queue.wake()
-    thread.join(timeout=5)
+    deadline = time.monotonic() + 5
+    while thread.is_alive() and time.monotonic() < deadline:  # a wake before take() starts waiting is
+        queue.wake()  # not for it (take counts the wakes from its start), so wake until it has returned
+        thread.join(timeout=0.01)
+    assert not thread.is_alive()
     assert result == [[]]
     queue.close()
     assert queue.take(2, 0.01) == []
@@ -391,9 +393,11 @@ def test_a_burst_over_concurrent_batches_gives_every_file_one_row_and_repeats_ar
     assert len(firsts) == 10 and all(r[1] == "ok" for r in rows)
     with sqlite3.connect(tmp_path / "db.sqlite") as db:
         by_content = dict(db.execute("SELECT sha256, min(id) FROM results GROUP BY sha256").fetchall())
-        for sha, duplicate_of, category in db.execute("SELECT sha256, duplicate_of, category FROM results"):
-            first_category = db.execute("SELECT category FROM results WHERE id = ?", (by_content[sha],)).fetchone()
-            assert duplicate_of in (None, by_content[sha]) and category == first_category[0]
+        for row_id, sha, duplicate_of, category in db.execute(
+                "SELECT id, sha256, duplicate_of, category FROM results"):
+            first = by_content[sha]
+            first_category = db.execute("SELECT category FROM results WHERE id = ?", (first,)).fetchone()
+            assert duplicate_of == (None if row_id == first else first) and category == first_category[0]
     assert 10 <= h.pipeline.counters.inferred <= 30
     assert len(list(cfg.processed_path.iterdir())) == 30 and not list(cfg.inbox_path.iterdir())
 
@@ -508,7 +512,6 @@ def test_overflowing_queue_drops_paths_and_rescans_them_later(cfg: Config) -> No
         h.close()
 
 
-@pytest.mark.timeout(60)
 class ReplacedAfterCommit(Store):
     """The real store; right after its first commit, the first file is replaced by a new upload under the
     same name (real files: only the moment is arranged, the worst one, between commit and move)."""
@@ -524,6 +527,7 @@ class ReplacedAfterCommit(Store):
         return ids
 
 
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("action", ["move", "leave", "delete"])
 def test_a_file_replaced_while_processed_gets_its_own_row(tmp_path: Path, action: str,
                                                           caplog: pytest.LogCaptureFixture) -> None:

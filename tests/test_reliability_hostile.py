@@ -44,6 +44,30 @@ class Entry:
     what: str
 
 
+UNSUPPORTED = "not a supported image (expected one of JPEG, PNG, WEBP)"
+TOO_LARGE = "image too large: {0}x{0} = {1:,} pixels exceeds the limit of 64,000,000"
+HARD_LINKED = "hard-linked file refused (2 links)"
+#: The start of each failed row's error: the reason the file was refused, not just any reason.
+ERRORS = {
+    "zero.jpg": "empty file (0 bytes)", "truncated.jpg": "corrupt or truncated JPEG: image file is truncated",
+    "truncated.png": "corrupt or truncated PNG: image file is truncated",
+    "truncated.webp": "unreadable image header: ", "only-soi.jpg": UNSUPPORTED,
+    "corrupt-header.jpg": "unreadable image header: ", "bad-crc.png": UNSUPPORTED,
+    "garbage.webp": "unreadable image header: ",
+    "bomb-20000x20000.png": TOO_LARGE.format(20_000, 20_000 ** 2),
+    "huge-50000x50000.png": TOO_LARGE.format(50_000, 50_000 ** 2),
+    "huge-50000x50000.jpg": TOO_LARGE.format(50_000, 50_000 ** 2),
+    "huge-16384x16384.webp": "unreadable image header: ",  # a canvas header and no image: Pillow refuses it
+    "ztxt-bomb.png": "unreadable image header: Decompressed data too large",
+    "text.jpg": UNSUPPORTED, "page.jpg": UNSUPPORTED, "program.jpg": UNSUPPORTED, "xxe.jpg": UNSUPPORTED,
+    "gifar.jpg": UNSUPPORTED, "archive.jpg": UNSUPPORTED, "png-then-html.png": UNSUPPORTED,
+    "document.jpg": UNSUPPORTED, "animated.webp": "animated WEBP with 2 frames is not supported",
+    "bitmap.jpg": UNSUPPORTED, "scan.jpg": UNSUPPORTED,
+    "sparse-100GB.jpg": "file is 107,374,182,400 bytes, above the limit of 67,108,864 bytes (files.max_file_bytes)",
+    "hard-1.jpg": HARD_LINKED, "hard-2.jpg": HARD_LINKED, "hard-outside.jpg": HARD_LINKED,
+}
+
+
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -325,10 +349,11 @@ def test_hostile_inputs_fail_or_are_skipped_and_nothing_outside_is_touched(tmp_p
             target = (site.failed if status == "failed" else site.processed) / entry.name
             good = location == safe_text(str(target)) and _lexists(target) and not in_inbox
             if status == "failed":
-                good = good and bool(error) and "\n" not in error
+                good = good and "\n" not in error and error.startswith(ERRORS[entry.name])
             else:
                 good = good and category == color_of(entry.name)
-            outcome[entry.name] = status if good else f"{status} row but {location!r}, in_inbox={in_inbox}"
+            outcome[entry.name] = status if good else f"{status} row but {location!r}, in_inbox={in_inbox}, {error!r}"
+    assert sorted(ERRORS) == sorted(e.name for e in entries if e.expect == "failed")
     mismatched = {e.name: (e.what, e.expect, outcome[e.name]) for e in entries if outcome[e.name] != e.expect}
     escaped = [r for r in rows.values() if not os.path.realpath(r[2]).startswith(
         (str(site.processed) + os.sep, str(site.failed) + os.sep))]

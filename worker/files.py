@@ -155,7 +155,8 @@ def _read_at(dir_fd: int, name: str, max_bytes: int) -> tuple[bytes, os.stat_res
         if st.st_nlink > 1:
             raise ImageRejected(f"hard-linked file refused ({st.st_nlink} links)")
         if st.st_size > max_bytes:
-            raise ImageRejected(f"file is {st.st_size} bytes, above the limit of {max_bytes} bytes")
+            raise ImageRejected(f"file is {st.st_size:,} bytes, above the limit of {max_bytes:,} bytes "
+                                "(files.max_file_bytes)")
         if st.st_size == 0:
             raise ImageRejected("empty file (0 bytes)")
         chunks: list[bytes] = []
@@ -170,7 +171,8 @@ def _read_at(dir_fd: int, name: str, max_bytes: int) -> tuple[bytes, os.stat_res
             chunks.append(chunk)
             total += len(chunk)
             if total > max_bytes:
-                raise ImageRejected(f"file grew above the limit of {max_bytes} bytes while being read")
+                raise ImageRejected(f"file grew above the limit of {max_bytes:,} bytes (files.max_file_bytes) "
+                                    "while being read")
         if total == 0:
             raise ImageRejected("empty file (0 bytes)")
         return b"".join(chunks), st
