@@ -57,8 +57,17 @@ def test_wrong_input_type_is_named(tmp_path):
 
 def test_labels_that_are_not_json_are_named(tmp_path):
     path = make_model(tmp_path / "m.onnx", metadata={"labels": ""})
-    with pytest.raises(ModelError, match="not valid JSON"):
+    with pytest.raises(ModelError) as caught:
         Model(path)
+    assert str(caught.value) == f"model {path}: metadata 'labels' is not a JSON list: ''"
+
+
+@pytest.mark.parametrize("value", ["32x32", "[32]", '["a", "b"]'])
+def test_an_input_size_that_is_not_height_width_is_named(tmp_path, value):
+    path = make_model(tmp_path / "m.onnx", metadata={"input_size": value})
+    with pytest.raises(ModelError) as caught:
+        Model(path)
+    assert str(caught.value) == f"model {path}: metadata 'input_size' is not a JSON list [height, width]: {value!r}"
 
 
 def _edited(path, edit):

@@ -103,9 +103,13 @@ def read_contract(session: ort.InferenceSession, path: Path, model_id: str) -> M
         raise ModelError(f"{where} lacks metadata {', '.join(missing)} (needs {', '.join(REQUIRED_METADATA)})")
     try:
         labels = json.loads(meta["labels"])
+    except ValueError:
+        raise ModelError(f"{where}: metadata 'labels' is not a JSON list: {meta['labels'][:80]!r}") from None
+    try:
         height, width = (int(v) for v in json.loads(meta["input_size"]))
-    except (ValueError, TypeError) as exc:
-        raise ModelError(f"{where}: metadata labels/input_size are not valid JSON lists: {exc}") from None
+    except (ValueError, TypeError):
+        raise ModelError(f"{where}: metadata 'input_size' is not a JSON list [height, width]: "
+                         f"{meta['input_size'][:80]!r}") from None
     if not labels or not all(isinstance(label, str) for label in labels):
         raise ModelError(f"{where}: metadata 'labels' must be a non-empty JSON list of strings")
     if meta["resize"] not in RESIZE_POLICIES:
