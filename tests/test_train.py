@@ -138,8 +138,19 @@ def test_missing_data_folder(tmp_path):
 def test_empty_data_folder(tmp_path):
     (tmp_path / "data" / "train").mkdir(parents=True)
     (tmp_path / "data" / "validation").mkdir()
-    with pytest.raises(DataError, match="train"):
+    with pytest.raises(DataError) as caught:
         training.main(tiny_config(tmp_path / "data", tmp_path / "run"))
+    train = tmp_path / "data" / "train"
+    assert str(caught.value) == (f"{train} has 0 class folder(s); at least 2 are needed, one per category "
+                                 f"({train}/<class>/*.jpg)")
+
+
+def test_class_folders_without_images(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    (data / "train" / "scarf").mkdir()
+    with pytest.raises(DataError) as caught:
+        training.main(tiny_config(data, tmp_path / "run"))
+    assert str(caught.value).startswith(f"{data / 'train'}: Found no valid file for the classes scarf.")
 
 
 def test_validation_classes_must_match_train(tmp_path):

@@ -31,12 +31,14 @@ def load_split(root: Path, name: str) -> datasets.ImageFolder:
     folder = root / name
     if not folder.is_dir():
         raise DataError(f"no {name} folder at {folder} (expected {root}/{{train,validation}}/<class>/*.jpg)")
+    classes = sum(1 for entry in folder.iterdir() if entry.is_dir())
+    if classes < 2:
+        raise DataError(f"{folder} has {classes} class folder(s); at least 2 are needed, one per category "
+                        f"({folder}/<class>/*.jpg)")
     try:
         dataset = datasets.ImageFolder(str(folder), loader=read_bytes)
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"{folder}: {_first_line(exc)}") from None
-    if len(dataset.classes) < 2:
-        raise DataError(f"{folder} has {len(dataset.classes)} class folder(s); at least 2 are needed")
     return dataset
 
 

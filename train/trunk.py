@@ -44,7 +44,9 @@ def trunk_runner(model: Classifier, split: int, device: torch.device) -> Callabl
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(tmp) / "trunk.onnx"
-        torch.onnx.export(_Trunk(model, split), (torch.zeros(1, 3, size, size),), str(path),
+        # In eval mode before the export, which puts the wrapper's mode back afterwards, recursively: a
+        # wrapper left in train mode would leave `model` (its child) in train mode too.
+        torch.onnx.export(_Trunk(model, split).eval(), (torch.zeros(1, 3, size, size),), str(path),
                           input_names=["pixels"], output_names=["features"],
                           dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}}, dynamo=False)
         options = ort.SessionOptions()
