@@ -23,6 +23,14 @@ from worker.model import Model  # noqa: E402
 from worker.preprocess import load_pixels  # noqa: E402
 
 
+def validation(data):
+    """(pixels through the worker's path, labels) of the tiny validation split, in class order."""
+    files = sorted((data / "validation").rglob("*.jpg"))
+    classes = sorted(p.name for p in (data / "validation").iterdir())
+    batch = np.stack([load_pixels(f.read_bytes(), (64, 64), max_pixels=10**8) for f in files])
+    return batch, np.array([classes.index(f.parent.name) for f in files])
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
@@ -85,7 +93,13 @@ def test_int8_model_is_written_scored_and_timed(checkpoint, tmp_path):
     int8 = Model(tmp_path / "model.int8.onnx")
     assert int8.info.metadata["precision"] == "int8"
     assert int8.info.labels == ["hat", "shoes", "skirt"]
-    assert 0.0 <= report["int8"]["accuracy"] <= 1.0
+    # The reported and recorded accuracy is the one the worker gets from this file on validation.
+    batch, labels = validation(checkpoint[1])
+    measured = float((int8.probabilities(batch).argmax(1) == labels).mean())
+    assert report["int8"]["accuracy"] == pytest.approx(measured, abs=1e-4)
+    assert float(int8.info.metadata["val_accuracy"]) == pytest.approx(measured, abs=1e-4)
+    fp32 = float((Model(out).probabilities(batch).argmax(1) == labels).mean())
+    assert report["int8"]["accuracy_drop_points"] == pytest.approx(100 * (fp32 - measured), abs=0.01)
     assert report["int8"]["images_per_s"]["int8"] > 0 and report["int8"]["images_per_s"]["fp32"] > 0
     quantized = onnx.load(str(tmp_path / "model.int8.onnx"))
     assert any(node.op_type == "QuantizeLinear" for node in quantized.graph.node)
@@ -193,8 +207,15 @@ def test_fp16_variant_is_written_scored_and_close_to_fp32(checkpoint, tmp_path):
     assert half.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     model = Model(tmp_path / "m.fp16.onnx")  # the worker's loader accepts it: same contract
     assert model.info.metadata["precision"] == "fp16"
-    assert report["fp16"]["max_abs_diff_vs_fp32"] < 0.05
-    assert abs(report["fp16"]["accuracy_drop_points"]) <= 100 / 6 + 1e-9  # at most one of 6 images
+    # Measured here, independently of the report: the worker's outputs of both files on validation.
+    batch, labels = validation(checkpoint[1])
+    half_probs, full_probs = model.probabilities(batch), Model(tmp_path / "m.onnx").probabilities(batch)
+    assert np.abs(half_probs - full_probs).max() < 0.05
+    assert report["fp16"]["max_abs_diff_vs_fp32"] == pytest.approx(np.abs(half_probs - full_probs).max(), abs=1e-5)
+    measured = float((half_probs.argmax(1) == labels).mean())
+    assert report["fp16"]["accuracy"] == pytest.approx(measured, abs=1e-4)
+    assert float(model.info.metadata["val_accuracy"]) == pytest.approx(measured, abs=1e-4)
+    assert (half_probs.argmax(1) != full_probs.argmax(1)).sum() <= 1  # at most one of 6 images changes
 
 
 def test_without_the_train_extra_the_command_says_which_extra_in_one_line():
