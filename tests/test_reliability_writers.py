@@ -98,11 +98,20 @@ def write_all(site: Site, staging: Path, *, pause_s: float, rng: random.Random) 
     jobs.append(lambda: folder_moved_in("album-a", 12, 400))
     jobs.append(lambda: folder_moved_in("album b", 8, 500))
 
-    threads = [threading.Thread(target=job) for job in jobs]
+    failures: list[str] = []
+
+    def guarded(job: Callable[[], None]) -> None:
+        try:
+            job()
+        except Exception as exc:  # a writer that failed would drop its files from `expected` unnoticed
+            failures.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=guarded, args=(job,)) for job in jobs]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
+    assert not failures and not any(t.is_alive() for t in threads), failures
     return expected, seen_early
 
 

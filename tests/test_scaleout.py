@@ -135,7 +135,8 @@ def row_count(url: str) -> int:
 
 # Three workers, one inbox, one SIGKILL ---------------------------------------------------------------------
 @pytest.mark.timeout(240)
-def test_three_workers_share_one_inbox_and_survive_a_sigkill(tmp_path: Path, pg_url: str, workers: Workers) -> None:
+def test_three_workers_share_one_inbox_and_survive_a_sigkill(tmp_path: Path, pg_url: str, workers: Workers,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     site = make_site(tmp_path / "site")
     staged = distinct_jpegs(tmp_path / "staging", 1000)
     procs = [workers.start(site, pg_url) for _ in range(3)]  # default ids: HOST:PID, one inbox
@@ -182,7 +183,15 @@ def test_three_workers_share_one_inbox_and_survive_a_sigkill(tmp_path: Path, pg_
     assert len(summary["workers"]) == 3
     assert sum(round(w["throughput_5m"] * 5) for w in summary["workers"]) == 1000
     assert summary["claims"]["enabled"] and summary["claims"]["held"] == 0
+    capsys.readouterr()
     assert cli_main(["stats", "--db", pg_url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "Results:     1000 total, 1000 ok, 0 failed, 0 duplicates"
+    assert re.fullmatch(r"Claims:      0 held, \d+ lapsed \(their workers stopped renewing them\)", out[5])
+    header = next(i for i, line in enumerate(out) if line.startswith("worker "))
+    assert out[header].split() == ["worker", "host", "state", "heartbeat", "age", "processed", "rate", "5m",
+                                   "claims"]
+    assert len(out) == header + 5  # the header, its rule and one line per worker
 
     for proc in procs:
         if proc is not victim:
