@@ -550,8 +550,12 @@ def test_install_service_then_the_unit_runs_under_a_real_systemd_as_pid_1(tmp_pa
         while "listing.jpg" not in results:
             assert time.monotonic() < deadline + 60, results
             time.sleep(0.3)
-            results = inside(fw, "results", "--config", "/etc/fashion-worker/config.toml", check=False)
-        assert "ok" in results and inside("ls", "/srv/fashion-worker/processed").split() == ["listing.jpg"]
+            results = inside(fw, "results", "--config", "/etc/fashion-worker/config.toml", "--format", "json",
+                             check=False)
+        (row,) = json.loads(results)
+        assert (row["file"], row["status"], row["location"]) == (
+            "listing.jpg", "ok", "/srv/fashion-worker/processed/listing.jpg"), row
+        assert inside("ls", "/srv/fashion-worker/processed").split() == ["listing.jpg"]
 
         main = inside("systemctl", "show", "-p", "MainPID", "--value", "fashion-worker").strip()
         threads = inside("sh", "-c", f"grep -h Cpus_allowed_list /proc/{main}/task/*/status")
