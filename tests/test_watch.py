@@ -387,13 +387,17 @@ def test_rescan_catches_files_the_observer_missed(inbox: Path, watch) -> None:
 
 def test_overflow_warning_from_watchdog_triggers_a_rescan(inbox: Path, watch) -> None:
     # A real inotify queue overflow cannot be provoked reliably (watchdog drains the kernel queue in its own
-    # thread); watchdog's overflow log record, which this emits exactly as watchdog does, is the only signal.
+    # thread), so the kernel's IN_Q_OVERFLOW event itself is handed to watchdog's real inotify reader, the
+    # one the observer runs on: its own handling logs the overflow, the one signal the watcher can see. A
+    # watchdog that words it differently, or stops logging it, fails here.
+    from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, InotifyFD
+
     _, reports = watch()
     old = write_image(inbox / "lost.jpg", noise_seed=1)
     assert wait_for(lambda: reports.count(inbox, "lost.jpg") == 1)
     os.utime(old, (time.time() - 60, time.time() - 60))
-    logging.getLogger("watchdog.observers.inotify_c").warning(
-        "Inotify queue overflowed; filesystem events were lost")
+    InotifyFD.get_instance().handle_event(
+        InotifyEvent(wd=-1, mask=InotifyConstants.IN_Q_OVERFLOW, cookie=0, name=b""))
     assert wait_for(lambda: reports.count(inbox, "lost.jpg") == 2)
 
 
