@@ -105,7 +105,12 @@ def test_held_on_nothing_changes_nothing():
 @linux_only
 def test_model_runs_with_its_threads_placed_and_leaves_the_caller_as_it_was(tiny_model):
     before = os.sched_getaffinity(0)
+    threads_before = set(os.listdir("/proc/self/task"))
     model = Model(tiny_model, intra_op_threads=0)
     assert model.probabilities(np.zeros((2, 32, 32, 3), dtype=np.uint8)).shape == (2, 3)
     assert os.sched_getaffinity(0) == before
     assert model.placement == place(0)
+    # What the kernel says of the threads onnxruntime started: each pool thread on its own core.
+    pool = sorted(os.sched_getaffinity(int(task)) for task in set(os.listdir("/proc/self/task")) - threads_before)
+    cores = physical_cores(sorted(before))
+    assert pool == [{core} for core in cores[1:]]
