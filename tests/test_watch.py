@@ -125,9 +125,10 @@ def test_slow_writer_is_reported_once_after_the_close(inbox: Path, watch) -> Non
 def test_writer_that_stalls_before_its_first_byte_is_not_reported_early(inbox: Path, watch) -> None:
     watcher, reports = watch()
     with open(inbox / "late.jpg", "wb") as handle:
+        assert wait_for(lambda: watcher.pending == 1)  # seen, waiting (what `run --once` waits for)
         time.sleep(0.8)  # created, empty, longer than settle_s
         assert reports.calls == []
-        assert watcher.pending == 1  # seen, waiting (what `run --once` waits for)
+        assert watcher.pending == 1
         handle.write(b"x" * 5000)
     assert wait_for(lambda: reports.count(inbox, "late.jpg") == 1)
     assert watcher.pending == 0
