@@ -280,3 +280,16 @@ def test_a_file_under_a_key_whose_release_is_pending_is_a_new_drop(store: Store)
     assert a.flush_releases() is True  # nothing left to release: the key is held again, for the copy
     assert claim_rows(store) == {"again.jpg": ("a", row_id, False, 0)}
     assert a.renew() == 1
+
+
+def test_with_claims_a_record_without_a_claim_is_not_written(store: Store) -> None:
+    # A record that reached the store without a claim (a bug upstream) must not become a row another
+    # worker is not kept from writing too: it is answered like one whose claim was lost.
+    a = Claims(store, "a", "host-a", lease_s=30)
+    (key, name), = keys("x.jpg").items()
+    a.claim({key: name})
+    unclaimed = record("y.jpg", a, key, "u" * 64)
+    unclaimed.claim_key = None
+    ids = store.add_results([record(name, a, key, "s" * 64), unclaimed], claims=a)
+    assert ids[0] is not None and ids[1] is None
+    assert result_rows(store) == [("x.jpg", "a", "host-a")]

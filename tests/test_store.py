@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import sqlite3
 import threading
 from datetime import UTC, datetime
@@ -444,3 +445,14 @@ def test_two_writer_processes_agree_on_first_rows(db_path: Path) -> None:
             "SELECT count(*) FROM results r JOIN results f ON r.duplicate_of = f.id "
             "WHERE f.sha256 != r.sha256 OR f.duplicate_of IS NOT NULL OR f.id > r.id").fetchone()[0]
     assert (total, firsts, distinct, wrong) == (120, 13, 13, 0)
+
+
+def test_a_lost_commit_answer_with_an_undecodable_file_name_is_not_recorded_twice(db_path: Path) -> None:
+    # The retry looks for the earlier attempt's rows by file name, as the rows store it (bytes that are not
+    # UTF-8 become \xNN text): binding the raw name failed with UnicodeEncodeError outside the retry.
+    name = os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 name on a UTF-8 system: a surrogate escape
+    with LostCommitAnswer(sqlite_url(db_path)) as store:
+        store.lost = False
+        assert store.add_results([record(name, "d" * 64)]) == [1]
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("SELECT id, file FROM results").fetchall() == [(1, "caf\\xe9.jpg")]

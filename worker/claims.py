@@ -212,7 +212,7 @@ class Claims:
         lost = len(wanted) - len(held)
         if lost:
             log.warning("%d claims were taken over by another worker (this worker's lease lapsed); "
-                        "their results are left to it", lost)
+                        "their results are left to it (looked at again once its lease ends)", lost)
             with self._lock:
                 self._mine.difference_update(set(wanted) - held)
         return held

@@ -375,6 +375,7 @@ class Pipeline:
         self.claims = claims
         self.host = host
         self._granted: dict[Path, Granted] = {}  # claims of the files in flight (scale-out)
+        self._unclaimable: dict[Path, int] = {}  # files whose lstat failed when claiming: tries so far
         self.inbox = Path(os.path.realpath(config.inbox_path))  # as the watcher reports paths
         self.queue = ReadyQueue(
             config.batch.max_queue,
@@ -628,11 +629,23 @@ class Pipeline:
                 st = os.lstat(item.path)
                 name = relative_name(self.inbox, item.path)
             except FileNotFoundError:  # moved away meanwhile (by the worker that had it): nothing to do
+                self._unclaimable.pop(item.path, None)
                 self.queue.release([item.path])
                 continue
-            except (OSError, FileSkipped):  # cannot be read: _prepare logs the skip, and no row is written
+            except FileSkipped:  # not below the inbox: _prepare logs the skip, and no row is written
                 won.append(item)
                 continue
+            except OSError as exc:
+                # No claim without its drop key: read it only once claimed (a transient NFS error, a
+                # folder not searchable for a moment), or another worker could record it too.
+                tries = self._unclaimable[item.path] = self._unclaimable.get(item.path, 0) + 1
+                delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (tries - 1))
+                (log.warning if tries == 1 else log.debug)(
+                    "cannot look at %s to claim it: %s; looking again in %g s", item.path,
+                    exc.strerror or exc, delay)
+                self.queue.defer(item.path, delay)
+                continue
+            self._unclaimable.pop(item.path, None)
             key = drop_key(name, st.st_size, st.st_mtime_ns)
             if key in drops:  # two spellings of one file (a `..` or a symlinked inbox): claim it once
                 self.queue.release([item.path])
@@ -865,6 +878,9 @@ class Pipeline:
             p.row_id = row_id
         if None in ids:  # claims taken over by another worker meanwhile: that worker records and moves them
             lost = {id(p) for p in new if p.row_id is None}
+            for p in new:  # unless it cannot or stops first: looked at again, claimed once its lease ends
+                if p.row_id is None:
+                    self._look_again(p.item.path)
             rows = [p for p in rows if id(p) not in lost]
             records = [r for p, r in zip(new, records, strict=True) if id(p) not in lost]
             new = [p for p in new if id(p) not in lost]

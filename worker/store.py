@@ -475,10 +475,12 @@ class Store:
             stamps.append(utcnow())
             if claims is None:
                 return list(insert_batch(conn, records))
+            # With claims, only a record whose claim this process still holds is written: one without a
+            # claim is treated as one whose claim was lost (never a row nobody else is kept from writing).
             held = claims.lock_held(conn, [r.claim_key for r in records if r.claim_key is not None])
-            kept = [r for r in records if r.claim_key is None or r.claim_key in held]
+            kept = [r for r in records if r.claim_key in held]
             written = iter(insert_batch(conn, kept) if kept else [])
-            out = [next(written) if r.claim_key is None or r.claim_key in held else None for r in records]
+            out = [next(written) if r.claim_key in held else None for r in records]
             claims.mark_recorded(conn, {r.claim_key: row[0] for r, row in zip(records, out, strict=True)
                                         if r.claim_key is not None and row is not None})
             return out
@@ -523,13 +525,13 @@ class Store:
         would record every file twice."""
         found = {row.file: (row.id, row.duplicate_of) for row in conn.execute(
             sa.select(results.c.id, results.c.file, results.c.duplicate_of).where(
-                results.c.worker.in_({r.worker for r in records}), results.c.processed_at.in_(stamps),
-                results.c.file.in_([r.file for r in records])))}
+                results.c.worker.in_({safe_text(r.worker) for r in records}), results.c.processed_at.in_(stamps),
+                results.c.file.in_([safe_text(r.file) for r in records])))}  # as the rows store them
         if not found:
             return None
         log.warning("an earlier attempt at recording %d results had committed %d of them; not recording "
                     "them again", len(records), len(found))
-        return [found.get(record.file) for record in records]
+        return [found.get(safe_text(record.file)) for record in records]
 
     @staticmethod
     def _first_ids(conn: Connection, records: list[ResultRecord]) -> dict[tuple[str, str], int]:
