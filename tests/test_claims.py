@@ -48,8 +48,8 @@ def store(pg_server: str) -> Iterator[Store]:
 
 
 def keys(*names: str) -> dict[str, str]:
-    """{drop key: name} for files of 100 bytes with mtime 1 s."""
-    return {drop_key(name, 100, 1_000_000_000): name for name in names}
+    """{drop key: name} for files of 100 bytes with mtime 1 s, inode 7."""
+    return {drop_key(name, 100, 1_000_000_000, 7): name for name in names}
 
 
 def record(name: str, claims: Claims, key: str, sha: str) -> ResultRecord:
@@ -71,12 +71,12 @@ def result_rows(store: Store) -> list[tuple]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-def test_drop_key_depends_on_name_size_and_mtime_only() -> None:
-    base = drop_key("shoes/a.jpg", 100, 5)
-    assert base == drop_key("shoes/a.jpg", 100, 5) and len(base) == 64
-    assert len({base, drop_key("shoes/b.jpg", 100, 5), drop_key("shoes/a.jpg", 101, 5),
-                drop_key("shoes/a.jpg", 100, 6)}) == 4
-    assert drop_key("caf\udce9.jpg", 1, 1) != drop_key("café.jpg", 1, 1)  # undecodable names work too
+def test_drop_key_depends_on_name_size_mtime_and_inode_only() -> None:
+    base = drop_key("shoes/a.jpg", 100, 5, 9)
+    assert base == drop_key("shoes/a.jpg", 100, 5, 9) and len(base) == 64
+    assert len({base, drop_key("shoes/b.jpg", 100, 5, 9), drop_key("shoes/a.jpg", 101, 5, 9),
+                drop_key("shoes/a.jpg", 100, 6, 9), drop_key("shoes/a.jpg", 100, 5, 10)}) == 5
+    assert drop_key("caf\udce9.jpg", 1, 1, 1) != drop_key("café.jpg", 1, 1, 1)  # undecodable names work too
 
 
 def test_claims_need_postgresql(tmp_path) -> None:

@@ -10,6 +10,7 @@ ONNX model. Without the PostgreSQL binaries the tests skip with the reason; unde
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import multiprocessing
 import os
@@ -208,6 +209,41 @@ def test_three_workers_share_one_inbox_and_survive_a_sigkill(tmp_path: Path, pg_
           f"{query(pg_url, 'SELECT worker, count(*) FROM results GROUP BY worker ORDER BY worker')}")
 
 
+@pytest.mark.timeout(90)
+def test_a_copy_with_the_same_name_size_and_mtime_is_not_taken_for_another_inbox_drop(
+        tmp_path: Path, pg_url: str, workers: Workers) -> None:
+    """An `rsync -t` copy of one photo into two inboxes: host web9 recorded its copy, moved it and died
+    before releasing its claim (kept with its row up to an hour). This worker's copy, same name, size and
+    mtime, is another file: it gets a row of its own, and web9's row keeps its place. It used to be taken
+    for web9's drop ("already recorded: only moved now"), and with on_success = "delete" deleted without a
+    row, web9's row then saying its file was gone."""
+    site = make_site(tmp_path / "site")
+    with (site / "config.toml").open("a") as config:
+        config.write('[files]\non_success = "delete"\n')
+    elsewhere = tmp_path / "web9-processed"
+    elsewhere.mkdir()
+    (theirs,) = distinct_jpegs(elsewhere, 1)
+    ours = site / "inbox" / theirs.name
+    ours.write_bytes(theirs.read_bytes())
+    st = theirs.stat()
+    os.utime(ours, ns=(st.st_atime_ns, st.st_mtime_ns))  # what rsync -t and cp -p keep
+    with Store(pg_url) as store:
+        dead = Claims(store, "web9:77", "web9", lease_s=1.0)
+        key = drop_key(theirs.name, st.st_size, st.st_mtime_ns, st.st_ino)
+        assert key in dead.claim({key: theirs.name}).granted
+        (row_id,) = store.add_results([ResultRecord(
+            file=theirs.name, location=f"/srv/web9/inbox/{theirs.name}", status="ok", category="red",
+            confidence=0.9, sha256=hashlib.sha256(theirs.read_bytes()).hexdigest(), model_id="m" * 64,
+            model_name="tiny", worker="web9:77", host="web9", claim_key=key)], claims=dead)
+        # …web9 moves its copy and dies here: no location recorded, no release.
+    proc = workers.start(site, pg_url, "--once")
+    assert proc.wait(timeout=60) == 0, workers.log(proc)
+    rows = query(pg_url, "SELECT id, file, worker, location FROM results ORDER BY id")
+    assert rows == [(row_id, theirs.name, "web9:77", f"/srv/web9/inbox/{theirs.name}"),
+                    (row_id + 1, theirs.name, f"{os.uname().nodename}:{proc.pid}", "")]  # ours: recorded, deleted
+    assert not ours.exists() and theirs.exists()
+
+
 # A drop recorded by a worker that died before moving it -------------------------------------------------------
 @pytest.mark.timeout(90)
 def test_a_drop_recorded_by_a_dead_worker_is_moved_by_another_without_a_second_row(
@@ -220,7 +256,7 @@ def test_a_drop_recorded_by_a_dead_worker_is_moved_by_another_without_a_second_r
     st = recorded.stat()
     with Store(pg_url) as store:
         dead = Claims(store, "web9:77", "web9", lease_s=1.0)
-        key = drop_key(recorded.name, st.st_size, st.st_mtime_ns)
+        key = drop_key(recorded.name, st.st_size, st.st_mtime_ns, st.st_ino)
         assert key in dead.claim({key: recorded.name}).granted
         (row_id,) = store.add_results([ResultRecord(
             file=recorded.name, location=f"/mnt/share/inbox/{recorded.name}", status="ok", category="red",

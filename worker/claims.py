@@ -4,12 +4,14 @@ Every worker watches an inbox (its own, or one shared with others over a network
 the same files as others. Before it reads a file, a worker claims the file's *drop* in the `claims` table;
 only the worker holding the claim reads, classifies, records and moves that file.
 
-- **Drop key**: sha256 of (name relative to the inbox, size, mtime in ns), all known from one lstat before
-  the file is read. A shared inbox gives every host the same three values (NFS and SMB serve mtime from
-  the server), whatever path it is mounted at; a file rewritten in place is a new drop. Two *different*
-  inboxes holding the same name, size and mtime (rsync -t copies) share a key: their drops are then
-  classified one after the other instead of in parallel, never skipped (a claim is deleted once its file
-  is moved).
+- **Drop key**: sha256 of (name relative to the inbox, size, mtime in ns, inode number), all known from one
+  lstat before the file is read. A shared inbox gives every host the same four values (NFS serves mtime
+  and the inode number, its fileid, from the server; so does SMB with the Linux client's default
+  `serverino`), whatever path it is mounted at; a file rewritten in place is a new drop. The inode number
+  tells apart copies with the same name, size and mtime (rsync -t, cp -p) in two *different* inboxes, or
+  a re-upload with its mtime kept: without it, a claim left with a row by a worker that died after its
+  move (kept up to PURGE_AFTER_S) took such a copy for the drop already recorded, which was then moved
+  or deleted without a row of its own.
 - **Claim** (`claim`): one transaction per batch: `INSERT … ON CONFLICT (drop_key) DO NOTHING RETURNING`
   grants the free drops (PostgreSQL's unique index decides: of several workers claiming one drop at once,
   exactly one inserts it); then `UPDATE … WHERE the lease has lapsed (or the claim is this worker id's,
@@ -64,9 +66,10 @@ PURGE_AFTER_S = 3600.0  # lapsed claims nobody took over are deleted this long a
 PURGE_EVERY_S = 300.0
 
 
-def drop_key(file: str, size: int, mtime_ns: int) -> str:
-    """The claim key of a drop: sha256 hex of its name relative to the inbox, its size and its mtime (ns)."""
-    text = f"{file}\0{int(size)}\0{int(mtime_ns)}"
+def drop_key(file: str, size: int, mtime_ns: int, inode: int) -> str:
+    """The claim key of a drop: sha256 hex of its name relative to the inbox, its size, its mtime (ns) and
+    its inode number."""
+    text = f"{file}\0{int(size)}\0{int(mtime_ns)}\0{int(inode)}"
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 

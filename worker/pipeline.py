@@ -646,7 +646,7 @@ class Pipeline:
                 self.queue.defer(item.path, delay)
                 continue
             self._unclaimable.pop(item.path, None)
-            key = drop_key(name, st.st_size, st.st_mtime_ns)
+            key = drop_key(name, st.st_size, st.st_mtime_ns, st.st_ino)
             if key in drops:  # two spellings of one file (a `..` or a symlinked inbox): claim it once
                 self.queue.release([item.path])
                 continue

@@ -108,7 +108,7 @@ workers = sa.Table(
 )
 claims = sa.Table(  # PostgreSQL scale-out: who classifies which drop (worker.claims); unused on SQLite
     "claims", metadata,
-    sa.Column("drop_key", sa.String(64), primary_key=True),  # worker.claims.drop_key(file, size, mtime)
+    sa.Column("drop_key", sa.String(64), primary_key=True),  # worker.claims.drop_key(file, size, mtime, inode)
     sa.Column("file", sa.Text, nullable=False),  # name relative to the inbox, for people
     sa.Column("worker_id", sa.String(255), nullable=False),
     sa.Column("host", sa.Text, nullable=False),
