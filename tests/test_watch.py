@@ -218,7 +218,7 @@ def test_odd_names_are_reported(inbox: Path, watch) -> None:
 def test_files_present_before_start_are_reported_by_the_initial_scan(inbox: Path, watch) -> None:
     old = write_image(inbox / "old.jpg", noise_seed=6)
     write_image(inbox / "sub" / "old2.jpg", noise_seed=7)
-    past = time.time() - 60
+    past = time.time() - 3600  # older than MTIME_TRUSTED_AGE_S: reported at once
     for path in (old, inbox / "sub" / "old2.jpg"):
         os.utime(path, (past, past))
     write_image(inbox / "young.jpg", noise_seed=8)  # written just now: re-checked after settle_s
@@ -230,10 +230,38 @@ def test_files_present_before_start_are_reported_by_the_initial_scan(inbox: Path
     assert sorted(reports.names(inbox)) == ["old.jpg", "sub/old2.jpg", "young.jpg"]
 
 
+def test_an_upload_stamped_by_a_clock_behind_ours_is_not_reported_while_written(inbox: Path) -> None:
+    # The inbox on a file server whose clock is 5 s behind this host's: a file still being uploaded has an
+    # mtime that looks 5 s old, older than settle_s. A scan (at start-up, a rescan) used to report it at
+    # once, and the worker read it half-written. The skewed clock is made by stamping each write's mtime
+    # 5 s back (os.utime), the way that server would; the writes and the scans are real.
+    config = make_config(inbox)
+    reports = Reports()
+    watcher = InboxWatcher(config, reports)
+    path = inbox / "upload.jpg"
+    payload = write_image(inbox.parent / "upload-source.jpg", noise_seed=3).read_bytes()
+    with open(path, "wb") as handle:
+        for offset in range(0, len(payload), len(payload) // 8 + 1):
+            handle.write(payload[offset:offset + len(payload) // 8 + 1])
+            handle.flush()
+            skewed = time.time() - 5
+            os.utime(path, (skewed, skewed))
+            watcher.scan()  # as a rescan would, while the upload goes on
+            assert reports.calls == [], "reported while still being written"
+            time.sleep(config.inbox.settle_s / 2)
+    assert watcher.scan() == 0  # done now, but not seen unchanged for settle_s yet
+    deadline = time.monotonic() + 10
+    while not reports.calls:  # the timer thread is not running here: check the candidates by hand
+        watcher._check_candidates()
+        assert time.monotonic() < deadline, "never reported"
+        time.sleep(0.05)
+    assert [(Path(c[0]).name, c[1]) for c in reports.calls] == [("upload.jpg", len(payload))]
+
+
 def test_scan_returns_the_count(inbox: Path) -> None:
     for i in range(3):
         path = write_image(inbox / f"{i}.jpg", noise_seed=i)
-        os.utime(path, (time.time() - 60, time.time() - 60))
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
     reports = Reports()
     watcher = InboxWatcher(make_config(inbox), reports)
     assert watcher.scan() == 3  # works without start() too

@@ -69,6 +69,11 @@ SUPERVISE_INTERVAL_S = 60.0  # how often the timer thread checks that the observ
 RECENT_TTL_MIN_S = 10.0  # a report is not repeated for the same file (same inode, size, mtime) this long
 EMPTY_DIR_PRUNE_AGE_S = 60.0  # periodic rescans remove inbox subfolders empty and unchanged this long
 MIN_RECHECK_S = 0.05  # shortest delay between two checks of one candidate
+#: A scan reports a file at once only when its mtime is older than this; a younger one is reported once
+#: seen unchanged for settle_s by this host's own clock. The mtime comes from the file server's clock: one
+#: behind this host's by more than settle_s made files still being uploaded look settled (read half-written,
+#: recorded as failed). Only a skew beyond this allowance (a host without NTP) can do that now.
+MTIME_TRUSTED_AGE_S = 600.0
 SKIP_MEMORY = 10_000  # how many skipped entries are remembered so each is logged once
 # watchdog holds an unmatched IN_MOVED_FROM for 0.5 s to pair it with an IN_MOVED_TO, and every event queued
 # behind it waits too. Each file the worker moves out of the inbox is such an event, so under a steady
@@ -88,6 +93,7 @@ class _Candidate:
     stable_since: float  # monotonic time the signature was first seen unchanged
     check_at: float  # monotonic time of the next check; inf = wait for the close event
     written: bool  # inotify: someone opened it for writing, its close event will come
+    scanned: bool = False  # found by a scan, not by an event: no close event is to be waited for
 
 
 class _Handler(FileSystemEventHandler):
@@ -214,8 +220,9 @@ class InboxWatcher:
             _stop_observer(observer)
 
     def scan(self) -> int:
-        """Walk the inbox and report files that look complete (mtime older than settle_s); younger ones
-        are re-checked after settle_s. Returns how many were reported."""
+        """Walk the inbox and report files that look complete: unchanged for settle_s by this host's clock
+        (or with an mtime older than MTIME_TRUSTED_AGE_S); the others are reported once they have settled.
+        Returns how many were reported now."""
         return self._scan()[0]
 
     def _scan(self) -> tuple[int, int]:
@@ -223,11 +230,11 @@ class InboxWatcher:
         reported = settling = 0
         now_wall = time.time()
         for path, st in self._walk():
-            if now_wall - st.st_mtime >= self._settle:
+            if now_wall - st.st_mtime >= max(self._settle, MTIME_TRUSTED_AGE_S):
                 if self._report(path, force=True):
                     reported += 1
             else:
-                self._track(path, st, written=False)
+                self._track(path, st, written=False, scanned=True)
                 settling += 1
         return reported, settling
 
@@ -360,7 +367,7 @@ class InboxWatcher:
         return not is_ignored(rel, self._patterns)
 
     # Candidates and reports ------------------------------------------------------------------------------
-    def _track(self, path: str, st: os.stat_result | None, *, written: bool) -> None:
+    def _track(self, path: str, st: os.stat_result | None, *, written: bool, scanned: bool = False) -> None:
         if st is None:
             try:
                 st = os.lstat(path)
@@ -379,7 +386,7 @@ class InboxWatcher:
                     if not candidate.written:
                         candidate.check_at = now + self._recheck
                 return
-            self._candidates[path] = _Candidate(signature, now, now + self._settle, written)
+            self._candidates[path] = _Candidate(signature, now, now + self._settle, written, scanned)
             self._cond.notify_all()
 
     def _forget(self, path: str, *, gone: bool = False) -> None:
@@ -468,8 +475,9 @@ class InboxWatcher:
             if now - candidate.stable_since < self._settle:
                 candidate.check_at = candidate.stable_since + self._recheck
                 return
-            if self._mode == "inotify" and signature[1] == 0:
+            if self._mode == "inotify" and signature[1] == 0 and not candidate.scanned:
                 # Created but nothing written yet: a writer may not have started; its close event decides.
+                # (One a scan found has had its close event before the watch, if it had one: reported.)
                 candidate.check_at = float("inf")
                 return
         self._report(path)
