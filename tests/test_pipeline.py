@@ -306,16 +306,12 @@ def test_same_content_is_recorded_as_duplicate_without_inference(harness: Harnes
     assert sorted(p.name for p in cfg.processed_path.iterdir()) == ["a-copy.jpg", "a.jpg", "again.jpg"]
 
 
-def test_an_inference_error_is_logged_and_the_batch_is_retried_after_a_back_off(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Inference runs in an inference thread: when onnxruntime raises there (a model that loads but fails
-    at run time: it picks a class index out of range for any image that is mostly red), the caller's
-    thread logs it with its traceback and the batch's skipped files; nothing is recorded, the image stays
-    in the inbox and is retried after the back-off, and the other batches go on being recorded."""
+def break_model_for_red(cfg: Config) -> None:
+    """Rewrite cfg's model so that it loads, but fails at run time (a class index out of range) for any
+    batch with an image that is mostly red."""
     import onnx
     from onnx import helper
 
-    cfg = make_config(tmp_path, **{"batch.max_batch": 1})
     proto = onnx.load(cfg.model.path)
     softmax = next(node for node in proto.graph.node if node.op_type == "Softmax")
     softmax.input[0] = "picked"
@@ -333,6 +329,16 @@ def test_an_inference_error_is_logged_and_the_batch_is_retried_after_a_back_off(
     for offset, node in enumerate(nodes):
         proto.graph.node.insert(at + offset, node)
     onnx.save(proto, cfg.model.path)
+
+
+def test_an_inference_error_is_logged_and_the_batch_is_retried_after_a_back_off(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Inference runs in an inference thread: when onnxruntime raises there (a model that loads but fails
+    at run time: it picks a class index out of range for any image that is mostly red), the caller's
+    thread logs it with its traceback and the batch's skipped files; nothing is recorded, the image stays
+    in the inbox and is retried after the back-off, and the other batches go on being recorded."""
+    cfg = make_config(tmp_path, **{"batch.max_batch": 1})
+    break_model_for_red(cfg)
     write_image(cfg.inbox_path / "a-red.jpg", (255, 0, 0))
     write_image(cfg.inbox_path / "b-green.jpg", (0, 255, 0))
     os.mkfifo(cfg.inbox_path / "pipe.jpg")
@@ -803,6 +809,40 @@ def test_scale_out_a_file_that_cannot_be_looked_at_is_not_read_without_a_claim(
             assert recorded == 0  # claimed, recorded, moved and released
             assert f"cannot look at {cfg.inbox_path / 'a.jpg'} to claim it: Stale file handle; looking again " \
                    "in 1 s" in caplog.messages
+        finally:
+            claims.close()
+            harness.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(120)
+def test_scale_out_a_batch_the_model_failed_on_gives_its_claims_back(tmp_path: Path) -> None:
+    # A worker whose model keeps failing (a GPU gone) used to keep, and renew, the claims of the files it
+    # could not classify: a healthy worker beside it never got them until it stopped.
+    from pgserver import postgres_server
+
+    from worker.claims import Claims, drop_key
+
+    with postgres_server() as url:
+        cfg = make_config(tmp_path, **{"database.url": url, "batch.max_batch": 1})
+        break_model_for_red(cfg)
+        store = Store(url, retry_s=2)
+        claims = Claims(store, "w1", "host-1", lease_s=30)
+        harness = Harness(cfg, store=store, claims=claims)
+        try:
+            write_image(cfg.inbox_path / "a-red.jpg", (255, 0, 0))
+            assert harness.submit_all() == 1
+            deadline = time.monotonic() + 10
+            while harness.pipeline.counters.inference_errors == 0:
+                assert time.monotonic() < deadline, "the model never failed"
+                harness.pipeline.process_next(0.5)
+            assert claims.held == 0
+            healthy = Claims(store, "w2", "host-2", lease_s=30)  # a healthy worker gets the file at once
+            st = (cfg.inbox_path / "a-red.jpg").stat()
+            key = drop_key("a-red.jpg", st.st_size, st.st_mtime_ns, st.st_ino)
+            granted = healthy.claim({key: "a-red.jpg"}).granted
+            assert list(granted) == [key] and not granted[key].taken_over
+            healthy.close()
         finally:
             claims.close()
             harness.close()

@@ -1127,6 +1127,10 @@ class Pipeline:
         delay = self._back_off(rows, formed_at)
         log.error("inference failed for a batch (%d files): %s; the files stay in the inbox, retrying in %g s",
                   len(rows), exc, delay, exc_info=exc)
+        # Scale-out: let the other workers have them meanwhile. Kept and renewed, the claims of a worker
+        # whose model keeps failing (a GPU gone) held its files from healthy workers until it stopped.
+        # (A claim that carries a row is kept: its file is only to be moved, not classified again.)
+        self._release_claims(p for p in rows if p.row_id is None)
 
     def _back_off(self, rows: list[Prepared], formed_at: float) -> float:
         """Form no batch for a delay that doubles with each failure in a row (a batch formed before the
