@@ -230,13 +230,26 @@ class InboxWatcher:
         reported = settling = 0
         now_wall = time.time()
         for path, st in self._walk():
-            if now_wall - st.st_mtime >= max(self._settle, MTIME_TRUSTED_AGE_S):
+            if now_wall - st.st_mtime >= max(self._settle, MTIME_TRUSTED_AGE_S) or self._settled(path, st):
                 if self._report(path, force=True):
                     reported += 1
             else:
                 self._track(path, st, written=False, scanned=True)
                 settling += 1
         return reported, settling
+
+    def _settled(self, path: str, st: os.stat_result) -> bool:
+        """`path` is as it was when reported before (a report the full queue dropped: rescans are how
+        those files come back), or a candidate seen unchanged for settle_s."""
+        signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+        now = time.monotonic()
+        with self._cond:
+            recent = self._recent.get(path)
+            if recent is not None and recent[0] == signature:
+                return True
+            candidate = self._candidates.get(path)
+            return (candidate is not None and candidate.signature == signature
+                    and now - candidate.stable_since >= self._settle)
 
     def request_rescan(self) -> None:
         """Ask the timer thread for a full rescan now (e.g. after events were lost)."""
