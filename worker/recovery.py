@@ -131,6 +131,14 @@ def _find(file: str, sha256: str | None, status: str, config: Config,
     other row names; None when there is none (or the file was deleted: on_success = "delete")."""
     if status == "ok" and config.files.on_success != "move":
         return None
+    return _placed(file, status, config, named, lambda path: sha256 is None or _sha256(path) == sha256)
+
+
+def _placed(file: str, status: str, config: Config, named: Callable[[Path], bool],
+            same: Callable[[Path], bool]) -> Path | None:
+    """The first of the names disposition gives `file` (in processed/, or failed/ for a failed row; "a.jpg",
+    "a (1).jpg", … up to the first that does not exist) that no other row names and for which `same`
+    holds; None if there is none."""
     folder = config.failed_path if status == "failed" else config.processed_path
     try:
         candidates = _candidates(folder, file)
@@ -139,11 +147,9 @@ def _find(file: str, sha256: str | None, status: str, config: Config,
     for index, candidate in enumerate(candidates):
         if index > MAX_NUMBERED or not os.path.lexists(candidate):
             return None
-        if named(candidate):
-            continue
-        if sha256 is None or _sha256(candidate) == sha256:
+        if not named(candidate) and same(candidate):
             return candidate
-    return None
+    return None  # pragma: no cover - _candidates never ends
 
 
 def _finish_move(inbox_name: Path, left: os.stat_result, file: str, status: str, config: Config,
@@ -153,7 +159,7 @@ def _finish_move(inbox_name: Path, left: os.stat_result, file: str, status: str,
     The inbox name is removed only while it is that same file (device and inode): it is first renamed to a
     hidden name, so an upload that takes the name meanwhile is never the one removed. Returns the file's
     place, or None where the inbox name is not such a link (a user's own hard link: left as it is)."""
-    candidate = _other_name(left, config.failed_path if status == "failed" else config.processed_path, file, named)
+    candidate = _placed(file, status, config, named, lambda path: _same_file(path, left))
     if candidate is None:
         return None
     aside = inbox_name.with_name(f".{inbox_name.name}.{secrets.token_hex(4)}.recovering")
@@ -162,8 +168,7 @@ def _finish_move(inbox_name: Path, left: os.stat_result, file: str, status: str,
     except OSError as exc:
         log.warning("cannot remove the inbox name %s of %s left by a crashed move: %s", inbox_name, candidate, exc)
         return None
-    now = _lstat(aside)
-    if now is not None and (now.st_dev, now.st_ino) == (left.st_dev, left.st_ino):
+    if _same_file(aside, left):
         os.unlink(aside)
         log.info("removed %s, a second name of %s left by a move a crash cut short", inbox_name, candidate)
         return candidate
@@ -176,19 +181,9 @@ def _finish_move(inbox_name: Path, left: os.stat_result, file: str, status: str,
     return candidate
 
 
-def _other_name(left: os.stat_result, folder: Path, file: str, named: Callable[[Path], bool]) -> Path | None:
-    """The name disposition gave `file` under `folder` that is the same file as `left`, if any."""
-    try:
-        candidates = _candidates(folder, file)
-    except ValueError:
-        return None
-    for index, candidate in enumerate(candidates):
-        there = _lstat(candidate)
-        if index > MAX_NUMBERED or there is None:
-            return None
-        if (there.st_dev, there.st_ino) == (left.st_dev, left.st_ino) and not named(candidate):
-            return candidate
-    return None  # pragma: no cover - _candidates never ends
+def _same_file(path: Path, left: os.stat_result) -> bool:
+    there = _lstat(path)
+    return there is not None and (there.st_dev, there.st_ino) == (left.st_dev, left.st_ino)
 
 
 def _lstat(path: Path | str) -> os.stat_result | None:
