@@ -7,13 +7,16 @@ controls exactly which paths arrive and when.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from conftest import make_model, write_image
@@ -24,6 +27,9 @@ from worker.daemon import make_model as model_for
 from worker.model import Model
 from worker.pipeline import Pipeline, ReadyQueue, classify_files
 from worker.store import ResultRecord, Store
+
+if TYPE_CHECKING:
+    from worker.claims import Claims
 
 
 # Helpers -------------------------------------------------------------------------------------------------
@@ -673,45 +679,62 @@ def test_an_unexpected_error_while_forming_a_batch_loses_nothing_and_the_feeder_
         h.close()
 
 
-@pytest.mark.postgres
-@pytest.mark.timeout(120)
-def test_scale_out_a_refused_location_update_still_releases_the_batch_claims(tmp_path: Path) -> None:
-    from pgserver import postgres_server, refuse
+@contextlib.contextmanager
+def scale_out(tmp_path: Path, *, lease_s: float = 30.0, store: Callable[[str], Store] | None = None,
+              prepare: Callable[[Config], None] | None = None, **settings: object
+              ) -> Iterator[tuple[Config, Harness, Claims]]:
+    """A pipeline with claims (worker "w1" on "host-1") over a real PostgreSQL server of its own: `store`
+    makes the store from the URL (default: Store with a 2 s retry window), `prepare` edits the config's
+    files (the model) before the pipeline loads them, `settings` are config overrides."""
+    from pgserver import postgres_server
 
     from worker.claims import Claims
 
     with postgres_server() as url:
-        cfg = make_config(tmp_path, **{"database.url": url})
-        store = Store(url, retry_s=2)
-        claims = Claims(store, "w1", "host-1", lease_s=1.5)  # renewals (and retried releases) every 0.5 s
-        harness = Harness(cfg, store=store, claims=claims)
-        claims.start()
+        cfg = make_config(tmp_path, **{"database.url": url, **settings})
+        if prepare is not None:
+            prepare(cfg)
+        opened = Store(url, retry_s=2) if store is None else store(url)
+        claims = Claims(opened, "w1", "host-1", lease_s=lease_s)
+        harness = Harness(cfg, store=opened, claims=claims)
         try:
-            write_image(cfg.inbox_path / "a.jpg", (255, 0, 0))
-            write_image(cfg.inbox_path / "b.png", (0, 0, 255))
-            refuse(store.engine, "UPDATE", "results")  # set_locations fails; the claims table works
-
-            def claims_left() -> int:
-                with store.engine.connect() as conn:
-                    return conn.exec_driver_sql("SELECT count(*) FROM claims").scalar_one()
-
-            assert harness.submit_all() == 2
-            harness.drain()
-            deadline = time.monotonic() + 10
-            while claims_left():  # released by the renewal thread, not by the failing batch itself
-                assert time.monotonic() < deadline, "the batch's claims were never released"
-                time.sleep(0.1)
-            with store.engine.connect() as conn:
-                rows = conn.exec_driver_sql("SELECT file, category, location FROM results ORDER BY file").all()
-            # Recorded and moved; the rows' locations are stale (the inbox), and no claim is left behind
-            # to be renewed and to keep other workers away until a restart.
-            assert [(r[0], r[1]) for r in rows] == [("a.jpg", "red"), ("b.png", "blue")]
-            assert [r[2] for r in rows] == [str(cfg.inbox_path / "a.jpg"), str(cfg.inbox_path / "b.png")]
-            assert sorted(p.name for p in cfg.processed_path.iterdir()) == ["a.jpg", "b.png"]
-            assert claims.held == 0
+            yield cfg, harness, claims
         finally:
             claims.close()
             harness.close()
+
+
+def pg_query(store: Store, sql: str) -> list[tuple]:
+    with store.engine.connect() as conn:
+        return [tuple(row) for row in conn.exec_driver_sql(sql)]
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(120)
+def test_scale_out_a_refused_location_update_still_releases_the_batch_claims(tmp_path: Path) -> None:
+    from pgserver import refuse
+
+    # A 1.5 s lease: renewals (and retried releases) every 0.5 s.
+    with scale_out(tmp_path, lease_s=1.5) as (cfg, harness, claims):
+        store = harness.store
+        claims.start()
+        write_image(cfg.inbox_path / "a.jpg", (255, 0, 0))
+        write_image(cfg.inbox_path / "b.png", (0, 0, 255))
+        refuse(store.engine, "UPDATE", "results")  # set_locations fails; the claims table works
+        assert harness.submit_all() == 2
+        harness.drain()
+        deadline = time.monotonic() + 10
+        # Released by the renewal thread, not by the failing batch itself.
+        while pg_query(store, "SELECT count(*) FROM claims") != [(0,)]:
+            assert time.monotonic() < deadline, "the batch's claims were never released"
+            time.sleep(0.1)
+        rows = pg_query(store, "SELECT file, category, location FROM results ORDER BY file")
+        # Recorded and moved; the rows' locations are stale (the inbox), and no claim is left behind
+        # to be renewed and to keep other workers away until a restart.
+        assert [(r[0], r[1]) for r in rows] == [("a.jpg", "red"), ("b.png", "blue")]
+        assert [r[2] for r in rows] == [str(cfg.inbox_path / "a.jpg"), str(cfg.inbox_path / "b.png")]
+        assert sorted(p.name for p in cfg.processed_path.iterdir()) == ["a.jpg", "b.png"]
+        assert claims.held == 0
 
 
 class TakenOverBeforeCommit(Store):
@@ -741,26 +764,13 @@ class TakenOverBeforeCommit(Store):
 def test_scale_out_a_file_whose_claim_was_taken_over_is_looked_at_again(tmp_path: Path) -> None:
     # The worker that took the claim over may never record the file (it stops, or cannot infer): the file
     # must not wait for the next rescan (or, with rescans off, for a restart).
-    from pgserver import postgres_server
-
-    from worker.claims import Claims
-
-    with postgres_server() as url:
-        cfg = make_config(tmp_path, **{"database.url": url, "inbox.rescan_interval_s": 0})
-        store = TakenOverBeforeCommit(url)
-        claims = Claims(store, "w1", "host-1", lease_s=0.5)
-        harness = Harness(cfg, store=store, claims=claims)
-        try:
-            write_image(cfg.inbox_path / "a.jpg", (255, 0, 0))
-            assert harness.submit_all() == 1
-            harness.drain()
-            with store.engine.connect() as conn:
-                rows = conn.exec_driver_sql("SELECT file, category, worker FROM results").all()
-            assert [tuple(r) for r in rows] == [("a.jpg", "red", "test")]
-            assert sorted(p.name for p in cfg.processed_path.iterdir()) == ["a.jpg"]
-        finally:
-            claims.close()
-            harness.close()
+    with scale_out(tmp_path, lease_s=0.5, store=TakenOverBeforeCommit,
+                   **{"inbox.rescan_interval_s": 0}) as (cfg, harness, _):
+        write_image(cfg.inbox_path / "a.jpg", (255, 0, 0))
+        assert harness.submit_all() == 1
+        harness.drain()
+        assert pg_query(harness.store, "SELECT file, category, worker FROM results") == [("a.jpg", "red", "test")]
+        assert sorted(p.name for p in cfg.processed_path.iterdir()) == ["a.jpg"]
 
 
 @pytest.mark.postgres
@@ -772,10 +782,7 @@ def test_scale_out_a_file_that_cannot_be_looked_at_is_not_read_without_a_claim(
     # too. The fault is injected (the one thing not real here): a real ESTALE needs an NFS server.
     import errno
 
-    from pgserver import postgres_server
-
     from worker import pipeline as pipeline_mod
-    from worker.claims import Claims
 
     real_os = os
     failed: list[str] = []
@@ -793,25 +800,14 @@ def test_scale_out_a_file_that_cannot_be_looked_at_is_not_read_without_a_claim(
 
     monkeypatch.setattr(pipeline_mod, "os", FlakyOs())
     caplog.set_level(logging.WARNING, logger="worker.pipeline")
-    with postgres_server() as url:
-        cfg = make_config(tmp_path, **{"database.url": url})
-        store = Store(url, retry_s=2)
-        claims = Claims(store, "w1", "host-1", lease_s=30)
-        harness = Harness(cfg, store=store, claims=claims)
-        try:
-            write_image(cfg.inbox_path / "a.jpg", (255, 0, 0))
-            assert harness.submit_all() == 1
-            harness.drain()
-            with store.engine.connect() as conn:
-                rows = conn.exec_driver_sql("SELECT file, category FROM results").all()
-                recorded = conn.exec_driver_sql("SELECT count(*) FROM claims").scalar_one()
-            assert failed and [tuple(r) for r in rows] == [("a.jpg", "red")]
-            assert recorded == 0  # claimed, recorded, moved and released
-            assert f"cannot look at {cfg.inbox_path / 'a.jpg'} to claim it: Stale file handle; looking again " \
-                   "in 1 s" in caplog.messages
-        finally:
-            claims.close()
-            harness.close()
+    with scale_out(tmp_path) as (cfg, harness, _):
+        write_image(cfg.inbox_path / "a.jpg", (255, 0, 0))
+        assert harness.submit_all() == 1
+        harness.drain()
+        assert failed and pg_query(harness.store, "SELECT file, category FROM results") == [("a.jpg", "red")]
+        assert pg_query(harness.store, "SELECT count(*) FROM claims") == [(0,)]  # claimed, recorded, released
+        assert f"cannot look at {cfg.inbox_path / 'a.jpg'} to claim it: Stale file handle; looking again " \
+               "in 1 s" in caplog.messages
 
 
 @pytest.mark.postgres
@@ -819,30 +815,19 @@ def test_scale_out_a_file_that_cannot_be_looked_at_is_not_read_without_a_claim(
 def test_scale_out_a_batch_the_model_failed_on_gives_its_claims_back(tmp_path: Path) -> None:
     # A worker whose model keeps failing (a GPU gone) used to keep, and renew, the claims of the files it
     # could not classify: a healthy worker beside it never got them until it stopped.
-    from pgserver import postgres_server
-
     from worker.claims import Claims, drop_key
 
-    with postgres_server() as url:
-        cfg = make_config(tmp_path, **{"database.url": url, "batch.max_batch": 1})
-        break_model_for_red(cfg)
-        store = Store(url, retry_s=2)
-        claims = Claims(store, "w1", "host-1", lease_s=30)
-        harness = Harness(cfg, store=store, claims=claims)
-        try:
-            write_image(cfg.inbox_path / "a-red.jpg", (255, 0, 0))
-            assert harness.submit_all() == 1
-            deadline = time.monotonic() + 10
-            while harness.pipeline.counters.inference_errors == 0:
-                assert time.monotonic() < deadline, "the model never failed"
-                harness.pipeline.process_next(0.5)
-            assert claims.held == 0
-            healthy = Claims(store, "w2", "host-2", lease_s=30)  # a healthy worker gets the file at once
-            st = (cfg.inbox_path / "a-red.jpg").stat()
-            key = drop_key("a-red.jpg", st.st_size, st.st_mtime_ns, st.st_ino)
-            granted = healthy.claim({key: "a-red.jpg"}).granted
-            assert list(granted) == [key] and not granted[key].taken_over
-            healthy.close()
-        finally:
-            claims.close()
-            harness.close()
+    with scale_out(tmp_path, prepare=break_model_for_red, **{"batch.max_batch": 1}) as (cfg, harness, claims):
+        write_image(cfg.inbox_path / "a-red.jpg", (255, 0, 0))
+        assert harness.submit_all() == 1
+        deadline = time.monotonic() + 10
+        while harness.pipeline.counters.inference_errors == 0:
+            assert time.monotonic() < deadline, "the model never failed"
+            harness.pipeline.process_next(0.5)
+        assert claims.held == 0
+        healthy = Claims(harness.store, "w2", "host-2", lease_s=30)  # a healthy worker gets the file at once
+        st = (cfg.inbox_path / "a-red.jpg").stat()
+        key = drop_key("a-red.jpg", st.st_size, st.st_mtime_ns, st.st_ino)
+        granted = healthy.claim({key: "a-red.jpg"}).granted
+        assert list(granted) == [key] and not granted[key].taken_over
+        healthy.close()
