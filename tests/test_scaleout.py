@@ -209,6 +209,20 @@ def test_three_workers_share_one_inbox_and_survive_a_sigkill(tmp_path: Path, pg_
           f"{query(pg_url, 'SELECT worker, count(*) FROM results GROUP BY worker ORDER BY worker')}")
 
 
+def recorded_by_web9(pg_url: str, path: Path, location: str, sha256: str) -> int:
+    """What worker web9:77 leaves when it claims `path` (key from its lstat here) and records it as seen at
+    `location` with content `sha256`; its claim's lease lapses a second later. Returns the row id."""
+    st = path.stat()
+    with Store(pg_url) as store:
+        dead = Claims(store, "web9:77", "web9", lease_s=1.0)
+        key = drop_key(path.name, st.st_size, st.st_mtime_ns, st.st_ino)
+        assert key in dead.claim({key: path.name}).granted
+        (row_id,) = store.add_results([ResultRecord(
+            file=path.name, location=location, status="ok", category="red", confidence=0.9, sha256=sha256,
+            model_id="m" * 64, model_name="tiny", worker="web9:77", host="web9", claim_key=key)], claims=dead)
+    return row_id
+
+
 @pytest.mark.timeout(90)
 def test_a_copy_with_the_same_name_size_and_mtime_is_not_taken_for_another_inbox_drop(
         tmp_path: Path, pg_url: str, workers: Workers) -> None:
@@ -227,15 +241,9 @@ def test_a_copy_with_the_same_name_size_and_mtime_is_not_taken_for_another_inbox
     ours.write_bytes(theirs.read_bytes())
     st = theirs.stat()
     os.utime(ours, ns=(st.st_atime_ns, st.st_mtime_ns))  # what rsync -t and cp -p keep
-    with Store(pg_url) as store:
-        dead = Claims(store, "web9:77", "web9", lease_s=1.0)
-        key = drop_key(theirs.name, st.st_size, st.st_mtime_ns, st.st_ino)
-        assert key in dead.claim({key: theirs.name}).granted
-        (row_id,) = store.add_results([ResultRecord(
-            file=theirs.name, location=f"/srv/web9/inbox/{theirs.name}", status="ok", category="red",
-            confidence=0.9, sha256=hashlib.sha256(theirs.read_bytes()).hexdigest(), model_id="m" * 64,
-            model_name="tiny", worker="web9:77", host="web9", claim_key=key)], claims=dead)
-        # …web9 moves its copy and dies here: no location recorded, no release.
+    row_id = recorded_by_web9(pg_url, theirs, f"/srv/web9/inbox/{theirs.name}",
+                              hashlib.sha256(theirs.read_bytes()).hexdigest())
+    # …web9 moves its copy and dies here: no location recorded, no release.
     proc = workers.start(site, pg_url, "--once")
     assert proc.wait(timeout=60) == 0, workers.log(proc)
     rows = query(pg_url, "SELECT id, file, worker, location FROM results ORDER BY id")
@@ -253,16 +261,8 @@ def test_a_drop_recorded_by_a_dead_worker_is_moved_by_another_without_a_second_r
     site = make_site(tmp_path / "site")
     inbox = site / "inbox"
     recorded, *others = distinct_jpegs(inbox, 3)
-    st = recorded.stat()
-    with Store(pg_url) as store:
-        dead = Claims(store, "web9:77", "web9", lease_s=1.0)
-        key = drop_key(recorded.name, st.st_size, st.st_mtime_ns, st.st_ino)
-        assert key in dead.claim({key: recorded.name}).granted
-        (row_id,) = store.add_results([ResultRecord(
-            file=recorded.name, location=f"/mnt/share/inbox/{recorded.name}", status="ok", category="red",
-            confidence=0.9, sha256="0" * 64, model_id="m" * 64, model_name="tiny", worker="web9:77",
-            host="web9", claim_key=key)], claims=dead)
-        # …and web9 dies here: no release, no move, its lease lapses a second later.
+    row_id = recorded_by_web9(pg_url, recorded, f"/mnt/share/inbox/{recorded.name}", "0" * 64)
+    # …and web9 dies here: no release, no move, its lease lapses a second later.
     proc = workers.start(site, pg_url, "--once")
     assert proc.wait(timeout=60) == 0, workers.log(proc)
     rows = {file: (row, worker, location)
