@@ -33,7 +33,9 @@ from PIL import Image
 
 from worker.claims import Claims, drop_key
 from worker.cli import main as cli_main
-from worker.migrations import LATEST_VERSION, MIGRATIONS, Migration, migrate
+from worker.daemon import HEARTBEAT_S
+from worker.lock import worker_id_key
+from worker.migrations import LATEST_VERSION, MIGRATIONS, WORKER_ID_LOCK_CLASS, Migration, migrate
 from worker.query import stats
 from worker.store import ResultRecord, Store
 
@@ -320,6 +322,43 @@ def test_a_second_worker_with_the_same_id_refuses_but_other_ids_share_the_inbox(
     for proc in (neighbour, again):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_whose_id_another_process_took_stops_with_one_line(
+        tmp_path: Path, pg_url: str, workers: Workers) -> None:
+    """A network cut long enough to end the session that holds a worker's id lock, while another process
+    starts under that id: the first stops (exit 2, one line) instead of running beside it, and does not
+    mark the id's workers row stopped (it is the other process's now)."""
+    site = make_site(tmp_path / "site", worker_id="web1")
+    first = workers.start(site, pg_url)
+    workers.wait_ready(first)
+    staged = distinct_jpegs(tmp_path / "staging", 5)
+    for path in staged:
+        os.rename(path, site / "inbox" / path.name)
+    wait_until(lambda: row_count(pg_url) == 5, 30, "5 rows")
+    engine = sa.create_engine(pg_url)
+    try:
+        with engine.connect() as replacement:  # the session ends (the cut), and another takes the id at once
+            replacement.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_locks "
+                                        "WHERE locktype = 'advisory' AND pid <> pg_backend_pid()"))
+            assert replacement.execute(sa.text("SELECT pg_try_advisory_lock(:cls, :key)"),
+                                       {"cls": WORKER_ID_LOCK_CLASS, "key": worker_id_key("web1")}).scalar()
+            # The first notices at its next heartbeat (every HEARTBEAT_S).
+            assert first.wait(timeout=HEARTBEAT_S + 20) == 2
+    finally:
+        engine.dispose()
+    log = workers.log(first)
+    assert "Traceback" not in log
+    assert log.splitlines()[-1] == (
+        "fashion-worker: error: another process took worker id 'web1' while this one had lost its database "
+        "connection; this one stopped (give each worker its own service.worker_id)")
+    assert re.search(r"ERROR worker\.lock: worker id 'web1' is now held by another process \(host \S+, pid "
+                     rf"{first.pid}, last heartbeat [^)]+\): two workers run under one id", log), log
+    # Its rows and moves are whole; the id's workers row is not marked stopped by it.
+    assert query(pg_url, "SELECT count(*), count(DISTINCT file) FROM results WHERE location LIKE '%processed%'") \
+        == [(5, 5)]
+    assert query(pg_url, "SELECT pid, stopped_at FROM workers WHERE worker_id = 'web1'") == [(first.pid, None)]
 
 
 # Migrations: several processes starting at once on a new database ------------------------------------------------

@@ -111,6 +111,7 @@ class Worker:
         self._next_heartbeat = 0.0
         self._feeder_dead_logged = False
         self._started = False  # start-up completed: its end is logged too
+        self.id_taken: str | None = None  # why the worker stopped: another process took its worker id
 
     # The whole run ------------------------------------------------------------------------------------
     def run(self, once: bool = False) -> int:
@@ -119,11 +120,15 @@ class Worker:
         try:
             self.start_up(once=once)
             if once:
-                return self.drain()
-            while not self.stop_requested:
-                self.work()
-                self.housekeeping()
-            return 0
+                code = self.drain()
+            else:
+                while not self.stop_requested:
+                    self.work()
+                    self.housekeeping()
+                code = 0
+            if self.id_taken is not None:
+                raise InboxLocked(self.id_taken)
+            return code
         finally:
             self.shut_down()
             self._restore_signal_handlers(previous)
@@ -268,9 +273,8 @@ class Worker:
                 self.notifier.status("batching thread ended; waiting for the watchdog restart")
             self._next_watchdog = now + self._watchdog_s
         if now >= self._next_heartbeat:
+            self._check_worker_id()
             self._heartbeat()
-            if self.worker_lock is not None:
-                self.worker_lock.check()
 
     def shut_down(self) -> None:
         """Stop everything that start_up started, in reverse order; safe after a partial start-up."""
@@ -287,8 +291,9 @@ class Worker:
             with _logged("giving back claims"):
                 self.claims.close()
         if self.store is not None:
-            with _logged("recording the stop"):
-                self._heartbeat(stopped=True)
+            if self.id_taken is None:  # else the workers row is the other process's now
+                with _logged("recording the stop"):
+                    self._heartbeat(stopped=True)
             if self.worker_lock is not None:
                 self.worker_lock.release()
             self.store.close()
@@ -320,9 +325,20 @@ class Worker:
             due = min(due, self._next_watchdog)
         return max(0.0, due - time.monotonic())
 
+    def _check_worker_id(self) -> None:
+        """PostgreSQL: still the one process under this worker id? A worker that lost the lock's connection
+        (a network cut long enough to end its session) while another process started under its id stops
+        after the batch in progress, so that one worker runs under each id."""
+        lock = self.worker_lock
+        if lock is None or self.id_taken is not None or lock.check() or not lock.taken:
+            return
+        self.id_taken = (f"another process took worker id {self.worker_id!r} while this one had lost its "
+                         f"database connection; this one stopped (give each worker its own service.worker_id)")
+        self.request_stop()
+
     def _heartbeat(self, stopped: bool = False) -> None:
         self._next_heartbeat = time.monotonic() + HEARTBEAT_S
-        if self.store is None:
+        if self.store is None or self.id_taken is not None:
             return
         processed = self.pipeline.counters.rows if self.pipeline is not None else 0
         try:

@@ -169,6 +169,7 @@ class WorkerIdLock:
         self.worker_id = worker_id
         self._conn: Connection | None = None
         self._wanted = False
+        self.taken = False  # another process took the id after this one lost its connection
 
     @property
     def held(self) -> bool:
@@ -220,7 +221,8 @@ class WorkerIdLock:
 
     def check(self) -> bool:
         """Still held? When the lock's connection was lost (database restart, network cut), take the lock
-        again on a new one; False (and an error logged) when another process took the id meanwhile."""
+        again on a new one; False (and an error logged) when that fails. `taken` then says whether another
+        process holds the id now (the caller should stop) rather than the database being out of reach."""
         if not self._wanted:
             return False
         if self._conn is not None:
@@ -239,6 +241,7 @@ class WorkerIdLock:
                         self.worker_id, " ".join(str(exc).split()))
             return False
         if self._conn is None:
+            self.taken = True
             log.error("worker id %r is now held by another process (%s): two workers run under one id",
                       self.worker_id, self._holder())
             return False
