@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
@@ -283,6 +284,49 @@ def test_a_file_rewritten_in_place_since_it_was_read_is_left_alone(inbox: Path, 
     with pytest.raises(FileChanged) as caught:
         dispose(path, inbox, "ok", config, expect=read_as)
     assert caught.value.replaced and path.exists()
+
+
+@pytest.mark.parametrize("action", ["move", "delete", "leave"])
+def test_a_file_only_touched_since_it_was_read_is_still_the_one_read(inbox: Path, tmp_path: Path,
+                                                                      action: str) -> None:
+    """`touch` (or a sync tool setting times) changes the mtime alone: the bytes hash as read, so the file
+    is disposed of under its row, not taken for a rewrite that needs a row of its own."""
+    config = make_config(tmp_path, files__on_success=action)
+    path = write_image(inbox / "photo.jpg", noise_seed=1)
+    content = path.read_bytes()
+    read_as = read_identity(path)
+    os.utime(path, ns=(read_as[3], read_as[3] + 1_000_000_000))
+    where = dispose(path, inbox, "ok", config, expect=read_as, sha256=hashlib.sha256(content).hexdigest())
+    if action == "move":
+        assert where == tmp_path / "processed" / "photo.jpg" and where.read_bytes() == content
+    elif action == "delete":
+        assert where is None
+    else:
+        assert where == path
+    assert path.exists() is (action == "leave")
+    # Without the hash of what was read, a changed mtime is a rewrite, as before.
+    if action == "leave":
+        with pytest.raises(FileChanged):
+            dispose(path, inbox, "ok", config, expect=read_as)
+
+
+@pytest.mark.parametrize("action", ["move", "leave"])
+def test_a_file_rewritten_with_other_bytes_of_the_same_size_is_left_alone(inbox: Path, tmp_path: Path,
+                                                                          action: str) -> None:
+    config = make_config(tmp_path, files__on_success=action)
+    path = write_image(inbox / "photo.jpg", noise_seed=1)
+    content = path.read_bytes()
+    read_as = read_identity(path)
+    with open(path, "r+b") as handle:  # same inode, same size, other bytes
+        handle.seek(len(content) // 2)
+        handle.write(bytes(b ^ 0xFF for b in content[len(content) // 2:][:16]))
+    os.utime(path, ns=(read_as[3], read_as[3] + 1_000_000_000))
+    assert read_identity(path)[:3] == read_as[:3]
+    rewritten = path.read_bytes()
+    with pytest.raises(FileChanged) as caught:
+        dispose(path, inbox, "ok", config, expect=read_as, sha256=hashlib.sha256(content).hexdigest())
+    assert caught.value.replaced and path.read_bytes() == rewritten
+    assert not (tmp_path / "processed").exists()
 
 
 @pytest.mark.parametrize("action", ["move", "delete"])

@@ -566,6 +566,44 @@ def test_a_file_replaced_while_processed_gets_its_own_row(tmp_path: Path, action
         h.close()
 
 
+class TouchedAfterCommit(Store):
+    """The real store; right after its first commit, the file's mtime is set a second later (what `touch` or
+    a sync tool setting times does; only the moment is arranged, between commit and move)."""
+
+    def __init__(self, url: str, path: Path) -> None:
+        super().__init__(url)
+        self.touched, self.done = path, False
+
+    def add_results(self, records, **kwargs):  # type: ignore[no-untyped-def]
+        ids = super().add_results(records, **kwargs)
+        if not self.done:
+            self.done = True
+            mtime = self.touched.stat().st_mtime_ns + 1_000_000_000
+            os.utime(self.touched, ns=(mtime, mtime))
+        return ids
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("action", ["move", "leave", "delete"])
+def test_a_file_touched_while_processed_keeps_its_one_row(tmp_path: Path, action: str) -> None:
+    cfg = make_config(tmp_path, **{"files.on_success": action})
+    path = write_image(cfg.inbox_path / "photo.jpg", (255, 0, 0))
+    red = path.read_bytes()
+    h = Harness(cfg, store=TouchedAfterCommit(cfg.database_url, path))
+    try:
+        h.submit_all()
+        h.drain()
+        h.submit_all()  # what a rescan would report now
+        h.drain()
+        where = {"move": str(cfg.processed_path / "photo.jpg"), "leave": str(path), "delete": ""}[action]
+        assert [r[:5] for r in h.rows()] == [("photo.jpg", "ok", "red", None, where)]
+        if action == "move":
+            assert (cfg.processed_path / "photo.jpg").read_bytes() == red
+        assert path.exists() is (action == "leave")
+    finally:
+        h.close()
+
+
 class LockedAfterFirstCommit(Store):
     """The real store; right after its first commit another connection takes SQLite's write lock (a real
     lock: the location update that follows fails), until `unlock()`."""

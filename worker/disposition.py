@@ -24,9 +24,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import logging
 import os
 import secrets
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -153,30 +155,38 @@ def unique_destination(directory: Path, relative: str) -> Path:
 
 
 def dispose(path: Path, inbox: Path, outcome: str, config: Config,
-            expect: tuple[int, int, int, int] | None = None) -> Path | None:
+            expect: tuple[int, int, int, int] | None = None, sha256: str | None = None) -> Path | None:
     """Move, leave or delete `path` after its result row is committed; return where it is now (None: deleted).
 
     outcome "ok" follows config.files.on_success; "failed" always moves to config.files.failed_dir. The
     subfolder below the inbox is kept. `expect`: the `files.identity` of the file as it was read; FileChanged
-    when the file there now is another (nothing is touched). Raises DispositionError (file left in place)
-    when the move or delete fails.
+    when the file there now is another (nothing is touched). `sha256`: the hash of the bytes read; a file
+    whose mtime alone changed since (a `touch`, a sync tool setting times) is still the one read when its
+    bytes hash the same. Raises DispositionError (file left in place) when the move or delete fails.
     """
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
     action = config.files.on_success if outcome == "ok" else "move"
     path = Path(path)
+    rel = relative_name(inbox, path)
     if action == "leave":  # nothing to touch; but a file rewritten or replaced since is not the one read
         if expect is not None and _identity_of(path) not in (None, expect):
-            raise FileChanged(relative_name(inbox, path), path, replaced=True)
+            with contextlib.suppress(FileChanged, FileSkipped):
+                dir_fd, name = open_parent(inbox, path)
+                try:
+                    _check_same(dir_fd, name, rel, path, expect, sha256)
+                    return path
+                finally:
+                    os.close(dir_fd)
+            raise FileChanged(rel, path, replaced=True)
         return path
-    rel = relative_name(inbox, path)
     ancestors = _ancestor_mtimes(inbox, rel)
     try:
         dir_fd, name = open_parent(inbox, path)
     except FileSkipped:  # a folder on the way is gone, or now a symlink: the file is not where it was read
         raise FileChanged(rel, path, replaced=False) from None
     try:
-        _check_same(dir_fd, name, rel, path, expect)
+        expect = _check_same(dir_fd, name, rel, path, expect, sha256)
         if action == "delete":
             try:
                 os.unlink(name, dir_fd=dir_fd)
@@ -192,15 +202,49 @@ def dispose(path: Path, inbox: Path, outcome: str, config: Config,
     return destination
 
 
-def _check_same(dir_fd: int, name: str, rel: str, path: Path, expect: tuple[int, int, int, int] | None) -> None:
+def _check_same(dir_fd: int, name: str, rel: str, path: Path, expect: tuple[int, int, int, int] | None,
+                sha256: str | None = None) -> tuple[int, int, int, int] | None:
+    """FileChanged unless the file is still the one read; its identity now (the mtime may have moved)."""
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         raise FileChanged(rel, path, replaced=False) from None
     except OSError as exc:
         raise DispositionError(exc.errno, f"cannot stat {rel!r}: {exc.strerror}", str(path)) from None
-    if expect is not None and identity(st) != expect:
+    if expect is None or identity(st) == expect:
+        return expect
+    now = _same_bytes(dir_fd, name, expect, sha256)
+    if now is None:
         raise FileChanged(rel, path, replaced=True)
+    log.debug("%r was touched since it was read (mtime changed, same bytes)", rel)
+    return now
+
+
+def _same_bytes(dir_fd: int, name: str, expect: tuple[int, int, int, int],
+                sha256: str | None) -> tuple[int, int, int, int] | None:
+    """The file's identity now if only its mtime changed since it was read and its bytes still hash to
+    `sha256` (read with the identity unchanged from start to end); None otherwise."""
+    if sha256 is None:
+        return None
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode) or identity(before)[:3] != expect[:3]:
+            return None  # another file, or a different size: rewritten, not touched
+        digest = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+        after = os.fstat(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if identity(after) != identity(before) or digest.hexdigest() != sha256:
+        return None
+    return identity(after)
 
 
 def _move(dir_fd: int, name: str, src: Path, directory: Path, rel: str,

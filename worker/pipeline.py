@@ -1046,7 +1046,8 @@ class Pipeline:
         for p in rows:
             assert p.row_id is not None
             try:
-                dest = dispose(p.item.path, self.inbox, p.outcome, self.config, expect=p.read_as)
+                dest = dispose(p.item.path, self.inbox, p.outcome, self.config, expect=p.read_as,
+                               sha256=p.sha256)
             except FileChanged as exc:
                 # Not the file that was read: left alone. Its row keeps what was read; a new file there
                 # gets a row of its own once this batch lets go of the path.
