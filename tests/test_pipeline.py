@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import make_model, write_image
+from conftest import make_model, unwritable, write_image
 
 from worker import config as config_mod
 from worker.config import Config
@@ -869,3 +869,72 @@ def test_scale_out_a_batch_the_model_failed_on_gives_its_claims_back(tmp_path: P
         granted = healthy.claim({key: "a-red.jpg"}).granted
         assert list(granted) == [key] and not granted[key].taken_over
         healthy.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(120)
+def test_scale_out_a_file_this_worker_cannot_move_is_handed_to_one_that_can(tmp_path: Path) -> None:
+    # This worker's processed/ refuses the move after the commit. Its claim used to be renewed as long as
+    # the fault lasted, so a worker beside it that could move the file never got it.
+    import dataclasses
+
+    from worker.claims import Claims
+
+    with scale_out(tmp_path, lease_s=30.0) as (cfg, harness, claims):
+        claims.start()
+        write_image(cfg.inbox_path / "a.jpg", (255, 0, 0))
+        cfg.processed_path.mkdir(parents=True, exist_ok=True)
+        with unwritable(cfg.processed_path):
+            assert harness.submit_all() == 1
+            deadline = time.monotonic() + 10
+            while harness.pipeline.counters.disposition_errors == 0:
+                assert time.monotonic() < deadline, "the move never failed"
+                harness.pipeline.process_next(0.5)
+            store = harness.store
+            (row_id, location), = pg_query(store, "SELECT id, location FROM results")
+            assert location == str(cfg.inbox_path / "a.jpg")
+            # The claim keeps the row, its lease has ended, and this worker's renewals leave it so.
+            assert claims.renew() == 0
+            assert pg_query(store, "SELECT result_id, lease_until <= now() FROM claims") == [(row_id, True)]
+            # Another worker, with a processed/ of its own, takes it over at once and only moves it.
+            other_cfg = dataclasses.replace(cfg, files=dataclasses.replace(cfg.files, processed_dir=str(
+                tmp_path / "other-processed")))
+            other = Harness(other_cfg, store=Store(store.url, retry_s=2),
+                            claims=Claims(Store(store.url, retry_s=2), "w2", "host-2", lease_s=30))
+            try:
+                assert other.submit_all() == 1
+                other.drain()
+            finally:
+                other.close()
+        moved = tmp_path / "other-processed" / "a.jpg"
+        assert moved.exists() and not (cfg.inbox_path / "a.jpg").exists()
+        assert pg_query(store, "SELECT id, category, location FROM results") == [(row_id, "red", str(moved))]
+        assert pg_query(store, "SELECT count(*) FROM claims") == [(0,)]
+        # This worker's own retry then finds the file gone: no second row, nothing left to renew.
+        deadline = time.monotonic() + 15
+        while harness.pipeline.busy() or claims.held:
+            assert time.monotonic() < deadline, "the retry never concluded"
+            harness.pipeline.process_next(0.5, until_idle=True)
+        assert pg_query(store, "SELECT count(*) FROM results") == [(1,)]
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(120)
+def test_scale_out_a_file_this_worker_could_not_move_is_moved_by_it_once_it_can(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="worker.claims")
+    with scale_out(tmp_path, lease_s=30.0) as (cfg, harness, claims):
+        write_image(cfg.inbox_path / "a.jpg", (255, 0, 0))
+        cfg.processed_path.mkdir(parents=True, exist_ok=True)
+        with unwritable(cfg.processed_path):
+            assert harness.submit_all() == 1
+            deadline = time.monotonic() + 10
+            while harness.pipeline.counters.disposition_errors == 0:
+                assert time.monotonic() < deadline, "the move never failed"
+                harness.pipeline.process_next(0.5)
+        harness.drain()  # the retry takes its own claim back (with the row) and moves the file
+        assert pg_query(harness.store, "SELECT count(*), max(location) FROM results") == [
+            (1, str(cfg.processed_path / "a.jpg"))]
+        assert (cfg.processed_path / "a.jpg").exists()
+        assert pg_query(harness.store, "SELECT count(*) FROM claims") == [(0,)] and claims.held == 0
+        assert not [m for m in caplog.messages if "took over" in m]  # its own file, not a takeover

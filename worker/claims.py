@@ -31,6 +31,9 @@ only the worker holding the claim reads, classifies, records and moves that file
   or deleted its claim is deleted; a file left in place (`files.on_success = "leave"`) keeps a claim
   marked done, so that no other worker records it again. A file that vanished or is skipped (FIFO,
   symlink…) releases its claim too (`release`).
+- **Stuck** (`release_in(stuck=…)`): a file recorded here that this worker cannot move (its processed/ full
+  or read-only) has its claim's lease ended and is no longer renewed; the row stays on the claim, so the
+  worker that takes it over (any that can move the file, this one included on its next try) only moves it.
 - **Shutdown** (`close`): claims without a row are deleted, claims with a row are expired at once, so that
   other workers take them over without waiting for the lease.
 - **Purge**: a claim nobody took over within PURGE_AFTER_S of its lapse (its worker died after moving the
@@ -64,6 +67,9 @@ DEFAULT_LEASE_S = 30.0
 RENEWALS_PER_LEASE = 3  # a claim survives two missed renewals
 PURGE_AFTER_S = 3600.0  # lapsed claims nobody took over are deleted this long after their lease ended
 PURGE_EVERY_S = 300.0
+# The owner of a claim handed on because its worker could not move the recorded file: no process renews it.
+STUCK_OWNER = "stuck"
+HANDED_ON_MEMORY = 10_000  # such claims remembered, so that taking one back is not logged as a takeover
 
 
 def drop_key(file: str, size: int, mtime_ns: int, inode: int) -> str:
@@ -120,6 +126,7 @@ class Claims:
         self.takeovers = 0  # claims taken over from other processes
         self._lease = timedelta(seconds=self.lease_s)
         self._mine: set[str] = set()  # keys granted and not released (for takeover detection and counts)
+        self._handed_on: set[str] = set()  # keys of files this process recorded but could not move (stuck)
         # Releases the database refused (see release_later): drops finished here, and drops left in place.
         self._unreleased_finished: set[str] = set()
         self._unreleased_left: set[str] = set()
@@ -174,7 +181,8 @@ class Claims:
                 with self._lock:
                     for key, result_id in conn.execute(takeover):
                         recorded = None if result_id is None or key in finished else int(result_id)
-                        outcome.granted[key] = Granted(key, recorded, key not in self._mine)
+                        taken = key not in self._mine and key not in self._handed_on
+                        outcome.granted[key] = Granted(key, recorded, taken)
             # 3. The rest are held by live workers (or done): who, and when to look again.
             others = [key for key in rest if key not in outcome.granted]
             if others:
@@ -194,6 +202,7 @@ class Claims:
         taken = [g for g in outcome.granted.values() if g.taken_over]
         with self._lock:
             self._unreleased_finished.difference_update(outcome.granted)  # held again, for the new drop
+            self._handed_on.difference_update(outcome.granted)
             self._mine.update(outcome.granted)
             self.takeovers += len(taken)
         if taken:
@@ -264,9 +273,17 @@ class Claims:
                 self._unreleased_left.difference_update(kept)
             return True
 
-    def release_in(self, conn: Connection, keys: Iterable[str], *, left: Iterable[str] = ()) -> None:
-        """`release` inside the caller's transaction (the pipeline's set_locations)."""
-        finished, kept = sorted(set(keys)), sorted(set(left))
+    def release_in(self, conn: Connection, keys: Iterable[str], *, left: Iterable[str] = (),
+                   stuck: Iterable[str] = ()) -> None:
+        """`release` inside the caller's transaction (the pipeline's set_locations). `stuck`: drops recorded
+        here that this worker cannot move (its processed/ full or read-only): their claims keep the row but
+        end their lease now and are no longer renewed, so that any worker that can move them takes them
+        over (this one too, when it tries again)."""
+        finished, kept, handed_on = sorted(set(keys)), sorted(set(left)), sorted(set(stuck))
+        if handed_on:
+            conn.execute(sa.update(claims).where(claims.c.drop_key.in_(handed_on), claims.c.owner == self.owner,
+                                                 claims.c.done_at.is_(None))
+                         .values(owner=STUCK_OWNER, lease_until=sa.func.now()))
         if finished:
             conn.execute(sa.delete(claims).where(claims.c.drop_key.in_(finished), claims.c.owner == self.owner))
         if kept:
@@ -275,6 +292,10 @@ class Claims:
         with self._lock:
             self._mine.difference_update(finished)
             self._mine.difference_update(kept)
+            self._mine.difference_update(handed_on)
+            if len(self._handed_on) > HANDED_ON_MEMORY:  # moved by others meanwhile: forget, only a log line
+                self._handed_on.clear()
+            self._handed_on.update(handed_on)
 
     def renew(self) -> int:
         """Extend the lease of every claim this process holds; return how many."""

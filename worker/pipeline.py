@@ -1092,9 +1092,11 @@ class Pipeline:
                 log.error("cannot dispose of %d files (%s, …; rows committed) into %s: %s; they stay in the "
                           "inbox%s", len(files), ", ".join(f.file for f, _ in files[:3]), target, cause, retry)
         release = None  # scale-out: the claims are released in the same transaction
-        if self.claims is not None and (finished or left):
+        unmoved = [p for files in stuck.values() for p, _ in files]  # their claims go to whoever can move them
+        if self.claims is not None and (finished or left or unmoved):
             claims, done, kept = self.claims, self._claim_keys(finished), self._claim_keys(left)
-            release = lambda conn: claims.release_in(conn, done, left=kept)  # noqa: E731
+            handed_on = self._claim_keys(unmoved)
+            release = lambda conn: claims.release_in(conn, done, left=kept, stuck=handed_on)  # noqa: E731
         stale = self._stale_locations
         locations = [*stale.items(), *locations]
         if locations or release is not None:
