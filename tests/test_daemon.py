@@ -158,8 +158,8 @@ def test_run_once_processes_a_mixed_folder_and_returns(site: Path) -> None:
         assert location == str(site / ("processed" if status == "ok" else "failed") / file)
         assert Path(location).is_file()
     assert [p.name for p in inbox.rglob("*") if p.is_file()] == ["upload.jpg.part"]
-    workers = query(site, "SELECT processed, stopped_at IS NOT NULL FROM workers")
-    assert workers == [(6, 1)]
+    workers = query(site, "SELECT processed, stopped_at IS NOT NULL, processed_dir, failed_dir FROM workers")
+    assert workers == [(6, 1, str(site / "processed"), str(site / "failed"))]  # where recovery would look
 
 
 def test_output_folders_inside_the_inbox_are_refused(site: Path) -> None:

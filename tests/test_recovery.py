@@ -49,10 +49,12 @@ def dead_pid() -> int:
 
 
 def crashed_worker(store: Store, cfg: Config, rows: dict[str, bytes], *, worker: str = "host-a:1",
-                   host: str = HOST, pid: int | None = None, status: str = "ok") -> dict[str, int]:
+                   host: str = HOST, pid: int | None = None, status: str = "ok",
+                   folders: tuple[str, str] | None = None) -> dict[str, int]:
     """A worker that recorded `rows` (name -> content) with their inbox location, then died: its workers
-    row was never marked stopped. Returns each name's row id."""
-    store.heartbeat(worker, host, dead_pid() if pid is None else pid, len(rows))
+    row was never marked stopped. `folders`: the (processed, failed) folders its row records (None: a row
+    from before schema version 3). Returns each name's row id."""
+    store.heartbeat(worker, host, dead_pid() if pid is None else pid, len(rows), folders=folders)
     ids = {}
     for name, content in rows.items():
         fields = {"category": "red", "confidence": 0.9, "top3": [("red", 0.9)]} if status == "ok" else {
@@ -110,7 +112,48 @@ def test_a_file_found_nowhere_is_recorded_as_gone_with_a_warning(store: Store, c
         assert recover_locations(store, cfg, HOST) == 1
     assert locations(store)[ids["lost.jpg"]] == ""
     assert caplog.messages == [f"lost.jpg (row {ids['lost.jpg']}) was recorded in the inbox by a worker that "
-                               "crashed, and is neither there nor in the processed folder"]
+                               f"crashed, and is neither there nor in {cfg.processed_path}"]
+
+
+def test_a_dead_worker_s_files_are_looked_for_in_its_own_folders(store: Store, cfg: Config,
+                                                                   tmp_path: Path) -> None:
+    # Two workers on one host, each with its own processed/ and failed/; the one that starts after the
+    # other died used to look in its own folders only, and record the dead one's files as gone.
+    theirs = {name: tmp_path / f"their-{name}" for name in ("processed", "failed")}
+    for folder in theirs.values():
+        folder.mkdir()
+    ok = crashed_worker(store, cfg, {"a.jpg": b"a"}, worker="host-a:1",
+                        folders=(str(theirs["processed"]), str(theirs["failed"])))
+    bad = crashed_worker(store, cfg, {"bad.jpg": b"text"}, worker="host-a:2", status="failed",
+                         folders=(str(theirs["processed"]), str(theirs["failed"])))
+    (theirs["processed"] / "a.jpg").write_bytes(b"a")
+    (theirs["failed"] / "bad.jpg").write_bytes(b"text")
+    (cfg.processed_path / "a.jpg").write_bytes(b"a")  # the same bytes in this worker's folder: not its file
+    assert recover_locations(store, cfg, HOST) == 2
+    assert locations(store) == {ok["a.jpg"]: str(theirs["processed"] / "a.jpg"),
+                                bad["bad.jpg"]: str(theirs["failed"] / "bad.jpg")}
+
+
+def test_a_worker_that_did_not_move_ok_files_is_not_given_one(store: Store, cfg: Config,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    # It deleted its ok files (on_success = "delete"), and a file of the same name and bytes is in this
+    # worker's processed/: that one is another row's, or none.
+    ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, folders=("", str(cfg.failed_path)))
+    (cfg.processed_path / "a.jpg").write_bytes(b"a")
+    with caplog.at_level(logging.WARNING, logger="worker.recovery"):
+        assert recover_locations(store, cfg, HOST) == 1
+    assert locations(store)[ids["a.jpg"]] == ""
+    assert caplog.messages == [f"a.jpg (row {ids['a.jpg']}) was recorded in the inbox by a worker that crashed, "
+                               "and is neither there nor in its processed folder (it did not move ok files)"]
+
+
+def test_a_worker_records_processed_dir_empty_when_it_does_not_move_ok_files(cfg: Config) -> None:
+    from worker.recovery import worker_folders
+
+    assert worker_folders(cfg) == (str(cfg.processed_path), str(cfg.failed_path))
+    leave = config_mod.load(None, {"inbox.path": str(cfg.inbox_path), "files.on_success": "leave",
+                                   "files.failed_dir": str(cfg.failed_path)})
+    assert worker_folders(leave) == ("", str(cfg.failed_path))
 
 
 def test_a_row_whose_file_is_still_in_the_inbox_is_left_alone(store: Store, cfg: Config) -> None:

@@ -46,7 +46,7 @@ from worker.metrics import Metrics
 from worker.model import Model
 from worker.notify import Notifier
 from worker.pipeline import Pipeline
-from worker.recovery import recover_locations
+from worker.recovery import recover_locations, worker_folders
 from worker.store import Store
 from worker.watch import InboxWatcher
 
@@ -342,7 +342,8 @@ class Worker:
             return
         processed = self.pipeline.counters.rows if self.pipeline is not None else 0
         try:
-            self.store.heartbeat(self.worker_id, self.host, os.getpid(), processed, stopped=stopped)
+            self.store.heartbeat(self.worker_id, self.host, os.getpid(), processed, stopped=stopped,
+                                 folders=worker_folders(self.config))
         except StoreError as exc:
             log.warning("cannot record the heartbeat: %s", exc)
 

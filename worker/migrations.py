@@ -132,9 +132,18 @@ def _v2_scale_out(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _v3_worker_folders(conn: Connection) -> None:
+    """Version 3: where each worker moves files (workers.processed_dir, workers.failed_dir), so that crash
+    recovery looks for a dead worker's files in its folders, not in those of whichever worker starts next
+    (workers on one host may each have their own, and a restart may come with new settings)."""
+    conn.execute(sa.text("ALTER TABLE workers ADD COLUMN processed_dir TEXT"))
+    conn.execute(sa.text("ALTER TABLE workers ADD COLUMN failed_dir TEXT"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "results and workers tables", _v1_results_and_workers),
     Migration(2, "results.host and the claims table (scale-out)", _v2_scale_out),
+    Migration(3, "workers.processed_dir and failed_dir (crash recovery)", _v3_worker_folders),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -9,8 +9,9 @@ file is.
 `recover_locations` runs at start-up, before the first heartbeat. It looks only at workers of this host
 whose row was never marked stopped and whose process is gone, and only at their rows that still name a
 path inside this inbox where no file is (the index on processed_at bounds the search to those runs). For
-each, the file is looked for where disposition puts it: the same relative name under processed/ (or
-failed/), or a numbered variant "name (n).ext", with the same sha256 and not already named by another
+each, the file is looked for where disposition puts it: the same relative name under that worker's
+processed/ (or failed/) folder, as its workers row records it (this worker's own for rows from before
+schema version 3), or a numbered variant "name (n).ext", with the same sha256 and not already named by another
 row. Found: the row gets that location; not found: the row gets "" (gone), with a warning.
 
 Where the filesystem has no renameat2 (NFS), disposition moves by link then unlink; a worker killed
@@ -31,6 +32,7 @@ import os
 import secrets
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -48,6 +50,29 @@ GONE = ""  # as worker.pipeline.GONE: the file is nowhere to be found
 MAX_NUMBERED = 10_000  # how many "name (n).ext" variants are looked at, at most
 
 
+@dataclass(frozen=True)
+class Folders:
+    """Where a worker moves files: `processed` None when ok files are not moved (leave, delete)."""
+
+    processed: Path | None
+    failed: Path
+
+
+def worker_folders(config: Config) -> tuple[str, str]:
+    """(processed_dir, failed_dir) as a worker records them in the workers table (Store.heartbeat):
+    processed_dir "" when ok files are not moved."""
+    processed = str(config.processed_path) if config.files.on_success == "move" else ""
+    return processed, str(config.failed_path)
+
+
+def _folders(processed_dir: str | None, failed_dir: str | None, config: Config) -> Folders:
+    """A dead worker's folders from its workers row; this worker's own for a row from before schema
+    version 3, which has none."""
+    if processed_dir is None or failed_dir is None:
+        processed_dir, failed_dir = worker_folders(config)
+    return Folders(Path(processed_dir) if processed_dir else None, Path(failed_dir))
+
+
 def recover_locations(store: Store, config: Config, host: str) -> int:
     """Fix rows left naming the inbox by workers of `host` that died; return how many were fixed."""
     try:
@@ -61,9 +86,10 @@ def _recover(store: Store, config: Config, host: str) -> int:
     inbox = os.path.realpath(config.inbox_path)  # the pipeline records paths under the real inbox path
     with store.engine.connect() as conn:
         dead = [
-            (row.worker_id, row.started_at)
+            (row.worker_id, row.started_at, _folders(row.processed_dir, row.failed_dir, config))
             for row in conn.execute(
-                sa.select(workers.c.worker_id, workers.c.pid, workers.c.started_at)
+                sa.select(workers.c.worker_id, workers.c.pid, workers.c.started_at, workers.c.processed_dir,
+                          workers.c.failed_dir)
                 .where(workers.c.stopped_at.is_(None), workers.c.host == host)
             )
             if not _alive(row.pid)
@@ -72,7 +98,7 @@ def _recover(store: Store, config: Config, host: str) -> int:
             return 0
         stale = []
         half_moved = []  # (row, lstat of its inbox name): a move by link then unlink cut between the two
-        for worker_id, started_at in dead:
+        for worker_id, started_at, folders in dead:
             query = sa.select(results.c.id, results.c.file, results.c.sha256, results.c.status,
                               results.c.location).where(
                 results.c.worker == worker_id,
@@ -82,9 +108,9 @@ def _recover(store: Store, config: Config, host: str) -> int:
             for row in conn.execute(query):
                 left = _lstat(row.location)
                 if left is None:
-                    stale.append(row)
+                    stale.append((row, folders))
                 elif stat.S_ISREG(left.st_mode) and left.st_nlink > 1:
-                    half_moved.append((row, left))
+                    half_moved.append((row, left, folders))
 
         assigned: set[Path] = set()
 
@@ -95,17 +121,18 @@ def _recover(store: Store, config: Config, host: str) -> int:
             return conn.execute(query).first() is not None
 
         fixes = []
-        for row in stale:
-            found = _find(row.file, row.sha256, row.status, config, named)
+        for row, folders in stale:
+            found = _find(row.file, row.sha256, row.status, folders, named)
             fixes.append((row.id, GONE if found is None else str(found)))
             if found is not None:
                 assigned.add(found)
             else:
+                folder = folders.failed if row.status == "failed" else folders.processed
                 log.warning("%s (row %d) was recorded in the inbox by a worker that crashed, and is neither "
-                            "there nor in the %s folder", row.file, row.id,
-                            "failed" if row.status == "failed" else "processed")
-        for row, left in half_moved:
-            found = _finish_move(Path(row.location), left, row.file, row.status, config, named)
+                            "there nor in %s", row.file, row.id,
+                            "its processed folder (it did not move ok files)" if folder is None else folder)
+        for row, left, folders in half_moved:
+            found = _finish_move(Path(row.location), left, row.file, row.status, folders, named)
             if found is not None:
                 fixes.append((row.id, str(found)))
                 assigned.add(found)
@@ -118,28 +145,28 @@ def _recover(store: Store, config: Config, host: str) -> int:
         with conn.begin():
             conn.execute(
                 sa.update(workers)
-                .where(workers.c.worker_id.in_([worker_id for worker_id, _ in dead]),
+                .where(workers.c.worker_id.in_([worker_id for worker_id, _, _ in dead]),
                        workers.c.stopped_at.is_(None))
                 .values(stopped_at=workers.c.heartbeat_at)
             )
     return len(fixes)
 
 
-def _find(file: str, sha256: str | None, status: str, config: Config,
+def _find(file: str, sha256: str | None, status: str, folders: Folders,
           named: Callable[[Path], bool]) -> Path | None:
     """Where disposition would have put `file`: the first existing candidate with the same content that no
     other row names; None when there is none (or the file was deleted: on_success = "delete")."""
-    if status == "ok" and config.files.on_success != "move":
-        return None
-    return _placed(file, status, config, named, lambda path: sha256 is None or _sha256(path) == sha256)
+    return _placed(file, status, folders, named, lambda path: sha256 is None or _sha256(path) == sha256)
 
 
-def _placed(file: str, status: str, config: Config, named: Callable[[Path], bool],
+def _placed(file: str, status: str, folders: Folders, named: Callable[[Path], bool],
             same: Callable[[Path], bool]) -> Path | None:
-    """The first of the names disposition gives `file` (in processed/, or failed/ for a failed row; "a.jpg",
-    "a (1).jpg", … up to the first that does not exist) that no other row names and for which `same`
-    holds; None if there is none."""
-    folder = config.failed_path if status == "failed" else config.processed_path
+    """The first of the names disposition gives `file` (in the worker's processed/, or failed/ for a
+    failed row; "a.jpg", "a (1).jpg", … up to the first that does not exist) that no other row names and
+    for which `same` holds; None if there is none (or ok files are not moved)."""
+    folder = folders.failed if status == "failed" else folders.processed
+    if folder is None:
+        return None
     try:
         candidates = _candidates(folder, file)
     except ValueError:
@@ -152,14 +179,14 @@ def _placed(file: str, status: str, config: Config, named: Callable[[Path], bool
     return None  # pragma: no cover - _candidates never ends
 
 
-def _finish_move(inbox_name: Path, left: os.stat_result, file: str, status: str, config: Config,
+def _finish_move(inbox_name: Path, left: os.stat_result, file: str, status: str, folders: Folders,
                  named: Callable[[Path], bool]) -> Path | None:
     """Finish a move that disposition made by link then unlink (filesystems without renameat2, NFS) and a
     crash cut between the two: the inbox name is a second link to a file in processed/ (or failed/).
     The inbox name is removed only while it is that same file (device and inode): it is first renamed to a
     hidden name, so an upload that takes the name meanwhile is never the one removed. Returns the file's
     place, or None where the inbox name is not such a link (a user's own hard link: left as it is)."""
-    candidate = _placed(file, status, config, named, lambda path: _same_file(path, left))
+    candidate = _placed(file, status, folders, named, lambda path: _same_file(path, left))
     if candidate is None:
         return None
     aside = inbox_name.with_name(f".{inbox_name.name}.{secrets.token_hex(4)}.recovering")

@@ -105,6 +105,10 @@ workers = sa.Table(
     sa.Column("heartbeat_at", UTCDateTime, nullable=False),
     sa.Column("stopped_at", UTCDateTime),  # set by a clean shutdown, cleared by the next heartbeat
     sa.Column("processed", sa.BigInteger, nullable=False),  # images this process has recorded
+    # Where it moves files (crash recovery looks there); processed_dir "" when ok files are not moved
+    # (on_success "leave" or "delete"); both NULL in rows written before schema version 3.
+    sa.Column("processed_dir", sa.Text),
+    sa.Column("failed_dir", sa.Text),
 )
 claims = sa.Table(  # PostgreSQL scale-out: who classifies which drop (worker.claims); unused on SQLite
     "claims", metadata,
@@ -640,10 +644,12 @@ class Store:
 
     # Workers --------------------------------------------------------------------------------------
     def heartbeat(self, worker_id: str, host: str, pid: int, processed: int, *,
-                  started_at: datetime | None = None, stopped: bool = False) -> None:
+                  started_at: datetime | None = None, stopped: bool = False,
+                  folders: tuple[str, str] | None = None) -> None:
         """Upsert this worker's row: heartbeat_at = now, its processed count; `stopped=True` on a clean
         shutdown. started_at is kept across heartbeats of one process and reset when the pid changes
-        (a restart under a configured worker id), unless given."""
+        (a restart under a configured worker id), unless given. `folders`: (processed_dir, failed_dir)
+        where it moves files, processed_dir "" when ok files stay or are deleted."""
         now = utcnow()
 
         def body(conn: Connection) -> None:
@@ -654,6 +660,8 @@ class Store:
                 "host": safe_text(host), "pid": int(pid), "heartbeat_at": now, "processed": int(processed),
                 "stopped_at": now if stopped else None,
             }
+            if folders is not None:
+                values["processed_dir"], values["failed_dir"] = (safe_text(folder) for folder in folders)
             if current is None:
                 conn.execute(sa.insert(workers).values(worker_id=worker_id, started_at=started_at or now,
                                                        **values))
