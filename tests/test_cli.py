@@ -177,7 +177,7 @@ def test_stats_text(recorded: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_cli(capsys, "stats")
     assert (code, err) == (0, "")
     assert TS.sub("<time>", out) == (
-        f"Database:    sqlite:///{recorded}/data/results.db (schema version 2)\n"
+        f"Database:    sqlite:///{recorded}/data/results.db (schema version 3)\n"
         "Results:     4 total, 3 ok, 1 failed, 1 duplicate\n"
         "Throughput:  4.0/min over 1m, 0.8/min over 5m, 0.1/min over 60m\n"
         "First:       <time>\n"
