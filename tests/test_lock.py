@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from pgserver import postgres_server
+from sqlalchemy.engine import make_url
 
 from worker.exceptions import InboxLocked
-from worker.lock import InboxLock, WorkerIdLock, lock_path, uses_claims
+from worker.lock import InboxLock, WorkerIdLock, lock_path, uses_claims, worker_id_key
+from worker.migrations import WORKER_ID_LOCK_CLASS
 from worker.store import Store
 
 
@@ -131,3 +137,93 @@ def test_worker_id_lock_on_postgresql() -> None:
         first.release()
         with WorkerIdLock(store, "web1") as again:
             assert again.held
+
+
+class ClientCutProxy:
+    """A TCP relay to PostgreSQL whose `cut()` resets the client side of every connection so far and keeps
+    the server side open: the server keeps those sessions (no FIN reaches it) until its keepalives give up,
+    as after a middlebox reset or a client-side timeout. Real sockets; only the fault is arranged."""
+
+    def __init__(self, port: int) -> None:
+        self.port_to = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.clients: list[socket.socket] = []
+        self.cut_clients: set[socket.socket] = set()
+        self.servers: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.port_to))
+            self.clients.append(client)
+            self.servers.append(server)
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        if a in self.cut_clients or b in self.cut_clients:
+            return  # the cut: the server side is not closed here, its session lives on
+        with contextlib.suppress(OSError):  # any other end (a session terminated, a reset) is passed on
+            b.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        for client in self.clients:
+            self.cut_clients.add(client)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()  # RST to the client only
+        self.clients = []
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.servers:
+            sock.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(60)
+def test_the_lock_s_own_lost_session_is_ended_not_taken_for_another_process(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The client side of the lock's connection is cut while its server session lives on: the lock is still
+    # held by that session when check() reconnects. It used to be reported as taken by another process,
+    # and the worker stopped for good (exit 2, which systemd does not restart).
+    with postgres_server() as url:
+        direct = sa.create_engine(url)
+        proxy = ClientCutProxy(make_url(url).port)
+        try:
+            with Store(make_url(url).set(port=proxy.port).render_as_string(hide_password=False),
+                       retry_s=2) as store:
+                lock = WorkerIdLock(store, "web1")
+                lock.acquire()
+                holders = "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                with direct.connect() as conn:
+                    (old,) = conn.execute(sa.text(holders)).scalars().all()
+                proxy.cut()
+                assert lock.check() and lock.held and not lock.taken
+                with direct.connect() as conn:
+                    (new,) = conn.execute(sa.text(holders)).scalars().all()
+                    alive = conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"),
+                                         {"pid": old}).scalar()
+                assert new != old and alive == 0
+                assert f"worker id 'web1' is still held by this worker's lost connection (server process {old}); " \
+                       "ending that session" in caplog.messages
+                # Another process that holds the id is still told apart from it.
+                with direct.connect() as conn:
+                    conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": new})
+                    deadline = time.monotonic() + 10  # the terminated session lets go of the lock as it exits
+                    while not conn.execute(sa.text("SELECT pg_try_advisory_lock(:cls, :key)"),
+                                           {"cls": WORKER_ID_LOCK_CLASS, "key": worker_id_key("web1")}).scalar():
+                        assert time.monotonic() < deadline, "the terminated session kept the lock"
+                        time.sleep(0.05)
+                    assert not lock.check() and lock.taken
+                lock.release()
+        finally:
+            proxy.close()
+            direct.dispose()

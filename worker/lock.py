@@ -33,6 +33,7 @@ import hashlib
 import logging
 import os
 import struct
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -50,6 +51,8 @@ SQLITE_PREFIX = "sqlite:///"
 
 
 # Server-side keepalives of the lock connection: a vanished client host is noticed in about 10 + 3 x 5 s.
+# How long a session of this process that lost its client side takes to end once terminated, at most.
+OWN_SESSION_END_S = 5.0
 KEEPALIVE_SETTINGS = {"tcp_keepalives_idle": 10, "tcp_keepalives_interval": 5, "tcp_keepalives_count": 3}
 
 
@@ -169,6 +172,7 @@ class WorkerIdLock:
         self.worker_id = worker_id
         self._conn: Connection | None = None
         self._wanted = False
+        self._backend: int | None = None  # the server process of the session holding the lock
         self.taken = False  # another process took the id after this one lost its connection
 
     @property
@@ -188,9 +192,43 @@ class WorkerIdLock:
             conn.close()
             raise
         if got:
+            self._backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
             return conn
         conn.close()
         return None
+
+    def _holder_backend(self) -> int | None:
+        """The server process of the session that holds the lock now (None: nobody)."""
+        key = worker_id_key(self.worker_id)
+        with self.store.engine.connect() as conn:
+            return conn.execute(sa.text(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = :cls "
+                "AND objid = :obj AND objsubid = 2"), {"cls": WORKER_ID_LOCK_CLASS, "obj": key % 2**32}).scalar()
+
+    def _retake(self) -> Connection | None:
+        """Take the lock again after its connection was lost; None when another process holds it.
+
+        The holder can be this process's own previous session: the server keeps it until its keepalives
+        notice the connection is gone when only the client side was cut (a middlebox reset, a client
+        timeout). That session is ended and the lock taken again."""
+        conn = self._try()
+        if conn is not None:
+            return conn
+        holder = self._holder_backend()
+        if holder is None:  # freed meanwhile
+            return self._try()
+        if holder != self._backend:
+            return None
+        log.warning("worker id %r is still held by this worker's lost connection (server process %d); ending "
+                    "that session", self.worker_id, holder)
+        with self.store.engine.connect() as admin:
+            admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": holder})
+        deadline = time.monotonic() + OWN_SESSION_END_S
+        while (conn := self._try()) is None and self._holder_backend() in (holder, None):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        return conn
 
     def acquire(self) -> None:
         if self._conn is not None:
@@ -235,7 +273,7 @@ class WorkerIdLock:
                     self._conn.close()
                 self._conn = None
         try:
-            self._conn = self._try()
+            self._conn = self._retake()
         except SQLAlchemyError as exc:
             log.warning("lost the database connection holding worker id %r; cannot take it again yet: %s",
                         self.worker_id, " ".join(str(exc).split()))
