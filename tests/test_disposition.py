@@ -422,3 +422,56 @@ def test_across_filesystems_a_file_replaced_after_its_copy_keeps_the_copy(
     assert caught.value.replaced and caught.value.copied_to == tmp_path / "processed" / "photo.jpg"
     assert caught.value.copied_to.read_bytes() == original and path.read_bytes() == upload
     assert [p.name for p in (tmp_path / "processed").iterdir()] == ["photo.jpg"]  # no temp file left
+
+
+def _touch(path: Path) -> None:
+    mtime = path.stat().st_mtime_ns + 1_000_000_000
+    os.utime(path, ns=(mtime, mtime))
+
+
+def test_a_file_touched_between_the_check_and_the_rename_is_moved(inbox: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # The touch is real; only its moment is arranged (a hook on the rename), as in the swap test above.
+    config = make_config(tmp_path)
+    path = write_image(inbox / "photo.jpg", noise_seed=1)
+    content = path.read_bytes()
+    read_as = read_identity(path)
+    real = disposition._rename_noreplace
+
+    def touch_then_rename(src: Path | str, dst: Path | str, src_dir_fd: int | None = None,
+                          dst_dir_fd: int | None = None) -> None:
+        if src_dir_fd is not None:
+            _touch(path)
+        real(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+
+    monkeypatch.setattr(disposition, "_rename_noreplace", touch_then_rename)
+    moved = dispose(path, inbox, "ok", config, expect=read_as, sha256=hashlib.sha256(content).hexdigest())
+    assert moved == tmp_path / "processed" / "photo.jpg" and moved.read_bytes() == content
+    assert not path.exists()
+
+
+def test_across_filesystems_a_file_touched_during_its_copy_is_moved(inbox: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Touched after the copy landed (timed by a hook on the folder sync, as in the test above): the inbox
+    # name still holds the bytes read, so the move completes instead of leaving it for a second row.
+    config = make_config(tmp_path)
+    path = write_image(inbox / "photo.jpg", noise_seed=1)
+    content = path.read_bytes()
+    read_as = read_identity(path)
+    real_rename, real_sync = disposition._rename_noreplace, disposition._fsync_dir
+
+    def cross_device(src: Path | str, dst: Path, src_dir_fd: int | None = None) -> None:
+        if src_dir_fd is not None:  # simulated EXDEV, as in test_exdev_fallback_simulated
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        real_rename(src, dst)
+
+    def touch_then_sync(directory: Path) -> None:
+        if path.exists():
+            _touch(path)
+        real_sync(directory)
+
+    monkeypatch.setattr(disposition, "_rename_noreplace", cross_device)
+    monkeypatch.setattr(disposition, "_fsync_dir", touch_then_sync)
+    moved = dispose(path, inbox, "ok", config, expect=read_as, sha256=hashlib.sha256(content).hexdigest())
+    assert moved == tmp_path / "processed" / "photo.jpg" and moved.read_bytes() == content
+    assert not path.exists() and [p.name for p in (tmp_path / "processed").iterdir()] == ["photo.jpg"]

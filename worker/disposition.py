@@ -170,15 +170,7 @@ def dispose(path: Path, inbox: Path, outcome: str, config: Config,
     path = Path(path)
     rel = relative_name(inbox, path)
     if action == "leave":  # nothing to touch; but a file rewritten or replaced since is not the one read
-        if expect is not None and _identity_of(path) not in (None, expect):
-            with contextlib.suppress(FileChanged, FileSkipped):
-                dir_fd, name = open_parent(inbox, path)
-                try:
-                    _check_same(dir_fd, name, rel, path, expect, sha256)
-                    return path
-                finally:
-                    os.close(dir_fd)
-            raise FileChanged(rel, path, replaced=True)
+        left_in_place(path, inbox, expect, sha256)
         return path
     ancestors = _ancestor_mtimes(inbox, rel)
     try:
@@ -195,11 +187,34 @@ def dispose(path: Path, inbox: Path, outcome: str, config: Config,
             destination = None
         else:
             target = config.processed_path if outcome == "ok" else config.failed_path
-            destination = _move(dir_fd, name, path, target, rel, expect)
+            destination = _move(dir_fd, name, path, target, rel, expect, sha256)
     finally:
         os.close(dir_fd)
     _remove_empty_parents(ancestors)
     return destination
+
+
+def left_in_place(path: Path, inbox: Path, expect: tuple[int, int, int, int] | None,
+                  sha256: str | None = None) -> tuple[int, int, int, int] | None:
+    """What `dispose` checks for a file it leaves in place (files.on_success = "leave"): FileChanged when
+    another file is there now; else its identity now (the mtime may have moved, see `dispose`), or None
+    when it is gone or `expect` is None."""
+    now = _identity_of(path)
+    if expect is None or now is None or now == expect:
+        return now if expect is not None else None
+    rel = relative_name(inbox, path)
+    try:
+        dir_fd, name = open_parent(inbox, path)
+    except FileSkipped:
+        raise FileChanged(rel, path, replaced=True) from None
+    try:
+        return _check_same(dir_fd, name, rel, path, expect, sha256)
+    except FileChanged as changed:
+        if changed.replaced:
+            raise
+        return None  # gone meanwhile
+    finally:
+        os.close(dir_fd)
 
 
 def _check_same(dir_fd: int, name: str, rel: str, path: Path, expect: tuple[int, int, int, int] | None,
@@ -220,7 +235,11 @@ def _check_same(dir_fd: int, name: str, rel: str, path: Path, expect: tuple[int,
     return now
 
 
-def _same_bytes(dir_fd: int, name: str, expect: tuple[int, int, int, int],
+def _touched_only(dir_fd: int | None, name: str, expect: tuple[int, int, int, int], sha256: str | None) -> bool:
+    return _same_bytes(dir_fd, name, expect, sha256) is not None
+
+
+def _same_bytes(dir_fd: int | None, name: str, expect: tuple[int, int, int, int],
                 sha256: str | None) -> tuple[int, int, int, int] | None:
     """The file's identity now if only its mtime changed since it was read and its bytes still hash to
     `sha256` (read with the identity unchanged from start to end); None otherwise."""
@@ -248,7 +267,7 @@ def _same_bytes(dir_fd: int, name: str, expect: tuple[int, int, int, int],
 
 
 def _move(dir_fd: int, name: str, src: Path, directory: Path, rel: str,
-          expect: tuple[int, int, int, int] | None) -> Path:
+          expect: tuple[int, int, int, int] | None, sha256: str | None = None) -> Path:
     first = next(_candidates(directory, rel))
     try:
         first.parent.mkdir(parents=True, exist_ok=True)
@@ -263,7 +282,8 @@ def _move(dir_fd: int, name: str, src: Path, directory: Path, rel: str,
                 _rename_noreplace(name, candidate, src_dir_fd=dir_fd)
             except FileExistsError:
                 continue
-            if expect is not None and _identity_of(candidate) != expect:
+            moved = _identity_of(candidate)
+            if expect is not None and moved != expect and not _touched_only(None, str(candidate), expect, sha256):
                 _put_back(candidate, dir_fd, name, rel, src)  # swapped in between the check and the rename
             log.debug("moved %r to %s", rel, candidate)
             return candidate
@@ -271,7 +291,7 @@ def _move(dir_fd: int, name: str, src: Path, directory: Path, rel: str,
         if isinstance(exc, DispositionError):
             raise
         if exc.errno == errno.EXDEV:
-            return _copy_across(dir_fd, name, src, directory, rel, expect)
+            return _copy_across(dir_fd, name, src, directory, rel, expect, sha256)
         raise DispositionError(
             exc.errno, f"cannot move {rel!r} into {first.parent!s}: {exc.strerror}", str(src)
         ) from None
@@ -296,7 +316,7 @@ def _put_back(moved: Path, dir_fd: int, name: str, rel: str, src: Path) -> None:
 
 
 def _copy_across(dir_fd: int, name: str, src: Path, directory: Path, rel: str,
-                 expect: tuple[int, int, int, int] | None) -> Path:
+                 expect: tuple[int, int, int, int] | None, sha256: str | None = None) -> Path:
     """Move to another filesystem: copy to a hidden O_EXCL temp, fsync, no-clobber rename, unlink src."""
     parent = next(_candidates(directory, rel)).parent
     temp = parent / _fit(f".{PurePosixPath(rel).name}", f".{secrets.token_hex(4)}.fw-partial")
@@ -332,7 +352,7 @@ def _copy_across(dir_fd: int, name: str, src: Path, directory: Path, rel: str,
             break
         _fsync_dir(parent)
         try:
-            _check_same(dir_fd, name, rel, src, identity(st))  # still the file copied?
+            _check_same(dir_fd, name, rel, src, identity(st), sha256)  # still the file copied?
         except FileChanged as changed:  # the copy is the file read: kept; the new file stays in the inbox
             raise FileChanged(rel, src, replaced=changed.replaced, copied_to=placed) from None
         os.unlink(name, dir_fd=dir_fd)

@@ -59,7 +59,7 @@ import numpy as np
 
 from worker.claims import ClaimOutcome, Claims, Granted, drop_key
 from worker.config import Config
-from worker.disposition import FileChanged, dispose
+from worker.disposition import FileChanged, dispose, left_in_place
 from worker.exceptions import FileSkipped, ImageRejected, StoreError
 from worker.files import identity, read_image_file, relative_name, sha256_hex
 from worker.model import Model, Prediction
@@ -1045,9 +1045,14 @@ class Pipeline:
         stuck: dict[tuple[Path, str, float | None], list[tuple[Prepared, str]]] = {}  # not moved, by cause
         for p in rows:
             assert p.row_id is not None
+            seen = p.read_as  # the identity of the file left in place, for rescans to skip it
             try:
-                dest = dispose(p.item.path, self.inbox, p.outcome, self.config, expect=p.read_as,
-                               sha256=p.sha256)
+                if p.outcome == "ok" and self.config.files.on_success == "leave":
+                    seen = left_in_place(p.item.path, self.inbox, p.read_as, p.sha256) or p.read_as
+                    dest: Path | None = p.item.path
+                else:
+                    dest = dispose(p.item.path, self.inbox, p.outcome, self.config, expect=p.read_as,
+                                   sha256=p.sha256)
             except FileChanged as exc:
                 # Not the file that was read: left alone. Its row keeps what was read; a new file there
                 # gets a row of its own once this batch lets go of the path.
@@ -1080,7 +1085,7 @@ class Pipeline:
                 locations.append((p.row_id, location))
                 finished.append(p)
             else:
-                self._remember_left(p.item.path, p.read_as)
+                self._remember_left(p.item.path, seen)
                 left.append(p)
         for (target, cause, delay), files in stuck.items():  # one line per batch and cause, not per file
             retry = f", retrying in {delay:g} s" if delay is not None else ", giving up"
