@@ -175,12 +175,17 @@ class Claims:
                            sa.or_(claims.c.lease_until < now, claims.c.worker_id == self.worker_id))
                     .values(worker_id=self.worker_id, host=safe_text(self.host), owner=self.owner, claimed_at=now,
                             lease_until=now + self._lease,
-                            takeovers=claims.c.takeovers + sa.case((claims.c.owner == self.owner, 0), else_=1))
+                            takeovers=claims.c.takeovers + sa.case(
+                                (claims.c.owner == self.owner, 0),  # (the row's values before this update)
+                                ((claims.c.owner == STUCK_OWNER) & (claims.c.worker_id == self.worker_id), 0),
+                                else_=1))
                     .returning(claims.c.drop_key, claims.c.result_id)
                 )
                 with self._lock:
                     for key, result_id in conn.execute(takeover):
                         recorded = None if result_id is None or key in finished else int(result_id)
+                        # (A claim handed on here that another worker took and handed on in turn is not
+                        # counted as a takeover when this worker takes it back: a log line and a count.)
                         taken = key not in self._mine and key not in self._handed_on
                         outcome.granted[key] = Granted(key, recorded, taken)
             # 3. The rest are held by live workers (or done): who, and when to look again.
