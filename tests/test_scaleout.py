@@ -342,8 +342,11 @@ def test_a_worker_whose_id_another_process_took_stops_with_one_line(
         with engine.connect() as replacement:  # the session ends (the cut), and another takes the id at once
             replacement.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_locks "
                                         "WHERE locktype = 'advisory' AND pid <> pg_backend_pid()"))
-            assert replacement.execute(sa.text("SELECT pg_try_advisory_lock(:cls, :key)"),
-                                       {"cls": WORKER_ID_LOCK_CLASS, "key": worker_id_key("web1")}).scalar()
+            deadline = time.monotonic() + 10  # the terminated session lets go of the lock as it exits
+            while not replacement.execute(sa.text("SELECT pg_try_advisory_lock(:cls, :key)"),
+                                          {"cls": WORKER_ID_LOCK_CLASS, "key": worker_id_key("web1")}).scalar():
+                assert time.monotonic() < deadline, "the terminated session kept the lock"
+                time.sleep(0.02)
             # The first notices at its next heartbeat (every HEARTBEAT_S).
             assert first.wait(timeout=HEARTBEAT_S + 20) == 2
     finally:
