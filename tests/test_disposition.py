@@ -178,14 +178,7 @@ def test_exdev_fallback_simulated(inbox: Path, tmp_path: Path, monkeypatch: pyte
     # Simulated because a second filesystem is not guaranteed on every CI host (the test above uses a real
     # one when present): the first no-clobber rename, from the inbox, fails with EXDEV as it would across
     # filesystems; the copy path's own rename (temp -> final, same folder) stays real.
-    real = disposition._rename_noreplace
-
-    def cross_device(src: Path | str, dst: Path, src_dir_fd: int | None = None) -> None:
-        if src_dir_fd is not None:  # the move out of the inbox (the copy's own rename has plain paths)
-            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
-        real(src, dst)
-
-    monkeypatch.setattr(disposition, "_rename_noreplace", cross_device)
+    moves_cross_devices(monkeypatch)
     config = make_config(tmp_path)
     (tmp_path / "processed").mkdir()
     (tmp_path / "processed" / "a.jpg").write_bytes(b"already here")
@@ -394,6 +387,19 @@ def test_across_filesystems_a_replaced_file_is_not_copied(inbox: Path, tmp_path:
     assert list((tmp_path / "processed").iterdir()) == []  # ...and nothing was copied, no temp file left
 
 
+def moves_cross_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The move out of the inbox fails with EXDEV, as in test_exdev_fallback_simulated; the copy path's own
+    rename (temp -> final, same folder, plain paths) stays real."""
+    real_rename = disposition._rename_noreplace
+
+    def cross_device(src: Path | str, dst: Path, src_dir_fd: int | None = None) -> None:
+        if src_dir_fd is not None:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(disposition, "_rename_noreplace", cross_device)
+
+
 def test_across_filesystems_a_file_replaced_after_its_copy_keeps_the_copy(
         inbox: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The copy of the file read has landed; then the inbox name gets a new upload (a real swap, timed by a
@@ -404,18 +410,13 @@ def test_across_filesystems_a_file_replaced_after_its_copy_keeps_the_copy(
     read_as = read_identity(path)
     newer = write_image(tmp_path / "upload.jpg", (0, 0, 200), noise_seed=2)
     upload = newer.read_bytes()
-    real_rename, real_sync = disposition._rename_noreplace, disposition._fsync_dir
-
-    def cross_device(src: Path | str, dst: Path, src_dir_fd: int | None = None) -> None:
-        if src_dir_fd is not None:  # simulated EXDEV, as in test_exdev_fallback_simulated
-            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
-        real_rename(src, dst)
+    real_sync = disposition._fsync_dir
+    moves_cross_devices(monkeypatch)
 
     def swap_then_sync(directory: Path) -> None:
         os.rename(newer, path)
         real_sync(directory)
 
-    monkeypatch.setattr(disposition, "_rename_noreplace", cross_device)
     monkeypatch.setattr(disposition, "_fsync_dir", swap_then_sync)
     with pytest.raises(FileChanged) as caught:
         dispose(path, inbox, "ok", config, expect=read_as)
@@ -458,19 +459,14 @@ def test_across_filesystems_a_file_touched_during_its_copy_is_moved(inbox: Path,
     path = write_image(inbox / "photo.jpg", noise_seed=1)
     content = path.read_bytes()
     read_as = read_identity(path)
-    real_rename, real_sync = disposition._rename_noreplace, disposition._fsync_dir
-
-    def cross_device(src: Path | str, dst: Path, src_dir_fd: int | None = None) -> None:
-        if src_dir_fd is not None:  # simulated EXDEV, as in test_exdev_fallback_simulated
-            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
-        real_rename(src, dst)
+    real_sync = disposition._fsync_dir
+    moves_cross_devices(monkeypatch)
 
     def touch_then_sync(directory: Path) -> None:
         if path.exists():
             _touch(path)
         real_sync(directory)
 
-    monkeypatch.setattr(disposition, "_rename_noreplace", cross_device)
     monkeypatch.setattr(disposition, "_fsync_dir", touch_then_sync)
     moved = dispose(path, inbox, "ok", config, expect=read_as, sha256=hashlib.sha256(content).hexdigest())
     assert moved == tmp_path / "processed" / "photo.jpg" and moved.read_bytes() == content
