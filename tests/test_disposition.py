@@ -254,6 +254,12 @@ def read_identity(path: Path) -> tuple[int, int, int, int]:
     return identity(os.lstat(path))
 
 
+def _touch(path: Path) -> None:
+    """What `touch` does to a file: a later mtime, nothing else."""
+    mtime = path.stat().st_mtime_ns + 1_000_000_000
+    os.utime(path, ns=(mtime, mtime))
+
+
 @pytest.mark.parametrize("action", ["move", "delete"])
 def test_a_file_replaced_since_it_was_read_is_left_alone(inbox: Path, tmp_path: Path, action: str) -> None:
     config = make_config(tmp_path, files__on_success=action)
@@ -288,7 +294,7 @@ def test_a_file_only_touched_since_it_was_read_is_still_the_one_read(inbox: Path
     path = write_image(inbox / "photo.jpg", noise_seed=1)
     content = path.read_bytes()
     read_as = read_identity(path)
-    os.utime(path, ns=(read_as[3], read_as[3] + 1_000_000_000))
+    _touch(path)
     where = dispose(path, inbox, "ok", config, expect=read_as, sha256=hashlib.sha256(content).hexdigest())
     if action == "move":
         assert where == tmp_path / "processed" / "photo.jpg" and where.read_bytes() == content
@@ -423,11 +429,6 @@ def test_across_filesystems_a_file_replaced_after_its_copy_keeps_the_copy(
     assert caught.value.replaced and caught.value.copied_to == tmp_path / "processed" / "photo.jpg"
     assert caught.value.copied_to.read_bytes() == original and path.read_bytes() == upload
     assert [p.name for p in (tmp_path / "processed").iterdir()] == ["photo.jpg"]  # no temp file left
-
-
-def _touch(path: Path) -> None:
-    mtime = path.stat().st_mtime_ns + 1_000_000_000
-    os.utime(path, ns=(mtime, mtime))
 
 
 def test_a_file_touched_between_the_check_and_the_rename_is_moved(inbox: Path, tmp_path: Path,

@@ -235,10 +235,6 @@ def _check_same(dir_fd: int, name: str, rel: str, path: Path, expect: tuple[int,
     return now
 
 
-def _touched_only(dir_fd: int | None, name: str, expect: tuple[int, int, int, int], sha256: str | None) -> bool:
-    return _same_bytes(dir_fd, name, expect, sha256) is not None
-
-
 def _same_bytes(dir_fd: int | None, name: str, expect: tuple[int, int, int, int],
                 sha256: str | None) -> tuple[int, int, int, int] | None:
     """The file's identity now if only its mtime changed since it was read and its bytes still hash to
@@ -282,8 +278,8 @@ def _move(dir_fd: int, name: str, src: Path, directory: Path, rel: str,
                 _rename_noreplace(name, candidate, src_dir_fd=dir_fd)
             except FileExistsError:
                 continue
-            moved = _identity_of(candidate)
-            if expect is not None and moved != expect and not _touched_only(None, str(candidate), expect, sha256):
+            if (expect is not None and _identity_of(candidate) != expect
+                    and _same_bytes(None, str(candidate), expect, sha256) is None):
                 _put_back(candidate, dir_fd, name, rel, src)  # swapped in between the check and the rename
             log.debug("moved %r to %s", rel, candidate)
             return candidate
