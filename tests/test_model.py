@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import threading
 
 import numpy as np
+import onnxruntime as ort
 import pytest
-from conftest import LABELS, make_model
+from conftest import LABELS, make_model, write_image
 from onnx import TensorProto
 
+import worker.model
 from worker.exceptions import ModelError
-from worker.model import DEFAULT_MODEL, DEFAULT_MODEL_FP32, DEFAULT_MODEL_GPU, Model, choose_providers, model_file
+from worker.model import (
+    DEFAULT_MODEL,
+    DEFAULT_MODEL_FP32,
+    DEFAULT_MODEL_GPU,
+    GPU_PROVIDERS,
+    Model,
+    choose_providers,
+    model_file,
+    preload_cuda_libraries,
+    session_options,
+    tensorrt_loadable,
+)
+from worker.preprocess import load_pixels
 
 
 def test_contract_model_loads_and_predicts(tiny_model):
@@ -218,3 +234,125 @@ def test_a_batch_alone_gets_every_core_and_one_started_meanwhile_gets_a_lane(tin
         for n, probs in enumerate(got[index]):
             np.testing.assert_allclose(probs, expected[index * 4 + n % 4], rtol=1e-5, atol=1e-6)
     assert model._running == 0 and sorted(model._free) == [0, 1]
+
+
+# The CUDA and TensorRT branches, on this CPU build of onnxruntime. The one thing that cannot be real here is
+# onnxruntime-gpu's listing: it names TensorRT and CUDA as available on any machine, GPU or not, so
+# `gpu_listing` makes `onnxruntime.get_available_providers()` (which worker.model calls through the module)
+# return that listing. Everything else is real: libnvinfer is absent (tensorrt_loadable() really is False),
+# ort.preload_dlls() really runs, and the real InferenceSession, asked for TensorRT or CUDA (its own check of
+# the providers does not go through the patched function), warns "Specified provider ... is not in available
+# provider names" and starts on the CPU, as onnxruntime-gpu does (with an error log) where no GPU can start:
+# the case of Model.__init__'s fallback to the CPU.
+REAL_PROVIDERS = ort.get_available_providers()
+GPU_LISTING = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+CPU_FALLBACK = "no GPU provider could start (have CPUExecutionProvider); running on the CPU"
+ORT_REFUSES = r"Specified provider '(Tensorrt|CUDA)ExecutionProvider' is not in available provider names"
+cpu_build = pytest.mark.skipif(any(p in REAL_PROVIDERS for p in GPU_PROVIDERS),
+                               reason="this onnxruntime really lists a GPU provider")
+default_model = pytest.mark.skipif(not (DEFAULT_MODEL.exists() and DEFAULT_MODEL_GPU.exists()),
+                                   reason="the trained default model has not been exported yet")
+
+
+@pytest.fixture
+def gpu_listing(monkeypatch):
+    """onnxruntime-gpu's listing on a machine without a GPU (see above), with the cached answers of
+    tensorrt_loadable and preload_cuda_libraries cleared before and after: no test sees another's."""
+    tensorrt_loadable.cache_clear()
+    preload_cuda_libraries.cache_clear()
+    monkeypatch.setattr(worker.model.ort, "get_available_providers", lambda: list(GPU_LISTING))
+    yield
+    tensorrt_loadable.cache_clear()
+    preload_cuda_libraries.cache_clear()
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "worker.model" and r.levelno >= logging.WARNING]
+
+
+def _assert_cpu_session(model: Model, path, data: bytes) -> None:
+    """`model` runs `path` (whose bytes are `data`) on the CPU only, rebuilt with the CPU's options
+    (session_options(gpu=False): a thread per core, spinning) rather than the GPU's (one thread, no spin)."""
+    assert model.info.path == path and model.info.model_id == hashlib.sha256(data).hexdigest()
+    assert model.providers == ["CPUExecutionProvider"] and model.device == "cpu"
+    _, cpu = session_options(0, 1, True, gpu=False)
+    assert model.placement == cpu
+    options = model.session.get_session_options()
+    assert options.intra_op_num_threads == cpu.threads
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+
+@cpu_build
+def test_auto_drops_tensorrt_when_libnvinfer_does_not_load(gpu_listing, caplog) -> None:
+    assert choose_providers(["auto"]) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert tensorrt_loadable() is False  # really: no libnvinfer on this machine
+    assert preload_cuda_libraries.cache_info().currsize == 1  # CUDA listed: its libraries were preloaded
+    assert choose_providers([]) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert _warnings(caplog) == []
+
+
+@cpu_build
+@default_model
+def test_default_model_without_a_usable_gpu_runs_the_int8_model_on_the_cpu_threads(
+        gpu_listing, monkeypatch, caplog, tmp_path) -> None:
+    """The fp16 GPU model is picked, no GPU provider starts, and the int8 CPU model runs instead, with the
+    CPU's threads: the same model, predictions and placement as on a machine with the CPU build."""
+    assert model_file(None, choose_providers(["auto"])) == DEFAULT_MODEL_GPU
+    with pytest.warns(UserWarning, match=ORT_REFUSES):  # the real session asked for CUDA starts on the CPU
+        model = Model()
+    assert _warnings(caplog) == [CPU_FALLBACK]
+    _assert_cpu_session(model, DEFAULT_MODEL, DEFAULT_MODEL.read_bytes())
+    assert model.info.metadata["precision"] == "int8"
+
+    monkeypatch.undo()  # back to the real listing: the model a machine with the CPU build runs
+    assert worker.model.ort.get_available_providers() == REAL_PROVIDERS
+    plain = Model()
+    assert plain.info == model.info and plain.placement == model.placement
+    assert plain.concurrent_batches == model.concurrent_batches
+    image = write_image(tmp_path / "red.png", (200, 30, 40), size=(120, 90), noise_seed=1)
+    pixels = load_pixels(image.read_bytes(), model.input_size, max_pixels=10_000_000)[None]
+    np.testing.assert_allclose(model.probabilities(pixels), plain.probabilities(pixels), rtol=0, atol=1e-6)
+    assert model.predict(pixels) == plain.predict(pixels)
+
+
+@cpu_build
+def test_an_explicit_model_without_a_usable_gpu_is_kept_on_the_cpu(gpu_listing, caplog, tiny_model) -> None:
+    with pytest.warns(UserWarning, match=ORT_REFUSES):
+        model = Model(tiny_model)
+    assert _warnings(caplog) == [CPU_FALLBACK]
+    _assert_cpu_session(model, tiny_model, tiny_model.read_bytes())  # the given file, not the int8 default
+    assert model.info.labels == LABELS
+    red = np.zeros((1, 32, 32, 3), dtype=np.uint8)
+    red[..., 0] = 255
+    assert model.predict(red)[0].category == "red"
+
+
+@cpu_build
+@default_model
+def test_the_shipped_fp16_model_named_explicitly_is_not_swapped(gpu_listing, caplog) -> None:
+    """Only the default (no path configured) switches to int8: a configured path, even the fp16 file, stays."""
+    with pytest.warns(UserWarning, match=ORT_REFUSES):
+        model = Model(DEFAULT_MODEL_GPU)
+    assert _warnings(caplog) == [CPU_FALLBACK]
+    _assert_cpu_session(model, DEFAULT_MODEL_GPU, DEFAULT_MODEL_GPU.read_bytes())
+    assert model.info.metadata["precision"] == "fp16"
+
+
+@cpu_build
+def test_explicit_cuda_is_refused_when_not_listed(tiny_model, caplog) -> None:
+    """The real listing of this CPU build, no patch: CUDA is not in it."""
+    with pytest.raises(ModelError) as caught:
+        Model(tiny_model, providers=["CUDAExecutionProvider"])
+    assert str(caught.value) == ("execution provider(s) CUDAExecutionProvider not available; available: "
+                                 + ", ".join(REAL_PROVIDERS))
+    assert _warnings(caplog) == []
+
+
+@cpu_build
+def test_explicit_cuda_listed_but_unusable_falls_back_to_the_cpu(gpu_listing, caplog, tiny_model) -> None:
+    assert choose_providers(["CUDAExecutionProvider"]) == ["CUDAExecutionProvider"]  # taken as asked
+    with pytest.warns(UserWarning, match=ORT_REFUSES):
+        model = Model(tiny_model, providers=["CUDAExecutionProvider"])
+    assert _warnings(caplog) == [CPU_FALLBACK]
+    _assert_cpu_session(model, tiny_model, tiny_model.read_bytes())
+    assert model.predict(np.zeros((2, 32, 32, 3), dtype=np.uint8))[0].top3[0][0] == "red"  # ties: label order
