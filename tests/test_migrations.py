@@ -71,6 +71,24 @@ def test_migrated_schema_matches_the_live_table_definitions(tmp_path: Path) -> N
         assert indexed == {("sha256", "model_id"), ("category",), ("status",), ("processed_at",), ("file",)}
 
 
+def test_rows_of_a_version_3_database_keep_their_values_and_have_no_inode(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    engine = sa.create_engine(url_for(path))
+    with engine.begin() as conn:  # a database as schema version 3 left it, with one row
+        migrate(engine, MIGRATIONS[:3])
+        conn.execute(sa.text(
+            "INSERT INTO results (file, location, sha256, status, model_id, model_name, created_at, "
+            "processed_at, worker) VALUES ('a.jpg', '/inbox/a.jpg', :sha, 'ok', 'm', 'n', '2026-01-01', "
+            "'2026-01-01', 'w')"), {"sha": "a" * 64})
+    engine.dispose()
+    with Store(url_for(path)) as store:
+        assert store.schema_version == LATEST_VERSION == 4
+        assert store.find_drop("a.jpg", "a" * 64, "m", "/inbox/a.jpg", 12345) == 1  # matched as before
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT file, sha256, inode FROM results").fetchall() == [("a.jpg", "a" * 64, None)]
+    assert version_rows(path)[-1] == (4, MIGRATIONS[3].description)
+
+
 def test_only_missing_migrations_are_applied(tmp_path: Path) -> None:
     path = tmp_path / "r.db"
     with Store(url_for(path)) as store:

@@ -415,7 +415,8 @@ def test_a_burst_over_concurrent_batches_gives_every_file_one_row_and_repeats_ar
 
 
 @pytest.mark.timeout(60)
-def test_drop_committed_before_a_crash_is_only_moved(harness: Harness, cfg: Config) -> None:
+@pytest.mark.parametrize("with_inode", [True, False], ids=["row with its inode", "row from before version 4"])
+def test_drop_committed_before_a_crash_is_only_moved(harness: Harness, cfg: Config, with_inode: bool) -> None:
     path = write_image(cfg.inbox_path / "x.jpg", (0, 0, 255))
     from worker.files import sha256_hex
 
@@ -423,11 +424,38 @@ def test_drop_committed_before_a_crash_is_only_moved(harness: Harness, cfg: Conf
     # What a worker killed between its commit and the move leaves behind: a row pointing into the inbox.
     harness.store.add_results([ResultRecord(
         file="x.jpg", location=str(path), status="ok", model_id=info.model_id, model_name=info.name,
-        worker="crashed", sha256=sha256_hex(path.read_bytes()), category="blue", confidence=0.9)])
+        worker="crashed", sha256=sha256_hex(path.read_bytes()), category="blue", confidence=0.9,
+        inode=path.stat().st_ino if with_inode else None)])
     harness.submit_all()
     harness.drain()
     assert harness.rows() == [("x.jpg", "ok", "blue", None, str(cfg.processed_path / "x.jpg"), None)]
     assert harness.pipeline.counters.recovered == 1 and harness.pipeline.counters.inferred == 0
+    assert not path.exists()
+
+
+def test_a_later_drop_of_the_same_name_and_bytes_is_not_taken_for_a_stale_row(harness: Harness,
+                                                                               cfg: Config) -> None:
+    # A worker (on another host: recovery here does not repair its rows) recorded x.jpg, moved it, and was
+    # killed before recording the move: its row still names the inbox, with the inode of the file it read.
+    moved = write_image(cfg.processed_path / "x.jpg", (0, 0, 255))
+    from worker.files import sha256_hex
+
+    info = harness.model.info
+    harness.store.add_results([ResultRecord(
+        file="x.jpg", location=str(cfg.inbox_path / "x.jpg"), status="ok", model_id=info.model_id,
+        model_name=info.name, worker="elsewhere", host="host-b", sha256=sha256_hex(moved.read_bytes()),
+        category="blue", confidence=0.9, inode=moved.stat().st_ino)])
+    # The same photo uploaded again under the same name: another file (another inode), a new drop.
+    path = cfg.inbox_path / "x.jpg"
+    path.write_bytes(moved.read_bytes())
+    assert path.stat().st_ino != moved.stat().st_ino
+    harness.submit_all()
+    harness.drain()
+    assert harness.rows() == [
+        ("x.jpg", "ok", "blue", None, str(path), None),  # the stale row, left as it was
+        ("x.jpg", "ok", "blue", 1, str(cfg.processed_path / "x (1).jpg"), None),  # its own row
+    ]
+    assert harness.pipeline.counters.recovered == 0
     assert not path.exists()
 
 
@@ -944,3 +972,30 @@ def test_scale_out_a_file_this_worker_could_not_move_is_moved_by_it_once_it_can(
         assert (cfg.processed_path / "a.jpg").exists()
         assert pg_query(harness.store, "SELECT count(*) FROM claims") == [(0,)] and claims.held == 0
         assert not [m for m in caplog.messages if "took over" in m]  # its own file, not a takeover
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(120)
+def test_scale_out_a_stale_row_of_a_worker_on_another_host_does_not_take_a_later_drop(tmp_path: Path) -> None:
+    from worker.files import sha256_hex
+
+    with scale_out(tmp_path) as (cfg, harness, claims):
+        claims.start()
+        # web9 on another host recorded x.jpg, moved it, and was killed before recording the move; its claim
+        # was purged an hour later. Its row still names the inbox, with the inode of the file it read.
+        moved = write_image(tmp_path / "host-b-processed" / "x.jpg", (0, 0, 255))
+        info = harness.model.info
+        harness.store.add_results([ResultRecord(
+            file="x.jpg", location=str(cfg.inbox_path / "x.jpg"), status="ok", model_id=info.model_id,
+            model_name=info.name, worker="web9", host="host-b", sha256=sha256_hex(moved.read_bytes()),
+            category="blue", confidence=0.9, inode=moved.stat().st_ino)])
+        path = cfg.inbox_path / "x.jpg"
+        path.write_bytes(moved.read_bytes())  # the same photo uploaded again: another file
+        assert harness.submit_all() == 1
+        harness.drain()
+        assert pg_query(harness.store, "SELECT file, category, duplicate_of, location, worker FROM results "
+                                       "ORDER BY id") == [
+            ("x.jpg", "blue", None, str(path), "web9"),
+            ("x.jpg", "blue", 1, str(cfg.processed_path / "x.jpg"), "test"),  # a row of its own
+        ]
+        assert not path.exists()

@@ -50,10 +50,12 @@ def dead_pid() -> int:
 
 def crashed_worker(store: Store, cfg: Config, rows: dict[str, bytes], *, worker: str = "host-a:1",
                    host: str = HOST, pid: int | None = None, status: str = "ok",
-                   folders: tuple[str, str] | None = None) -> dict[str, int]:
+                   folders: tuple[str, str] | None = None,
+                   inodes: dict[str, int] | None = None) -> dict[str, int]:
     """A worker that recorded `rows` (name -> content) with their inbox location, then died: its workers
     row was never marked stopped. `folders`: the (processed, failed) folders its row records (None: a row
-    from before schema version 3). Returns each name's row id."""
+    from before schema version 3). `inodes`: the inode each row records of the file it read (none: rows
+    from before schema version 4). Returns each name's row id."""
     store.heartbeat(worker, host, dead_pid() if pid is None else pid, len(rows), folders=folders)
     ids = {}
     for name, content in rows.items():
@@ -62,7 +64,7 @@ def crashed_worker(store: Store, cfg: Config, rows: dict[str, bytes], *, worker:
         (record_id,) = store.add_results([ResultRecord(
             file=name, location=str(Path(os.path.realpath(cfg.inbox_path)) / name), status=status,
             sha256=hashlib.sha256(content).hexdigest(), model_id="m" * 64, model_name="tiny", worker=worker,
-            **fields)])
+            inode=(inodes or {}).get(name), **fields)])
         ids[name] = record_id
     return ids
 
@@ -161,6 +163,29 @@ def test_a_row_whose_file_is_still_in_the_inbox_is_left_alone(store: Store, cfg:
     (cfg.inbox_path / "waiting.jpg").write_bytes(b"w")  # never moved: the next pass moves it
     assert recover_locations(store, cfg, HOST) == 0
     assert locations(store)[ids["waiting.jpg"]] == str(cfg.inbox_path / "waiting.jpg")
+
+
+def test_a_row_whose_file_is_still_in_the_inbox_under_its_inode_is_left_alone(store: Store, cfg: Config) -> None:
+    path = cfg.inbox_path / "a.jpg"
+    path.write_bytes(b"a")
+    ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, inodes={"a.jpg": path.stat().st_ino})
+    assert recover_locations(store, cfg, HOST) == 0
+    assert locations(store)[ids["a.jpg"]] == str(path)
+
+
+def test_a_later_upload_of_the_same_name_and_bytes_is_not_taken_for_the_moved_file(store: Store,
+                                                                                    cfg: Config) -> None:
+    # The worker moved a.jpg and died before recording the move; then the same photo was uploaded again
+    # under the same name (another file, another inode). The row is the moved file's, and the new upload
+    # is left in the inbox for a row of its own.
+    moved = cfg.processed_path / "a.jpg"
+    moved.write_bytes(b"a")
+    ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, inodes={"a.jpg": moved.stat().st_ino})
+    upload = cfg.inbox_path / "a.jpg"
+    upload.write_bytes(b"a")
+    assert recover_locations(store, cfg, HOST) == 1
+    assert locations(store)[ids["a.jpg"]] == str(moved)
+    assert upload.read_bytes() == b"a"
 
 
 def test_live_workers_and_other_hosts_are_not_touched(store: Store, cfg: Config) -> None:

@@ -287,6 +287,22 @@ def test_find_drop_and_set_locations(store: Store) -> None:
     store.set_locations([])
 
 
+def test_find_drop_tells_the_recorded_file_from_another_of_the_same_name_and_bytes(store: Store) -> None:
+    a = "a" * 64
+    inode = 2**64 - 5  # inode numbers are unsigned 64-bit: stored whole, as text
+    [row_id] = store.add_results([ResultRecord(
+        file="a.jpg", location="/inbox/a.jpg", status="ok", sha256=a, model_id=MODEL, model_name="m",
+        worker="w", inode=inode)])
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(results.c.inode)).scalar_one() == str(inode)
+    assert store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg", inode) == row_id  # the file recorded
+    assert store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg", 7) is None  # a later upload: another file
+    assert store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg") == row_id  # inode unknown: as before
+    # A row from before schema version 4 has no inode: matched whatever the file's.
+    [old_id] = store.add_results([record("b.jpg", a, location="/inbox/b.jpg")])
+    assert store.find_drop("b.jpg", a, MODEL, "/inbox/b.jpg", 7) == old_id
+
+
 def test_lookups_that_the_database_refuses_raise_store_error(store: Store, db_path: Path) -> None:
     """The pipeline turns a StoreError into a back-off and a retry of the batch; a raw driver error would
     instead end up as an unexpected error."""

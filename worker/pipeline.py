@@ -908,7 +908,8 @@ class Pipeline:
                 continue  # recorded by a worker that died before moving the file (its claim says so)
             if p.sha256 is not None and p.sha256 not in first:
                 continue  # new content: it cannot have been recorded before
-            p.row_id = self.store.find_drop(p.file, p.sha256, model_id, str(p.item.path))
+            p.row_id = self.store.find_drop(p.file, p.sha256, model_id, str(p.item.path),
+                                            None if p.read_as is None else p.read_as[1])
             if p.row_id in self._stale_locations:  # that row's file was moved on: this is another drop
                 p.row_id = None
             if p.row_id is None and p.sha256 is not None:
@@ -1009,6 +1010,7 @@ class Pipeline:
             created_at=now - timedelta(seconds=waited),  # when the file was found ready
             worker=self.worker_id,
             host=self.host,
+            inode=None if p.read_as is None else p.read_as[1],
             claim_key=self._claim_key(p),
         )
 

@@ -8,7 +8,8 @@ file is.
 
 `recover_locations` runs at start-up, before the first heartbeat. It looks only at workers of this host
 whose row was never marked stopped and whose process is gone, and only at their rows that still name a
-path inside this inbox where no file is (the index on processed_at bounds the search to those runs). For
+path inside this inbox where no file is, or another file than the one recorded (another inode: a later
+upload of the same name), (the index on processed_at bounds the search to those runs). For
 each, the file is looked for where disposition puts it: the same relative name under that worker's
 processed/ (or failed/) folder, as its workers row records it (this worker's own for rows from before
 schema version 3), or a numbered variant "name (n).ext", with the same sha256 and not already named by another
@@ -100,15 +101,15 @@ def _recover(store: Store, config: Config, host: str) -> int:
         half_moved = []  # (row, lstat of its inbox name): a move by link then unlink cut between the two
         for worker_id, started_at, folders in dead:
             query = sa.select(results.c.id, results.c.file, results.c.sha256, results.c.status,
-                              results.c.location).where(
+                              results.c.location, results.c.inode).where(
                 results.c.worker == worker_id,
                 results.c.processed_at >= started_at,
                 results.c.location.startswith(inbox + os.sep, autoescape=True),
             )
             for row in conn.execute(query):
                 left = _lstat(row.location)
-                if left is None:
-                    stale.append((row, folders))
+                if left is None or (row.inode is not None and str(left.st_ino) != row.inode):
+                    stale.append((row, folders))  # gone, or the name now holds another file: a later drop
                 elif stat.S_ISREG(left.st_mode) and left.st_nlink > 1:
                     half_moved.append((row, left, folders))
 

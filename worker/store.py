@@ -95,6 +95,9 @@ results = sa.Table(
     sa.Column("processed_at", UTCDateTime, nullable=False),  # when the row was committed
     sa.Column("worker", sa.Text, nullable=False),  # "host:pid" or the configured worker id
     sa.Column("host", sa.Text),  # the worker's host name (NULL in rows written before schema version 2)
+    # The inode number of the file read, decimal (unsigned 64-bit); NULL before schema version 4 and for files
+    # that could not be read. Tells the drop recorded from a later file of the same name and bytes.
+    sa.Column("inode", sa.Text),
 )
 workers = sa.Table(
     "workers", metadata,
@@ -143,15 +146,18 @@ _SET_LOCATION = (sa.update(results).where(results.c.id == sa.bindparam("row_id")
                  .values(location=sa.bindparam("new_location")))
 
 
-def _find_drop_query(with_sha256: bool) -> sa.Select:
+def _find_drop_query(with_sha256: bool, with_inode: bool) -> sa.Select:
     content = results.c.sha256 == sa.bindparam("sha256") if with_sha256 else results.c.sha256.is_(None)
-    return (sa.select(results.c.id)
-            .where(results.c.file == sa.bindparam("file"), results.c.model_id == sa.bindparam("model_id"),
-                   results.c.location == sa.bindparam("location"), content)
-            .order_by(results.c.id.desc()).limit(1))
+    query = (sa.select(results.c.id)
+             .where(results.c.file == sa.bindparam("file"), results.c.model_id == sa.bindparam("model_id"),
+                    results.c.location == sa.bindparam("location"), content)
+             .order_by(results.c.id.desc()).limit(1))
+    if with_inode:  # a row recorded with another inode is another file: rows from before version 4 have none
+        query = query.where(sa.or_(results.c.inode == sa.bindparam("inode"), results.c.inode.is_(None)))
+    return query
 
 
-_FIND_DROP = {True: _find_drop_query(True), False: _find_drop_query(False)}
+_FIND_DROP = {(sha, inode): _find_drop_query(sha, inode) for sha in (True, False) for inode in (True, False)}
 
 
 @dataclass(kw_only=True)
@@ -176,6 +182,7 @@ class ResultRecord:
     total_ms: float | None = None
     created_at: datetime = field(default_factory=utcnow)
     host: str | None = None
+    inode: int | None = None  # of the file that was read (files.identity); None when it was not read
     claim_key: str | None = None  # scale-out: the drop's claim (worker.claims), checked at commit; no column
 
 
@@ -573,6 +580,7 @@ class Store:
             "processed_at": processed_at,
             "worker": safe_text(record.worker),
             "host": safe_text(record.host),
+            "inode": None if record.inode is None else str(int(record.inode)),
         }
 
     @staticmethod
@@ -616,15 +624,22 @@ class Store:
 
         return self._read("looking up earlier results", body)
 
-    def find_drop(self, file: str, sha256: str | None, model_id: str, location: str) -> int | None:
-        """The id of a committed row for this exact drop (same name, content and model) whose location is
-        still `location`, i.e. the row was committed but the file never moved (a crash in between), or
-        None. The newest such row wins."""
+    def find_drop(self, file: str, sha256: str | None, model_id: str, location: str,
+                  inode: int | None = None) -> int | None:
+        """The id of a committed row for this exact drop (same name, content and model, and `inode` when
+        given and the row has one) whose location is still `location`, i.e. the row was committed but the
+        file never moved (a crash in between), or None. The newest such row wins.
+
+        The inode tells the file recorded from a later upload of the same name and bytes (a new file) when
+        the row is stale: its file was moved away by a worker killed before it could record the move."""
         params = {"file": safe_text(file), "model_id": model_id, "location": safe_text(location)}
         if sha256 is not None:
             params["sha256"] = sha256
+        if inode is not None:
+            params["inode"] = str(int(inode))
+        query = _FIND_DROP[sha256 is not None, inode is not None]
         found = self._read("looking up a recorded drop",
-                           lambda conn: conn.execute(_FIND_DROP[sha256 is not None], params).scalar_one_or_none())
+                           lambda conn: conn.execute(query, params).scalar_one_or_none())
         return None if found is None else int(found)
 
     def set_locations(self, pairs: list[tuple[int, str]], also: Callable[[Connection], object] | None = None) -> None:
