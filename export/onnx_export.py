@@ -35,7 +35,7 @@ import torch
 
 from export.flops import count_macs
 from train.model import Classifier, ExportWrapper, ModelSpec
-from train.report import classification_metrics, plot_confusion
+from train.report import classification_metrics, cross_fitted_ece, plot_confusion
 from worker.exceptions import DataError, ModelError
 from worker.model import Model
 from worker.preprocess import load_pixels
@@ -290,10 +290,20 @@ def fit_temperature(model: Classifier, files: list[Path], labels: list[int], siz
 
 def evaluate(model: Model, files: list[Path], labels: list[int], batch: int = 32) -> dict:
     """Accuracy, per-class figures, confusion matrix and calibration error of an ONNX model loaded by the
-    worker's own loader, through the worker's preprocessing."""
+    worker's own loader, through the worker's preprocessing.
+
+    With a fitted temperature in the model's metadata (not 1), also `ece_cross_fitted`: the calibration error of a
+    temperature fitted, fold by fold, on other validation images than those scored (`ece` scores the
+    temperature on the images it was fitted on)."""
     probs = np.concatenate([model.probabilities(pixels(files[start:start + batch], model.input_size[0]))
                             for start in range(0, len(files), batch)])
-    return classification_metrics(np.array(labels), probs, model.info.labels)
+    metrics = classification_metrics(np.array(labels), probs, model.info.labels)
+    temperature = float(model.info.metadata.get("temperature") or 1.0)  # 1: not calibrated (--no-calibrate)
+    if temperature != 1.0 and len(labels) >= 2:  # `ece` is in-sample: the temperature was fitted on these images
+        ece = round(cross_fitted_ece(np.array(labels), probs, temperature, folds=min(5, len(labels))), 4)
+        at = list(metrics).index("ece") + 1  # beside `ece` in metrics.json
+        metrics = dict([*list(metrics.items())[:at], ("ece_cross_fitted", ece), *list(metrics.items())[at:]])
+    return metrics
 
 
 def calibration_set(files: list[Path], count: int) -> list[Path]:

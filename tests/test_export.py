@@ -18,9 +18,18 @@ from test_train import make_dataset, tiny_config  # noqa: E402
 from export import onnx_export  # noqa: E402
 from train import train as training  # noqa: E402
 from train.model import ExportWrapper  # noqa: E402
+from train.report import cross_fitted_ece  # noqa: E402
 from worker.exceptions import ModelError  # noqa: E402
 from worker.model import Model  # noqa: E402
 from worker.preprocess import load_pixels  # noqa: E402
+
+
+def assert_cross_fitted_ece(figures: dict, probs: np.ndarray, labels: np.ndarray, temperature: str) -> None:
+    """`ece_cross_fitted` sits beside `ece` and is the figure of the worker's own outputs on validation."""
+    names = list(figures)
+    assert names.index("ece_cross_fitted") == names.index("ece") + 1
+    assert isinstance(figures["ece_cross_fitted"], float) and 0.0 <= figures["ece_cross_fitted"] <= 1.0
+    assert figures["ece_cross_fitted"] == round(cross_fitted_ece(labels, probs, float(temperature)), 4)
 
 
 def validation(data):
@@ -82,6 +91,7 @@ def test_export_honours_the_contract_and_agrees_with_pytorch(checkpoint, tmp_pat
     with torch.inference_mode():
         expected = ExportWrapper(network, float(meta["temperature"]))(torch.from_numpy(batch)).numpy()
     assert np.abs(probs - expected).max() <= 1e-4
+    assert_cross_fitted_ece(report["fp32"], probs, validation(data)[1], meta["temperature"])
 
 
 @pytest.mark.timeout(300)
@@ -96,6 +106,7 @@ def test_int8_model_is_written_scored_and_timed(checkpoint, tmp_path):
     # The reported and recorded accuracy is the one the worker gets from this file on validation.
     batch, labels = validation(checkpoint[1])
     measured = float((int8.probabilities(batch).argmax(1) == labels).mean())
+    assert_cross_fitted_ece(report["int8"], int8.probabilities(batch), labels, int8.info.metadata["temperature"])
     assert report["int8"]["accuracy"] == pytest.approx(measured, abs=1e-4)
     assert float(int8.info.metadata["val_accuracy"]) == pytest.approx(measured, abs=1e-4)
     fp32 = float((Model(out).probabilities(batch).argmax(1) == labels).mean())
@@ -153,6 +164,7 @@ def test_rescore_rewrites_the_figures_and_never_the_models(checkpoint, tmp_path)
     speed = metrics["export"]["int8"]["images_per_s"]
     # Figures gone stale, as after a change to the worker's preprocessing:
     metrics["export"]["int8"]["accuracy"] = metrics["export"]["fp32"]["accuracy"] = -1.0
+    exported_figures = {p: metrics["export"][p].pop("ece_cross_fitted") for p in ("fp32", "int8")}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     (tmp_path / "confusion_matrix.png").unlink()
 
@@ -166,6 +178,7 @@ def test_rescore_rewrites_the_figures_and_never_the_models(checkpoint, tmp_path)
         recorded = float(Model(path).info.metadata["val_accuracy"])
         assert rescored["export"][precision]["accuracy"] == recorded
     assert rescored["export"]["int8"]["images_per_s"] == speed  # measured at export, kept
+    assert {p: rescored["export"][p]["ece_cross_fitted"] for p in ("fp32", "int8")} == exported_figures
     assert (tmp_path / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fp32, int8 = (rescored["export"][p]["accuracy"] for p in ("fp32", "int8"))
     assert result.stdout == (f"scored {out}: validation accuracy {fp32:.4f}; int8 {int8:.4f} at "
@@ -194,6 +207,7 @@ def test_temperature_changes_confidence_never_the_winner(checkpoint, tmp_path):
     out = tmp_path / "m.onnx"
     report = onnx_export.main(onnx_export.ExportConfig(checkpoint=str(best), out=str(out), calibrate=False))
     assert report["temperature"] == 1.0
+    assert "ece" in report["fp32"] and "ece_cross_fitted" not in report["fp32"]  # nothing fitted: `ece` is fair
 
 
 @pytest.mark.timeout(300)
@@ -213,6 +227,7 @@ def test_fp16_variant_is_written_scored_and_close_to_fp32(checkpoint, tmp_path):
     assert np.abs(half_probs - full_probs).max() < 0.05
     assert report["fp16"]["max_abs_diff_vs_fp32"] == pytest.approx(np.abs(half_probs - full_probs).max(), abs=1e-5)
     measured = float((half_probs.argmax(1) == labels).mean())
+    assert_cross_fitted_ece(report["fp16"], half_probs, labels, model.info.metadata["temperature"])
     assert report["fp16"]["accuracy"] == pytest.approx(measured, abs=1e-4)
     assert float(model.info.metadata["val_accuracy"]) == pytest.approx(measured, abs=1e-4)
     assert (half_probs.argmax(1) != full_probs.argmax(1)).sum() <= 1  # at most one of 6 images changes

@@ -221,3 +221,29 @@ def test_without_the_train_extra_the_command_says_which_extra_in_one_line():
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == ("fashion-train: error: needs the train extra (no module named 'torch'); install it "
                            "with: .venv/bin/pip install -e '.[train]'\n")
+
+
+def test_weight_average_warms_up_its_decay():
+    # decay 0.3 is capped by the warm-up (1+n)/(10+n) at n = 1, 2 (2/11, 3/12) and reached from n = 3 (4/13)
+    decay, steps = 0.3, 6
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = training.make_ema(model, decay)
+    generator = torch.Generator().manual_seed(0)
+    names = [name for name, value in model.state_dict().items() if value.is_floating_point()]
+    expected: dict[str, torch.Tensor] = {}
+    for n in range(steps):
+        with torch.no_grad():
+            for name in names:
+                model.state_dict()[name].copy_(torch.randn(model.state_dict()[name].shape, generator=generator))
+        ema.update_parameters(model)
+        current = {name: model.state_dict()[name].double() for name in names}
+        if n == 0:  # the first update copies the weights
+            expected = current
+        else:
+            d = min(decay, (1 + n) / (10 + n))
+            expected = {name: d * expected[name] + (1 - d) * current[name] for name in names}
+    averaged = ema.module.state_dict()
+    for name in names:
+        torch.testing.assert_close(averaged[name].double(), expected[name], rtol=1e-6, atol=1e-6, msg=name)
+    assert int(ema.n_averaged) == steps
+    assert averaged["1.num_batches_tracked"].dtype == torch.int64

@@ -57,7 +57,7 @@ class TrainConfig:
     class_balance: float = 0.5  # loss weight per class = (1 / frequency) ** class_balance
     dropout: float = 0.3
     mixup: float = 0.0  # mixup alpha on the cached activations (manifold mixup); 0 = off
-    ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated and saved; 0 = off
+    ema: float = 0.0  # decay of an exponential moving average of the weights (warmed up), evaluated and saved; 0 = off
     seed: int = 0
     workers: int = 2
     resume: bool = False
@@ -238,13 +238,38 @@ def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def make_ema(model: Classifier, decay: float):
-    """An exponential moving average of the weights (and BN statistics), or None when decay is 0."""
+def make_ema(model: torch.nn.Module, decay: float):
+    """An exponential moving average of the weights (and BN statistics), or None when decay is 0.
+
+    The decay warms up as in TensorFlow's ExponentialMovingAverage(num_updates) and timm: see `ema_warmup`.
+    """
     if not decay:
         return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from torch.optim.swa_utils import AveragedModel
 
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return AveragedModel(model, multi_avg_fn=ema_warmup(decay), use_buffers=True)
+
+
+def ema_warmup(decay: float):
+    """An AveragedModel `multi_avg_fn` whose decay at update n is min(decay, (1 + n) / (10 + n)).
+
+    With a fixed decay of 0.999 the average would be dominated by the early, barely trained weights for the
+    first ~1000 steps; the warm-up lets it follow the model closely at first (decay 2/11 at n=1, 0.5 at n=8,
+    0.9 at n=80) and reach `decay` after (10 * decay - 1) / (1 - decay) updates. n is AveragedModel's
+    `n_averaged`: 1 on the second `update_parameters` call, since the first one copies the weights.
+    """
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor | int) -> None:
+        n = float(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        if torch.is_floating_point(averaged[0]) or torch.is_complex(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1 - d)
+        else:  # integer buffers such as BatchNorm's num_batches_tracked, as torch's own EMA does
+            for p_averaged, p_current in zip(averaged, current, strict=True):
+                p_averaged.copy_(p_averaged * d + p_current * (1 - d))
+
+    return update
 
 
 def train_epoch(model, split, batches, optimizer, scheduler, weights, config, device, desc, total, ema=None):
@@ -419,7 +444,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--mixup", type=float, default=defaults.mixup,
                         help="mixup alpha on the cached activations; 0 = off")
     parser.add_argument("--ema", type=float, default=defaults.ema,
-                        help="decay of a moving average of the weights that is evaluated and saved; 0 = off")
+                        help="decay of a moving average of the weights that is evaluated and saved, warmed up as "
+                             "min(EMA, (1+n)/(10+n)) at update n; 0 = off")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="makes runs repeatable")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="image-decoding processes")
     parser.add_argument("--limit", type=int, default=defaults.limit,
