@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,7 @@ from worker.config import Config
 from worker.daemon import make_model as model_for
 from worker.model import Model
 from worker.pipeline import Pipeline, ReadyQueue, classify_files
-from worker.store import ResultRecord, Store
+from worker.store import ResultRecord, Store, utcnow
 
 if TYPE_CHECKING:
     from worker.claims import Claims
@@ -433,6 +434,24 @@ def test_drop_committed_before_a_crash_is_only_moved(harness: Harness, cfg: Conf
     assert not path.exists()
 
 
+def test_a_recorded_file_numbered_anew_is_still_taken_for_its_row(harness: Harness, cfg: Config) -> None:
+    # A filesystem that numbers files anew on each mount (FUSE): after a crash before the move and a remount,
+    # the file recorded has another inode, but has not changed since it was found.
+    path = write_image(cfg.inbox_path / "x.jpg", (0, 0, 255))
+    os.utime(path, ns=(time.time_ns() - 3_600 * 10**9,) * 2)
+    from worker.files import sha256_hex
+
+    info = harness.model.info
+    harness.store.add_results([ResultRecord(
+        file="x.jpg", location=str(path), status="ok", model_id=info.model_id, model_name=info.name,
+        worker="crashed", sha256=sha256_hex(path.read_bytes()), category="blue", confidence=0.9,
+        inode=path.stat().st_ino + 1)])
+    harness.submit_all()
+    harness.drain()
+    assert harness.rows() == [("x.jpg", "ok", "blue", None, str(cfg.processed_path / "x.jpg"), None)]
+    assert harness.pipeline.counters.recovered == 1
+
+
 def test_a_later_drop_of_the_same_name_and_bytes_is_not_taken_for_a_stale_row(harness: Harness,
                                                                                cfg: Config) -> None:
     # A worker (on another host: recovery here does not repair its rows) recorded x.jpg, moved it, and was
@@ -444,7 +463,7 @@ def test_a_later_drop_of_the_same_name_and_bytes_is_not_taken_for_a_stale_row(ha
     harness.store.add_results([ResultRecord(
         file="x.jpg", location=str(cfg.inbox_path / "x.jpg"), status="ok", model_id=info.model_id,
         model_name=info.name, worker="elsewhere", host="host-b", sha256=sha256_hex(moved.read_bytes()),
-        category="blue", confidence=0.9, inode=moved.stat().st_ino)])
+        category="blue", confidence=0.9, inode=moved.stat().st_ino, created_at=utcnow() - timedelta(minutes=1))])
     # The same photo uploaded again under the same name: another file (another inode), a new drop.
     path = cfg.inbox_path / "x.jpg"
     path.write_bytes(moved.read_bytes())
@@ -988,7 +1007,7 @@ def test_scale_out_a_stale_row_of_a_worker_on_another_host_does_not_take_a_later
         harness.store.add_results([ResultRecord(
             file="x.jpg", location=str(cfg.inbox_path / "x.jpg"), status="ok", model_id=info.model_id,
             model_name=info.name, worker="web9", host="host-b", sha256=sha256_hex(moved.read_bytes()),
-            category="blue", confidence=0.9, inode=moved.stat().st_ino)])
+            category="blue", confidence=0.9, inode=moved.stat().st_ino, created_at=utcnow() - timedelta(minutes=1))])
         path = cfg.inbox_path / "x.jpg"
         path.write_bytes(moved.read_bytes())  # the same photo uploaded again: another file
         assert harness.submit_all() == 1

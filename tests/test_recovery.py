@@ -12,6 +12,7 @@ import logging
 import os
 import sqlite3
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from worker.recovery import recover_locations
 from worker.store import ResultRecord, Store
 
 HOST = "host-a"
+FOUND_AT = datetime.now(UTC) - timedelta(minutes=1)  # when the crashed worker found its files ready
 
 
 @pytest.fixture
@@ -64,7 +66,7 @@ def crashed_worker(store: Store, cfg: Config, rows: dict[str, bytes], *, worker:
         (record_id,) = store.add_results([ResultRecord(
             file=name, location=str(Path(os.path.realpath(cfg.inbox_path)) / name), status=status,
             sha256=hashlib.sha256(content).hexdigest(), model_id="m" * 64, model_name="tiny", worker=worker,
-            inode=(inodes or {}).get(name), **fields)])
+            inode=(inodes or {}).get(name), created_at=FOUND_AT, **fields)])
         ids[name] = record_id
     return ids
 
@@ -169,6 +171,17 @@ def test_a_row_whose_file_is_still_in_the_inbox_under_its_inode_is_left_alone(st
     path = cfg.inbox_path / "a.jpg"
     path.write_bytes(b"a")
     ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, inodes={"a.jpg": path.stat().st_ino})
+    assert recover_locations(store, cfg, HOST) == 0
+    assert locations(store)[ids["a.jpg"]] == str(path)
+
+
+def test_a_file_numbered_anew_since_it_was_recorded_is_left_alone(store: Store, cfg: Config) -> None:
+    # A filesystem that numbers files anew on each mount (FUSE): the recorded file, unchanged since it was
+    # found, under another inode number. Not a later upload: its row stays (the next pass moves the file).
+    path = cfg.inbox_path / "a.jpg"
+    path.write_bytes(b"a")
+    os.utime(path, ns=(int((FOUND_AT.timestamp() - 60) * 1e9),) * 2)
+    ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, inodes={"a.jpg": path.stat().st_ino + 1})
     assert recover_locations(store, cfg, HOST) == 0
     assert locations(store)[ids["a.jpg"]] == str(path)
 

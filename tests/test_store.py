@@ -8,7 +8,7 @@ import multiprocessing
 import os
 import sqlite3
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -290,17 +290,22 @@ def test_find_drop_and_set_locations(store: Store) -> None:
 def test_find_drop_tells_the_recorded_file_from_another_of_the_same_name_and_bytes(store: Store) -> None:
     a = "a" * 64
     inode = 2**64 - 5  # inode numbers are unsigned 64-bit: stored whole, as text
+    found = datetime(2026, 1, 1, 12, tzinfo=UTC)  # when the recorded file was found ready
+    before, after = (int((found + timedelta(seconds=s)).timestamp() * 1e9) for s in (-60, 60))
     [row_id] = store.add_results([ResultRecord(
         file="a.jpg", location="/inbox/a.jpg", status="ok", sha256=a, model_id=MODEL, model_name="m",
-        worker="w", inode=inode)])
+        worker="w", inode=inode, created_at=found)])
     with store.engine.connect() as conn:
         assert conn.execute(sa.select(results.c.inode)).scalar_one() == str(inode)
-    assert store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg", inode) == row_id  # the file recorded
-    assert store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg", 7) is None  # a later upload: another file
-    assert store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg") == row_id  # inode unknown: as before
+    assert store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg", (inode, before)) == row_id  # the file recorded
+    assert store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg", (7, after)) is None  # a later upload
+    # Another inode but unchanged since before the row's file was found: the same file, numbered anew (a
+    # filesystem that numbers files on each mount, FUSE).
+    assert store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg", (7, before)) == row_id
+    assert store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg") == row_id  # identity unknown: as before
     # A row from before schema version 4 has no inode: matched whatever the file's.
     [old_id] = store.add_results([record("b.jpg", a, location="/inbox/b.jpg")])
-    assert store.find_drop("b.jpg", a, MODEL, "/inbox/b.jpg", 7) == old_id
+    assert store.find_drop("b.jpg", a, MODEL, "/inbox/b.jpg", (7, after)) == old_id
 
 
 def test_lookups_that_the_database_refuses_raise_store_error(store: Store, db_path: Path) -> None:

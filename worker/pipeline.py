@@ -909,7 +909,7 @@ class Pipeline:
             if p.sha256 is not None and p.sha256 not in first:
                 continue  # new content: it cannot have been recorded before
             p.row_id = self.store.find_drop(p.file, p.sha256, model_id, str(p.item.path),
-                                            None if p.read_as is None else p.read_as[1])
+                                            None if p.read_as is None else (p.read_as[1], p.read_as[3]))
             if p.row_id in self._stale_locations:  # that row's file was moved on: this is another drop
                 p.row_id = None
             if p.row_id is None and p.sha256 is not None:

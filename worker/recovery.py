@@ -34,6 +34,7 @@ import secrets
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -101,15 +102,15 @@ def _recover(store: Store, config: Config, host: str) -> int:
         half_moved = []  # (row, lstat of its inbox name): a move by link then unlink cut between the two
         for worker_id, started_at, folders in dead:
             query = sa.select(results.c.id, results.c.file, results.c.sha256, results.c.status,
-                              results.c.location, results.c.inode).where(
+                              results.c.location, results.c.inode, results.c.created_at).where(
                 results.c.worker == worker_id,
                 results.c.processed_at >= started_at,
                 results.c.location.startswith(inbox + os.sep, autoescape=True),
             )
             for row in conn.execute(query):
                 left = _lstat(row.location)
-                if left is None or (row.inode is not None and str(left.st_ino) != row.inode):
-                    stale.append((row, folders))  # gone, or the name now holds another file: a later drop
+                if left is None or _another_file(left, row.inode, row.created_at):
+                    stale.append((row, folders))  # gone, or the name now holds a later drop
                 elif stat.S_ISREG(left.st_mode) and left.st_nlink > 1:
                     half_moved.append((row, left, folders))
 
@@ -207,6 +208,13 @@ def _finish_move(inbox_name: Path, left: os.stat_result, file: str, status: str,
     except FileExistsError:
         _rename_noreplace(aside, unique_destination(inbox_name.parent, inbox_name.name))
     return candidate
+
+
+def _another_file(left: os.stat_result, inode: str | None, found_at: datetime) -> bool:
+    """Whether `left` is not the file a row recorded (`inode`, found ready at `found_at`): another inode,
+    modified after that (as Store.find_drop: a filesystem that numbers files anew on each mount gives the
+    same file a new inode, but not a new mtime). Rows from before schema version 4 have no inode."""
+    return inode is not None and str(left.st_ino) != inode and left.st_mtime_ns / 1e9 >= found_at.timestamp()
 
 
 def _same_file(path: Path, left: os.stat_result) -> bool:

@@ -96,7 +96,8 @@ results = sa.Table(
     sa.Column("worker", sa.Text, nullable=False),  # "host:pid" or the configured worker id
     sa.Column("host", sa.Text),  # the worker's host name (NULL in rows written before schema version 2)
     # The inode number of the file read, decimal (unsigned 64-bit); NULL before schema version 4 and for files
-    # that could not be read. Tells the drop recorded from a later file of the same name and bytes.
+    # that could not be read. Tells the drop recorded from a later file of the same name and bytes
+    # (Store.find_drop, worker.recovery).
     sa.Column("inode", sa.Text),
 )
 workers = sa.Table(
@@ -152,8 +153,12 @@ def _find_drop_query(with_sha256: bool, with_inode: bool) -> sa.Select:
              .where(results.c.file == sa.bindparam("file"), results.c.model_id == sa.bindparam("model_id"),
                     results.c.location == sa.bindparam("location"), content)
              .order_by(results.c.id.desc()).limit(1))
-    if with_inode:  # a row recorded with another inode is another file: rows from before version 4 have none
-        query = query.where(sa.or_(results.c.inode == sa.bindparam("inode"), results.c.inode.is_(None)))
+    if with_inode:
+        # Another inode is another file, unless the file was last modified before the row's file was found
+        # (filesystems that number files anew on each mount, FUSE ones: the same file under a new number).
+        # Rows from before version 4 have no inode.
+        query = query.where(sa.or_(results.c.inode == sa.bindparam("inode"), results.c.inode.is_(None),
+                                   results.c.created_at > sa.bindparam("modified", type_=UTCDateTime)))
     return query
 
 
@@ -625,19 +630,23 @@ class Store:
         return self._read("looking up earlier results", body)
 
     def find_drop(self, file: str, sha256: str | None, model_id: str, location: str,
-                  inode: int | None = None) -> int | None:
-        """The id of a committed row for this exact drop (same name, content and model, and `inode` when
-        given and the row has one) whose location is still `location`, i.e. the row was committed but the
-        file never moved (a crash in between), or None. The newest such row wins.
+                  identity: tuple[int, int] | None = None) -> int | None:
+        """The id of a committed row for this exact drop (same name, content and model, and the same file
+        by `identity`) whose location is still `location`, i.e. the row was committed but the file never
+        moved (a crash in between), or None. The newest such row wins.
 
-        The inode tells the file recorded from a later upload of the same name and bytes (a new file) when
+        `identity` = (inode, mtime in ns) of the file: a row with another inode is another file's, unless
+        the file was last modified before that row's file was found ready (a filesystem that numbers files
+        anew on each mount). It tells the file recorded from a later upload of the same name and bytes when
         the row is stale: its file was moved away by a worker killed before it could record the move."""
-        params = {"file": safe_text(file), "model_id": model_id, "location": safe_text(location)}
+        params: dict[str, Any] = {"file": safe_text(file), "model_id": model_id, "location": safe_text(location)}
         if sha256 is not None:
             params["sha256"] = sha256
-        if inode is not None:
+        if identity is not None:
+            inode, mtime_ns = identity
             params["inode"] = str(int(inode))
-        query = _FIND_DROP[sha256 is not None, inode is not None]
+            params["modified"] = datetime.fromtimestamp(mtime_ns / 1e9, UTC)
+        query = _FIND_DROP[sha256 is not None, identity is not None]
         found = self._read("looking up a recorded drop",
                            lambda conn: conn.execute(query, params).scalar_one_or_none())
         return None if found is None else int(found)
