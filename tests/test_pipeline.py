@@ -416,17 +416,23 @@ def test_a_burst_over_concurrent_batches_gives_every_file_one_row_and_repeats_ar
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("with_inode", [True, False], ids=["row with its inode", "row from before version 4"])
-def test_drop_committed_before_a_crash_is_only_moved(harness: Harness, cfg: Config, with_inode: bool) -> None:
-    path = write_image(cfg.inbox_path / "x.jpg", (0, 0, 255))
+def record_drop(harness: Harness, location: Path, content: Path, **extra: object) -> None:
+    """The row a worker that crashed left: `content`'s bytes recorded as blue, naming `location` (the inbox:
+    killed between its commit and its move, or between its move and recording it). `extra`: more fields."""
     from worker.files import sha256_hex
 
     info = harness.model.info
+    harness.store.add_results([ResultRecord(**{
+        "file": location.name, "location": str(location), "status": "ok", "model_id": info.model_id,
+        "model_name": info.name, "worker": "crashed", "sha256": sha256_hex(content.read_bytes()),
+        "category": "blue", "confidence": 0.9, **extra})])
+
+
+@pytest.mark.parametrize("with_inode", [True, False], ids=["row with its inode", "row from before version 4"])
+def test_drop_committed_before_a_crash_is_only_moved(harness: Harness, cfg: Config, with_inode: bool) -> None:
+    path = write_image(cfg.inbox_path / "x.jpg", (0, 0, 255))
     # What a worker killed between its commit and the move leaves behind: a row pointing into the inbox.
-    harness.store.add_results([ResultRecord(
-        file="x.jpg", location=str(path), status="ok", model_id=info.model_id, model_name=info.name,
-        worker="crashed", sha256=sha256_hex(path.read_bytes()), category="blue", confidence=0.9,
-        inode=path.stat().st_ino if with_inode else None)])
+    record_drop(harness, path, path, inode=path.stat().st_ino if with_inode else None)
     harness.submit_all()
     harness.drain()
     assert harness.rows() == [("x.jpg", "ok", "blue", None, str(cfg.processed_path / "x.jpg"), None)]
@@ -439,13 +445,7 @@ def test_a_recorded_file_numbered_anew_is_still_taken_for_its_row(harness: Harne
     # the file recorded has another inode, but has not changed since it was found.
     path = write_image(cfg.inbox_path / "x.jpg", (0, 0, 255))
     os.utime(path, ns=(time.time_ns() - 3_600 * 10**9,) * 2)
-    from worker.files import sha256_hex
-
-    info = harness.model.info
-    harness.store.add_results([ResultRecord(
-        file="x.jpg", location=str(path), status="ok", model_id=info.model_id, model_name=info.name,
-        worker="crashed", sha256=sha256_hex(path.read_bytes()), category="blue", confidence=0.9,
-        inode=path.stat().st_ino + 1)])
+    record_drop(harness, path, path, inode=path.stat().st_ino + 1)
     harness.submit_all()
     harness.drain()
     assert harness.rows() == [("x.jpg", "ok", "blue", None, str(cfg.processed_path / "x.jpg"), None)]
@@ -457,13 +457,8 @@ def test_a_later_drop_of_the_same_name_and_bytes_is_not_taken_for_a_stale_row(ha
     # A worker (on another host: recovery here does not repair its rows) recorded x.jpg, moved it, and was
     # killed before recording the move: its row still names the inbox, with the inode of the file it read.
     moved = write_image(cfg.processed_path / "x.jpg", (0, 0, 255))
-    from worker.files import sha256_hex
-
-    info = harness.model.info
-    harness.store.add_results([ResultRecord(
-        file="x.jpg", location=str(cfg.inbox_path / "x.jpg"), status="ok", model_id=info.model_id,
-        model_name=info.name, worker="elsewhere", host="host-b", sha256=sha256_hex(moved.read_bytes()),
-        category="blue", confidence=0.9, inode=moved.stat().st_ino, created_at=utcnow() - timedelta(minutes=1))])
+    record_drop(harness, cfg.inbox_path / "x.jpg", moved, worker="elsewhere", host="host-b",
+                inode=moved.stat().st_ino, created_at=utcnow() - timedelta(minutes=1))
     # The same photo uploaded again under the same name: another file (another inode), a new drop.
     path = cfg.inbox_path / "x.jpg"
     path.write_bytes(moved.read_bytes())
@@ -996,18 +991,13 @@ def test_scale_out_a_file_this_worker_could_not_move_is_moved_by_it_once_it_can(
 @pytest.mark.postgres
 @pytest.mark.timeout(120)
 def test_scale_out_a_stale_row_of_a_worker_on_another_host_does_not_take_a_later_drop(tmp_path: Path) -> None:
-    from worker.files import sha256_hex
-
     with scale_out(tmp_path) as (cfg, harness, claims):
         claims.start()
         # web9 on another host recorded x.jpg, moved it, and was killed before recording the move; its claim
         # was purged an hour later. Its row still names the inbox, with the inode of the file it read.
         moved = write_image(tmp_path / "host-b-processed" / "x.jpg", (0, 0, 255))
-        info = harness.model.info
-        harness.store.add_results([ResultRecord(
-            file="x.jpg", location=str(cfg.inbox_path / "x.jpg"), status="ok", model_id=info.model_id,
-            model_name=info.name, worker="web9", host="host-b", sha256=sha256_hex(moved.read_bytes()),
-            category="blue", confidence=0.9, inode=moved.stat().st_ino, created_at=utcnow() - timedelta(minutes=1))])
+        record_drop(harness, cfg.inbox_path / "x.jpg", moved, worker="web9", host="host-b",
+                    inode=moved.stat().st_ino, created_at=utcnow() - timedelta(minutes=1))
         path = cfg.inbox_path / "x.jpg"
         path.write_bytes(moved.read_bytes())  # the same photo uploaded again: another file
         assert harness.submit_all() == 1
