@@ -123,7 +123,7 @@ def test_results_json_with_filters(recorded: Path, capsys: pytest.CaptureFixture
         assert TS.fullmatch(row.pop("processed_at")) and TS.fullmatch(row.pop("created_at"))
     common = {"status": "ok", "category": "red", "confidence": 0.98, "error": None, "model": "tiny-test-model",
               "model_id": "m" * 64, "sha256": "a" * 64, "size_bytes": 100, "worker": "host:1", "host": None,
-              "inode": None, "top3": [["red", 0.98], ["green", 0.015], ["blue", 0.005]], "decode_ms": None,
+              "ctime_ns": None, "top3": [["red", 0.98], ["green", 0.015], ["blue", 0.005]], "decode_ms": None,
               "inference_ms": None, "total_ms": None}
     assert rows == [
         {"id": 4, "file": "red, again.jpg", "location": f"{recorded}/processed/red, again.jpg",
@@ -145,7 +145,7 @@ def test_results_csv_by_category_and_file_glob(recorded: Path, capsys: pytest.Ca
     assert code == 0
     header, row, end = TS.sub("<time>", out).split("\n")
     assert header == ("id,file,location,sha256,size_bytes,status,category,confidence,top3,error,model,model_id,"
-                      "duplicate_of,decode_ms,inference_ms,total_ms,created_at,processed_at,worker,host,inode")
+                      "duplicate_of,decode_ms,inference_ms,total_ms,created_at,processed_at,worker,host,ctime_ns")
     assert row == (f'4,"red, again.jpg","{recorded}/processed/red, again.jpg",{"a" * 64},100,ok,red,0.98,'
                    f'"[[""red"", 0.98], [""green"", 0.015], [""blue"", 0.005]]",,tiny-test-model,{"m" * 64},'
                    "1,,,,<time>,<time>,host:1,,")
@@ -160,7 +160,7 @@ def test_results_category_is_checked_against_what_is_known(recorded: Path,
     code, out, _ = run_cli(capsys, "results", "--category", "green", "--format", "csv")  # a label, no rows
     assert (code, out) == (0, "id,file,location,sha256,size_bytes,status,category,confidence,top3,error,model,"
                               "model_id,duplicate_of,decode_ms,inference_ms,total_ms,created_at,processed_at,"
-                              "worker,host,inode\n")  # the header also when nothing matches
+                              "worker,host,ctime_ns\n")  # the header also when nothing matches
     code, out, err = run_cli(capsys, "results", "--category", "purple")
     assert (code, out) == (2, "")
     assert err == "fashion-worker: error: unknown category 'purple'; valid: blue, green, red\n"

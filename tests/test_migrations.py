@@ -71,7 +71,7 @@ def test_migrated_schema_matches_the_live_table_definitions(tmp_path: Path) -> N
         assert indexed == {("sha256", "model_id"), ("category",), ("status",), ("processed_at",), ("file",)}
 
 
-def test_rows_of_a_version_3_database_keep_their_values_and_have_no_inode(tmp_path: Path) -> None:
+def test_rows_of_a_version_3_database_keep_their_values_and_have_no_ctime(tmp_path: Path) -> None:
     path = tmp_path / "r.db"
     engine = sa.create_engine(url_for(path))
     with engine.begin() as conn:  # a database as schema version 3 left it, with one row
@@ -83,9 +83,9 @@ def test_rows_of_a_version_3_database_keep_their_values_and_have_no_inode(tmp_pa
     engine.dispose()
     with Store(url_for(path)) as store:
         assert store.schema_version == LATEST_VERSION == 4
-        assert store.find_drop("a.jpg", "a" * 64, "m", "/inbox/a.jpg", (12345, 2**62)) == 1  # as before
+        assert store.find_drop("a.jpg", "a" * 64, "m", "/inbox/a.jpg", 12345) == 1  # matched as before
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT file, sha256, inode FROM results").fetchall() == [("a.jpg", "a" * 64, None)]
+        assert conn.execute("SELECT file, sha256, ctime_ns FROM results").fetchall() == [("a.jpg", "a" * 64, None)]
     assert version_rows(path)[-1] == (4, MIGRATIONS[3].description)
 
 

@@ -11,11 +11,11 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,7 +27,7 @@ from worker.config import Config
 from worker.daemon import make_model as model_for
 from worker.model import Model
 from worker.pipeline import Pipeline, ReadyQueue, classify_files
-from worker.store import ResultRecord, Store, utcnow
+from worker.store import ResultRecord, Store
 
 if TYPE_CHECKING:
     from worker.claims import Claims
@@ -428,11 +428,11 @@ def record_drop(harness: Harness, location: Path, content: Path, **extra: object
         "category": "blue", "confidence": 0.9, **extra})])
 
 
-@pytest.mark.parametrize("with_inode", [True, False], ids=["row with its inode", "row from before version 4"])
-def test_drop_committed_before_a_crash_is_only_moved(harness: Harness, cfg: Config, with_inode: bool) -> None:
+@pytest.mark.parametrize("with_ctime", [True, False], ids=["row with its ctime", "row from before version 4"])
+def test_drop_committed_before_a_crash_is_only_moved(harness: Harness, cfg: Config, with_ctime: bool) -> None:
     path = write_image(cfg.inbox_path / "x.jpg", (0, 0, 255))
     # What a worker killed between its commit and the move leaves behind: a row pointing into the inbox.
-    record_drop(harness, path, path, inode=path.stat().st_ino if with_inode else None)
+    record_drop(harness, path, path, ctime_ns=path.stat().st_ctime_ns if with_ctime else None)
     harness.submit_all()
     harness.drain()
     assert harness.rows() == [("x.jpg", "ok", "blue", None, str(cfg.processed_path / "x.jpg"), None)]
@@ -440,37 +440,61 @@ def test_drop_committed_before_a_crash_is_only_moved(harness: Harness, cfg: Conf
     assert not path.exists()
 
 
-def test_a_recorded_file_numbered_anew_is_still_taken_for_its_row(harness: Harness, cfg: Config) -> None:
-    # A filesystem that numbers files anew on each mount (FUSE): after a crash before the move and a remount,
-    # the file recorded has another inode, but has not changed since it was found.
-    path = write_image(cfg.inbox_path / "x.jpg", (0, 0, 255))
-    os.utime(path, ns=(time.time_ns() - 3_600 * 10**9,) * 2)
-    record_drop(harness, path, path, inode=path.stat().st_ino + 1)
-    harness.submit_all()
-    harness.drain()
-    assert harness.rows() == [("x.jpg", "ok", "blue", None, str(cfg.processed_path / "x.jpg"), None)]
-    assert harness.pipeline.counters.recovered == 1
-
-
-def test_a_later_drop_of_the_same_name_and_bytes_is_not_taken_for_a_stale_row(harness: Harness,
-                                                                               cfg: Config) -> None:
-    # A worker (on another host: recovery here does not repair its rows) recorded x.jpg, moved it, and was
-    # killed before recording the move: its row still names the inbox, with the inode of the file it read.
-    moved = write_image(cfg.processed_path / "x.jpg", (0, 0, 255))
-    record_drop(harness, cfg.inbox_path / "x.jpg", moved, worker="elsewhere", host="host-b",
-                inode=moved.stat().st_ino, created_at=utcnow() - timedelta(minutes=1))
-    # The same photo uploaded again under the same name: another file (another inode), a new drop.
+@pytest.mark.parametrize("upload", ["cp", "cp -p", "recreated"])
+def test_a_later_drop_of_the_same_name_and_bytes_is_not_taken_for_a_stale_row(harness: Harness, cfg: Config,
+                                                                               upload: str) -> None:
+    # A worker (on another host: recovery here does not repair its rows) recorded x.jpg, moved it (or, for
+    # "recreated", deleted it: on_success = "delete", or a move to another filesystem), and was killed before
+    # recording that: its row still names the inbox, with the ctime of the file it read.
     path = cfg.inbox_path / "x.jpg"
-    path.write_bytes(moved.read_bytes())
-    assert path.stat().st_ino != moved.stat().st_ino
+    original = write_image(path if upload == "recreated" else cfg.processed_path / "x.jpg", (0, 0, 255))
+    content = original.read_bytes()
+    record_drop(harness, path, original, worker="elsewhere", host="host-b", ctime_ns=original.stat().st_ctime_ns)
+    # The same photo uploaded again under the same name: another file, a new drop. A copy that keeps the
+    # mtime (cp -p), or a file written where the first was deleted (ext4 then usually gives it the same
+    # inode number), still has another ctime.
+    if upload == "recreated":
+        os.unlink(path)
+        path.write_bytes(content)
+    else:
+        (shutil.copy2 if upload == "cp -p" else shutil.copyfile)(original, path)
     harness.submit_all()
     harness.drain()
     assert harness.rows() == [
         ("x.jpg", "ok", "blue", None, str(path), None),  # the stale row, left as it was
-        ("x.jpg", "ok", "blue", 1, str(cfg.processed_path / "x (1).jpg"), None),  # its own row
+        ("x.jpg", "ok", "blue", 1, str(cfg.processed_path / ("x.jpg" if upload == "recreated" else "x (1).jpg")),
+         None),  # its own row
     ]
     assert harness.pipeline.counters.recovered == 0
     assert not path.exists()
+
+
+def test_a_later_file_refused_unread_is_not_taken_for_a_stale_row_of_the_same_name(tmp_path: Path) -> None:
+    # Files refused before they are read (too large, empty, hard-linked) have no sha256 to tell them apart:
+    # their ctime does. A stale row of an earlier too-large x.jpg must not take a later one.
+    h = Harness(make_config(tmp_path, **{"files.max_file_bytes": 100}))
+    try:
+        path = h.cfg.inbox_path / "x.jpg"
+        path.write_bytes(b"a" * 200)
+        h.submit_all()
+        h.drain()
+        assert [r[:2] for r in h.rows()] == [("x.jpg", "failed")] and not path.exists()
+        with sqlite3.connect(h.store.path) as db:  # as if its worker had died before recording the move
+            db.execute("UPDATE results SET location = ?", (str(path),))
+        (h.cfg.failed_path / "x.jpg").rename(h.cfg.failed_path / "elsewhere.jpg")
+        path.write_bytes(b"b" * 300)  # a later, other file of the same name, refused too
+        h.submit_all()
+        h.drain()
+        rows = h.rows()
+        assert [(r[0], r[1], r[4]) for r in rows] == [
+            ("x.jpg", "failed", str(path)),  # the stale row, left as it was
+            ("x.jpg", "failed", str(h.cfg.failed_path / "x.jpg")),  # its own row
+        ]
+        assert [r[5] for r in rows] == [
+            "file is 200 bytes, above the limit of 100 bytes (files.max_file_bytes)",
+            "file is 300 bytes, above the limit of 100 bytes (files.max_file_bytes)"]
+    finally:
+        h.close()
 
 
 @pytest.mark.timeout(60)
@@ -712,6 +736,30 @@ def test_leave_and_delete_dispositions(tmp_path: Path) -> None:
                 assert not h.pipeline.submit(path)  # a file left in place is not read again
         finally:
             h.close()
+
+
+def test_a_left_file_whose_metadata_changed_is_not_recorded_again_after_a_restart(tmp_path: Path) -> None:
+    # on_success = "leave": rows name the inbox for good. A chmod changes the file's ctime, which elsewhere
+    # tells a later file of the same name and bytes; here it is still the file recorded.
+    cfg = make_config(tmp_path, **{"files.on_success": "leave"})
+    h = Harness(cfg)
+    path = write_image(cfg.inbox_path / "a.jpg", (255, 0, 0))
+    try:
+        h.submit_all()
+        h.drain()
+    finally:
+        h.close()
+    ctime = path.stat().st_ctime_ns
+    path.chmod(0o600)
+    assert path.stat().st_ctime_ns != ctime
+    h = Harness(cfg)  # a restart: the start-up scan reads every file in the inbox again
+    try:
+        assert h.submit_all() == 1
+        h.drain()
+        assert h.rows() == [("a.jpg", "ok", "red", None, str(path), None)]
+        assert h.pipeline.counters.recovered == 1
+    finally:
+        h.close()
 
 
 def test_classify_files_keeps_order_and_reports_bad_files(tmp_path: Path, tiny_model: Path) -> None:
@@ -994,10 +1042,10 @@ def test_scale_out_a_stale_row_of_a_worker_on_another_host_does_not_take_a_later
     with scale_out(tmp_path) as (cfg, harness, claims):
         claims.start()
         # web9 on another host recorded x.jpg, moved it, and was killed before recording the move; its claim
-        # was purged an hour later. Its row still names the inbox, with the inode of the file it read.
+        # was purged an hour later. Its row still names the inbox, with the ctime of the file it read.
         moved = write_image(tmp_path / "host-b-processed" / "x.jpg", (0, 0, 255))
         record_drop(harness, cfg.inbox_path / "x.jpg", moved, worker="web9", host="host-b",
-                    inode=moved.stat().st_ino, created_at=utcnow() - timedelta(minutes=1))
+                    ctime_ns=moved.stat().st_ctime_ns)
         path = cfg.inbox_path / "x.jpg"
         path.write_bytes(moved.read_bytes())  # the same photo uploaded again: another file
         assert harness.submit_all() == 1

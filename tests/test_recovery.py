@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import sqlite3
 import subprocess
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,6 @@ from worker.recovery import recover_locations
 from worker.store import ResultRecord, Store
 
 HOST = "host-a"
-FOUND_AT = datetime.now(UTC) - timedelta(minutes=1)  # when the crashed worker found its files ready
 
 
 @pytest.fixture
@@ -53,10 +52,10 @@ def dead_pid() -> int:
 def crashed_worker(store: Store, cfg: Config, rows: dict[str, bytes], *, worker: str = "host-a:1",
                    host: str = HOST, pid: int | None = None, status: str = "ok",
                    folders: tuple[str, str] | None = None,
-                   inodes: dict[str, int] | None = None) -> dict[str, int]:
+                   ctimes: dict[str, int] | None = None) -> dict[str, int]:
     """A worker that recorded `rows` (name -> content) with their inbox location, then died: its workers
     row was never marked stopped. `folders`: the (processed, failed) folders its row records (None: a row
-    from before schema version 3). `inodes`: the inode each row records of the file it read (none: rows
+    from before schema version 3). `ctimes`: the ctime each row records of the file it read (none: rows
     from before schema version 4). Returns each name's row id."""
     store.heartbeat(worker, host, dead_pid() if pid is None else pid, len(rows), folders=folders)
     ids = {}
@@ -66,7 +65,7 @@ def crashed_worker(store: Store, cfg: Config, rows: dict[str, bytes], *, worker:
         (record_id,) = store.add_results([ResultRecord(
             file=name, location=str(Path(os.path.realpath(cfg.inbox_path)) / name), status=status,
             sha256=hashlib.sha256(content).hexdigest(), model_id="m" * 64, model_name="tiny", worker=worker,
-            inode=(inodes or {}).get(name), created_at=FOUND_AT, **fields)])
+            ctime_ns=(ctimes or {}).get(name), **fields)])
         ids[name] = record_id
     return ids
 
@@ -167,38 +166,40 @@ def test_a_row_whose_file_is_still_in_the_inbox_is_left_alone(store: Store, cfg:
     assert locations(store)[ids["waiting.jpg"]] == str(cfg.inbox_path / "waiting.jpg")
 
 
-def test_a_row_whose_file_is_still_in_the_inbox_under_its_inode_is_left_alone(store: Store, cfg: Config) -> None:
+def test_a_row_whose_file_is_still_in_the_inbox_unchanged_is_left_alone(store: Store, cfg: Config) -> None:
     path = cfg.inbox_path / "a.jpg"
     path.write_bytes(b"a")
-    ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, inodes={"a.jpg": path.stat().st_ino})
+    ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, ctimes={"a.jpg": path.stat().st_ctime_ns})
     assert recover_locations(store, cfg, HOST) == 0
     assert locations(store)[ids["a.jpg"]] == str(path)
 
 
-def test_a_file_numbered_anew_since_it_was_recorded_is_left_alone(store: Store, cfg: Config) -> None:
-    # A filesystem that numbers files anew on each mount (FUSE): the recorded file, unchanged since it was
-    # found, under another inode number. Not a later upload: its row stays (the next pass moves the file).
+def test_a_left_file_whose_metadata_changed_is_left_alone(store: Store, cfg: Config) -> None:
+    # A worker that left ok files in the inbox (on_success = "leave"): its rows name them for good, and a chmod
+    # since (another ctime) does not make them another file.
     path = cfg.inbox_path / "a.jpg"
     path.write_bytes(b"a")
-    os.utime(path, ns=(int((FOUND_AT.timestamp() - 60) * 1e9),) * 2)
-    ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, inodes={"a.jpg": path.stat().st_ino + 1})
+    ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, ctimes={"a.jpg": path.stat().st_ctime_ns},
+                         folders=("", str(cfg.failed_path)))
+    path.chmod(0o600)
     assert recover_locations(store, cfg, HOST) == 0
     assert locations(store)[ids["a.jpg"]] == str(path)
 
 
-def test_a_later_upload_of_the_same_name_and_bytes_is_not_taken_for_the_moved_file(store: Store,
-                                                                                    cfg: Config) -> None:
+@pytest.mark.parametrize("upload", ["cp", "cp -p"])
+def test_a_later_upload_of_the_same_name_and_bytes_is_not_taken_for_the_moved_file(
+        store: Store, cfg: Config, upload: str) -> None:
     # The worker moved a.jpg and died before recording the move; then the same photo was uploaded again
-    # under the same name (another file, another inode). The row is the moved file's, and the new upload
-    # is left in the inbox for a row of its own.
+    # under the same name: another file, with another ctime even when the copy keeps the mtime (cp -p). The
+    # row is the moved file's, and the new upload is left in the inbox for a row of its own.
     moved = cfg.processed_path / "a.jpg"
     moved.write_bytes(b"a")
-    ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, inodes={"a.jpg": moved.stat().st_ino})
-    upload = cfg.inbox_path / "a.jpg"
-    upload.write_bytes(b"a")
+    ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, ctimes={"a.jpg": moved.stat().st_ctime_ns})
+    upload_path = cfg.inbox_path / "a.jpg"
+    (shutil.copy2 if upload == "cp -p" else shutil.copyfile)(moved, upload_path)
     assert recover_locations(store, cfg, HOST) == 1
     assert locations(store)[ids["a.jpg"]] == str(moved)
-    assert upload.read_bytes() == b"a"
+    assert upload_path.read_bytes() == b"a"
 
 
 def test_live_workers_and_other_hosts_are_not_touched(store: Store, cfg: Config) -> None:
@@ -237,18 +238,20 @@ def test_a_database_error_is_logged_and_start_up_goes_on(store: Store, cfg: Conf
     assert "no such table: workers" in caplog.messages[0]
 
 
+@pytest.mark.parametrize("with_ctimes", [True, False], ids=["rows with ctimes", "rows from before version 4"])
 def test_a_move_cut_between_link_and_unlink_is_finished(store: Store, cfg: Config,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
+                                                        caplog: pytest.LogCaptureFixture, with_ctimes: bool) -> None:
     # What a kill between disposition's link and unlink leaves where there is no renameat2 (NFS): the
     # inbox name and the processed/ name are two links to one file. The next pass would refuse it as
-    # hard-linked and record a second, failed row.
-    ids = crashed_worker(store, cfg, {"a.jpg": b"a", "sub/b.jpg": b"b"})
+    # hard-linked and record a second, failed row. (The link changed the file's ctime since it was read.)
     (cfg.inbox_path / "sub").mkdir()
     (cfg.processed_path / "sub").mkdir()
     (cfg.processed_path / "a.jpg").write_bytes(b"an earlier photo of the same name")
     (cfg.inbox_path / "a.jpg").write_bytes(b"a")
-    os.link(cfg.inbox_path / "a.jpg", cfg.processed_path / "a (1).jpg")
     (cfg.inbox_path / "sub" / "b.jpg").write_bytes(b"b")
+    ctimes = {name: (cfg.inbox_path / name).stat().st_ctime_ns for name in ("a.jpg", "sub/b.jpg")}
+    ids = crashed_worker(store, cfg, {"a.jpg": b"a", "sub/b.jpg": b"b"}, ctimes=ctimes if with_ctimes else None)
+    os.link(cfg.inbox_path / "a.jpg", cfg.processed_path / "a (1).jpg")
     os.link(cfg.inbox_path / "sub" / "b.jpg", cfg.processed_path / "sub" / "b.jpg")
     with caplog.at_level(logging.INFO, logger="worker.recovery"):
         assert recover_locations(store, cfg, HOST) == 2

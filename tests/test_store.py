@@ -8,7 +8,7 @@ import multiprocessing
 import os
 import sqlite3
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -289,23 +289,22 @@ def test_find_drop_and_set_locations(store: Store) -> None:
 
 def test_find_drop_tells_the_recorded_file_from_another_of_the_same_name_and_bytes(store: Store) -> None:
     a = "a" * 64
-    inode = 2**64 - 5  # inode numbers are unsigned 64-bit: stored whole, as text
-    found = datetime(2026, 1, 1, 12, tzinfo=UTC)  # when the recorded file was found ready
-    before, after = (int((found + timedelta(seconds=s)).timestamp() * 1e9) for s in (-60, 60))
+    ctime = 1_795_000_000_123_456_789  # ns: the file read, as the worker recorded it
     [row_id] = store.add_results([ResultRecord(
         file="a.jpg", location="/inbox/a.jpg", status="ok", sha256=a, model_id=MODEL, model_name="m",
-        worker="w", inode=inode, created_at=found)])
+        worker="w", ctime_ns=ctime)])
     with store.engine.connect() as conn:
-        assert conn.execute(sa.select(results.c.inode)).scalar_one() == str(inode)
-    assert store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg", (inode, before)) == row_id  # the file recorded
-    assert store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg", (7, after)) is None  # a later upload
-    # Another inode but unchanged since before the row's file was found: the same file, numbered anew (a
-    # filesystem that numbers files on each mount, FUSE).
-    assert store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg", (7, before)) == row_id
-    assert store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg") == row_id  # identity unknown: as before
-    # A row from before schema version 4 has no inode: matched whatever the file's.
+        assert conn.execute(sa.select(results.c.ctime_ns)).scalar_one() == ctime
+    assert store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg", ctime) == row_id  # the file recorded
+    assert store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg", ctime + 1) is None  # a later upload
+    assert store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg") == row_id  # ctime unknown: as before
+    # A row from before schema version 4 has no ctime: matched whatever the file's.
     [old_id] = store.add_results([record("b.jpg", a, location="/inbox/b.jpg")])
-    assert store.find_drop("b.jpg", a, MODEL, "/inbox/b.jpg", (7, after)) == old_id
+    assert store.find_drop("b.jpg", a, MODEL, "/inbox/b.jpg", ctime + 1) == old_id
+    # A file refused before it was read (no sha256) is told apart the same way.
+    [refused] = store.add_results([record("c.jpg", None, status="failed", location="/inbox/c.jpg", ctime_ns=ctime)])
+    assert store.find_drop("c.jpg", None, MODEL, "/inbox/c.jpg", ctime) == refused
+    assert store.find_drop("c.jpg", None, MODEL, "/inbox/c.jpg", ctime + 1) is None
 
 
 def test_lookups_that_the_database_refuses_raise_store_error(store: Store, db_path: Path) -> None:

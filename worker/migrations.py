@@ -140,20 +140,20 @@ def _v3_worker_folders(conn: Connection) -> None:
     conn.execute(sa.text("ALTER TABLE workers ADD COLUMN failed_dir TEXT"))
 
 
-def _v4_results_inode(conn: Connection) -> None:
-    """Version 4: results.inode, the inode number of the file that was read (decimal text: inode numbers
-    are unsigned 64-bit). With it, a row whose file was moved away without the row saying so (a worker
-    killed between its move and recording it) is no longer taken for a later drop of the same name and
-    bytes, which is another file (worker.store.Store.find_drop, worker.recovery)."""
-    conn.execute(sa.text("ALTER TABLE results ADD COLUMN inode TEXT"))
+def _v4_results_ctime(conn: Connection) -> None:
+    """Version 4: results.ctime_ns, the status-change time (ctime, ns) of the file that was read. With it,
+    a row whose file was moved away without the row saying so (a worker killed between its move and
+    recording it) is no longer taken for a later drop of the same name and bytes, which is another file
+    (worker.store.Store.find_drop, worker.recovery)."""
+    conn.execute(sa.text("ALTER TABLE results ADD COLUMN ctime_ns BIGINT"))
 
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "results and workers tables", _v1_results_and_workers),
     Migration(2, "results.host and the claims table (scale-out)", _v2_scale_out),
     Migration(3, "workers.processed_dir and failed_dir (crash recovery)", _v3_worker_folders),
-    Migration(4, "results.inode (a recorded drop told from a later one of the same name and bytes)",
-              _v4_results_inode),
+    Migration(4, "results.ctime_ns (a recorded drop told from a later one of the same name and bytes)",
+              _v4_results_ctime),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -280,6 +280,7 @@ class Prepared:
     gone: bool = False  # vanished before it was read (moved away, or already disposed of)
     skip_key: tuple[Any, ...] | None = None
     read_as: tuple[int, int, int, int] | None = None  # files.identity of the file that was read
+    ctime_ns: int | None = None  # its ctime, recorded: tells it from a later file of the same name and bytes
     decode_ms: float = 0.0
     # Filled in by `_infer_batch`, or already by `_prepare` for a file read while its window is open:
     matched: bool = False  # row_id and same_as below have been looked up
@@ -745,6 +746,7 @@ class Pipeline:
             p.file = relative_name(self.inbox, item.path)
             data, st = read_image_file(self.inbox, item.path, self.config.files.max_file_bytes)
             p.read_as = identity(st)
+            p.ctime_ns = st.st_ctime_ns
             p.size_bytes = st.st_size
             p.sha256 = sha256_hex(data)
             if early and self._match_early(p):
@@ -761,8 +763,8 @@ class Pipeline:
                 p.skip_key = _skip_key(item.path)
         except ImageRejected as exc:
             p.error = str(exc)
-            if p.size_bytes is None:
-                p.size_bytes = _size(item.path)
+            if p.size_bytes is None:  # refused before it was read (empty, too large, hard-linked…)
+                p.size_bytes, p.ctime_ns = _size_and_ctime(item.path)
         except FileNotFoundError:
             p.gone = True
         except OSError as exc:
@@ -908,8 +910,11 @@ class Pipeline:
                 continue  # recorded by a worker that died before moving the file (its claim says so)
             if p.sha256 is not None and p.sha256 not in first:
                 continue  # new content: it cannot have been recorded before
+            # Rows name the inbox for good when ok files are left there: a touch or chmod of such a file since
+            # is not a new drop, and its ctime changed. Elsewhere a different ctime is a later file.
+            leave = self.config.files.on_success == "leave"
             p.row_id = self.store.find_drop(p.file, p.sha256, model_id, str(p.item.path),
-                                            None if p.read_as is None else (p.read_as[1], p.read_as[3]))
+                                            None if leave else p.ctime_ns)
             if p.row_id in self._stale_locations:  # that row's file was moved on: this is another drop
                 p.row_id = None
             if p.row_id is None and p.sha256 is not None:
@@ -1010,7 +1015,7 @@ class Pipeline:
             created_at=now - timedelta(seconds=waited),  # when the file was found ready
             worker=self.worker_id,
             host=self.host,
-            inode=None if p.read_as is None else p.read_as[1],
+            ctime_ns=p.ctime_ns,
             claim_key=self._claim_key(p),
         )
 
@@ -1292,9 +1297,11 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _size(path: Path) -> int | None:
+def _size_and_ctime(path: Path) -> tuple[int | None, int | None]:
+    """Size and ctime of a file refused before it was read (both None when it cannot be looked at)."""
     try:
-        return os.lstat(path).st_size
+        st = os.lstat(path)
     except OSError:
-        return None
+        return None, None
+    return st.st_size, st.st_ctime_ns
 

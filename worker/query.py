@@ -36,7 +36,7 @@ from worker.store import workers as workers_table
 RESULT_KEYS = (
     "id", "file", "location", "sha256", "size_bytes", "status", "category", "confidence", "top3", "error",
     "model", "model_id", "duplicate_of", "decode_ms", "inference_ms", "total_ms", "created_at",
-    "processed_at", "worker", "host", "inode",
+    "processed_at", "worker", "host", "ctime_ns",
 )
 # A readable subset for the table format (JSON and CSV suit all of RESULT_KEYS).
 SUMMARY_COLUMNS = ("processed_at", "file", "status", "category", "confidence", "error")
@@ -142,7 +142,7 @@ def row_dict(row: Any) -> dict[str, Any]:
         "processed_at": iso(row["processed_at"]),
         "worker": row["worker"],
         "host": row["host"],
-        "inode": row["inode"],
+        "ctime_ns": row["ctime_ns"],
     }
 
 

@@ -8,8 +8,8 @@ file is.
 
 `recover_locations` runs at start-up, before the first heartbeat. It looks only at workers of this host
 whose row was never marked stopped and whose process is gone, and only at their rows that still name a
-path inside this inbox where no file is, or another file than the one recorded (another inode: a later
-upload of the same name), (the index on processed_at bounds the search to those runs). For
+path inside this inbox where no file is, or another file than the one recorded (another ctime: a later
+upload of the same name, see Store.find_drop) (the index on processed_at bounds the search to those runs). For
 each, the file is looked for where disposition puts it: the same relative name under that worker's
 processed/ (or failed/) folder, as its workers row records it (this worker's own for rows from before
 schema version 3), or a numbered variant "name (n).ext", with the same sha256 and not already named by another
@@ -34,7 +34,6 @@ import secrets
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -102,17 +101,20 @@ def _recover(store: Store, config: Config, host: str) -> int:
         half_moved = []  # (row, lstat of its inbox name): a move by link then unlink cut between the two
         for worker_id, started_at, folders in dead:
             query = sa.select(results.c.id, results.c.file, results.c.sha256, results.c.status,
-                              results.c.location, results.c.inode, results.c.created_at).where(
+                              results.c.location, results.c.ctime_ns).where(
                 results.c.worker == worker_id,
                 results.c.processed_at >= started_at,
                 results.c.location.startswith(inbox + os.sep, autoescape=True),
             )
             for row in conn.execute(query):
                 left = _lstat(row.location)
-                if left is None or _another_file(left, row.inode, row.created_at):
-                    stale.append((row, folders))  # gone, or the name now holds a later drop
-                elif stat.S_ISREG(left.st_mode) and left.st_nlink > 1:
-                    half_moved.append((row, left, folders))
+                if left is not None and stat.S_ISREG(left.st_mode) and left.st_nlink > 1:
+                    half_moved.append((row, left, folders))  # (linking changed its ctime: checked first)
+                elif left is None or (row.ctime_ns is not None and left.st_ctime_ns != row.ctime_ns
+                                      and (folders.processed is not None or row.status == "failed")):
+                    # Gone, or the name now holds a later drop; except where the worker left ok files in the
+                    # inbox for good (or deleted them: the two look alike here), whose ctime a chmod changes.
+                    stale.append((row, folders))
 
         assigned: set[Path] = set()
 
@@ -208,13 +210,6 @@ def _finish_move(inbox_name: Path, left: os.stat_result, file: str, status: str,
     except FileExistsError:
         _rename_noreplace(aside, unique_destination(inbox_name.parent, inbox_name.name))
     return candidate
-
-
-def _another_file(left: os.stat_result, inode: str | None, found_at: datetime) -> bool:
-    """Whether `left` is not the file a row recorded (`inode`, found ready at `found_at`): another inode,
-    modified after that (as Store.find_drop: a filesystem that numbers files anew on each mount gives the
-    same file a new inode, but not a new mtime). Rows from before schema version 4 have no inode."""
-    return inode is not None and str(left.st_ino) != inode and left.st_mtime_ns / 1e9 >= found_at.timestamp()
 
 
 def _same_file(path: Path, left: os.stat_result) -> bool:

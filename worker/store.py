@@ -95,10 +95,10 @@ results = sa.Table(
     sa.Column("processed_at", UTCDateTime, nullable=False),  # when the row was committed
     sa.Column("worker", sa.Text, nullable=False),  # "host:pid" or the configured worker id
     sa.Column("host", sa.Text),  # the worker's host name (NULL in rows written before schema version 2)
-    # The inode number of the file read, decimal (unsigned 64-bit); NULL before schema version 4 and for files
-    # that could not be read. Tells the drop recorded from a later file of the same name and bytes
-    # (Store.find_drop, worker.recovery).
-    sa.Column("inode", sa.Text),
+    # The status-change time (ctime, ns since the epoch) of the file read; NULL before schema version 4 and
+    # when the file could not be looked at. Tells the drop recorded from a later file of the same name and
+    # bytes (Store.find_drop, worker.recovery).
+    sa.Column("ctime_ns", sa.BigInteger),
 )
 workers = sa.Table(
     "workers", metadata,
@@ -147,22 +147,18 @@ _SET_LOCATION = (sa.update(results).where(results.c.id == sa.bindparam("row_id")
                  .values(location=sa.bindparam("new_location")))
 
 
-def _find_drop_query(with_sha256: bool, with_inode: bool) -> sa.Select:
+def _find_drop_query(with_sha256: bool, with_ctime: bool) -> sa.Select:
     content = results.c.sha256 == sa.bindparam("sha256") if with_sha256 else results.c.sha256.is_(None)
     query = (sa.select(results.c.id)
              .where(results.c.file == sa.bindparam("file"), results.c.model_id == sa.bindparam("model_id"),
                     results.c.location == sa.bindparam("location"), content)
              .order_by(results.c.id.desc()).limit(1))
-    if with_inode:
-        # Another inode is another file, unless the file was last modified before the row's file was found
-        # (filesystems that number files anew on each mount, FUSE ones: the same file under a new number).
-        # Rows from before version 4 have no inode.
-        query = query.where(sa.or_(results.c.inode == sa.bindparam("inode"), results.c.inode.is_(None),
-                                   results.c.created_at > sa.bindparam("modified", type_=UTCDateTime)))
+    if with_ctime:  # another ctime is another file, or one changed since: rows from before version 4 have none
+        query = query.where(sa.or_(results.c.ctime_ns == sa.bindparam("ctime_ns"), results.c.ctime_ns.is_(None)))
     return query
 
 
-_FIND_DROP = {(sha, inode): _find_drop_query(sha, inode) for sha in (True, False) for inode in (True, False)}
+_FIND_DROP = {(sha, ctime): _find_drop_query(sha, ctime) for sha in (True, False) for ctime in (True, False)}
 
 
 @dataclass(kw_only=True)
@@ -187,7 +183,7 @@ class ResultRecord:
     total_ms: float | None = None
     created_at: datetime = field(default_factory=utcnow)
     host: str | None = None
-    inode: int | None = None  # of the file that was read (files.identity); None when it was not read
+    ctime_ns: int | None = None  # of the file that was read (st_ctime_ns); None when it was not looked at
     claim_key: str | None = None  # scale-out: the drop's claim (worker.claims), checked at commit; no column
 
 
@@ -585,7 +581,7 @@ class Store:
             "processed_at": processed_at,
             "worker": safe_text(record.worker),
             "host": safe_text(record.host),
-            "inode": None if record.inode is None else str(int(record.inode)),
+            "ctime_ns": None if record.ctime_ns is None else int(record.ctime_ns),
         }
 
     @staticmethod
@@ -630,23 +626,23 @@ class Store:
         return self._read("looking up earlier results", body)
 
     def find_drop(self, file: str, sha256: str | None, model_id: str, location: str,
-                  identity: tuple[int, int] | None = None) -> int | None:
-        """The id of a committed row for this exact drop (same name, content and model, and the same file
-        by `identity`) whose location is still `location`, i.e. the row was committed but the file never
-        moved (a crash in between), or None. The newest such row wins.
+                  ctime_ns: int | None = None) -> int | None:
+        """The id of a committed row for this exact drop (same name, content and model, and the same
+        unchanged file by `ctime_ns`, when given and the row has one) whose location is still `location`,
+        i.e. the row was committed but the file never moved (a crash in between), or None. The newest such
+        row wins.
 
-        `identity` = (inode, mtime in ns) of the file: a row with another inode is another file's, unless
-        the file was last modified before that row's file was found ready (a filesystem that numbers files
-        anew on each mount). It tells the file recorded from a later upload of the same name and bytes when
-        the row is stale: its file was moved away by a worker killed before it could record the move."""
+        The ctime tells the file recorded from a later upload of the same name and bytes when the row is
+        stale (its file was moved away by a worker killed before it could record the move): the kernel sets
+        it on every change to a file, its metadata included, and no tool sets it back, so a new upload has
+        another even where it reuses the inode number or keeps the mtime (`cp -p`). It is the file server's
+        for a network filesystem, so no clocks are compared."""
         params: dict[str, Any] = {"file": safe_text(file), "model_id": model_id, "location": safe_text(location)}
         if sha256 is not None:
             params["sha256"] = sha256
-        if identity is not None:
-            inode, mtime_ns = identity
-            params["inode"] = str(int(inode))
-            params["modified"] = datetime.fromtimestamp(mtime_ns / 1e9, UTC)
-        query = _FIND_DROP[sha256 is not None, identity is not None]
+        if ctime_ns is not None:
+            params["ctime_ns"] = int(ctime_ns)
+        query = _FIND_DROP[sha256 is not None, ctime_ns is not None]
         found = self._read("looking up a recorded drop",
                            lambda conn: conn.execute(query, params).scalar_one_or_none())
         return None if found is None else int(found)
