@@ -518,6 +518,29 @@ def test_move_failure_keeps_the_file_and_retries_without_a_second_row(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("change", ["chmod", "touch"])
+def test_a_file_whose_metadata_changed_while_its_move_waited_keeps_its_one_row(
+        harness: Harness, cfg: Config, change: str) -> None:
+    # The retry of a failed move reads the file again; a chmod or touch during the back-off changed its ctime,
+    # by which Store.find_drop tells a later file: the retry still takes it for its row.
+    cfg.processed_path.write_text("in the way")
+    path = write_image(cfg.inbox_path / "a.jpg", (255, 0, 0))
+    harness.submit_all()
+    harness.pipeline.process_next(5)
+    assert path.exists() and [r[:2] for r in harness.rows()] == [("a.jpg", "ok")]
+    ctime = path.stat().st_ctime_ns
+    if change == "chmod":
+        path.chmod(0o600)
+    else:
+        os.utime(path)
+    assert path.stat().st_ctime_ns != ctime
+    cfg.processed_path.unlink()  # the fault clears
+    harness.drain()
+    assert harness.rows() == [("a.jpg", "ok", "red", None, str(cfg.processed_path / "a.jpg"), None)]
+    assert not path.exists()
+
+
+@pytest.mark.timeout(60)
 def test_commit_failure_keeps_files_in_the_inbox_and_retries(cfg: Config, tmp_path: Path,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     store = Store(cfg.database_url, busy_timeout_ms=50, retry_s=0.2)

@@ -84,6 +84,8 @@ GONE = ""
 SKIP_MEMORY = 10_000
 #: New locations the database refused, kept to record with the next batch (the newest this many).
 STALE_LOCATIONS_MAX = 100_000
+#: How many committed files whose move failed (kept in the inbox for a retry) are remembered with their row.
+UNMOVED_MAX = 100_000
 #: Scale-out: a file another worker holds is looked at again this long after that worker's lease ends.
 CLAIM_RECHECK_MARGIN_S = 0.5
 #: Scale-out: when claims thin a batch out, top it up from the queue at most this many more times.
@@ -414,6 +416,10 @@ class Pipeline:
         self._early: dict[QueuedFile, Future[Prepared]] = {}
         self._failures_in_a_row = 0
         self._stale_locations: dict[int, str] = {}  # row id -> where its file is now, not recorded yet
+        # Committed files whose move failed, kept in the inbox for a retry: path -> (device, inode, sha256,
+        # row id). The retry takes the file for its row by these, not by its ctime, which a chmod or touch
+        # during the back-off changes (Store.find_drop would then see a later file).
+        self._unmoved: dict[Path, tuple[int, int, str | None, int]] = {}
         self._failed_at = float("-inf")  # monotonic time of the last failed commit or inference
 
     # Input -------------------------------------------------------------------------------------------
@@ -910,6 +916,10 @@ class Pipeline:
                 continue  # recorded by a worker that died before moving the file (its claim says so)
             if p.sha256 is not None and p.sha256 not in first:
                 continue  # new content: it cannot have been recorded before
+            unmoved = self._unmoved.get(p.item.path)
+            if unmoved is not None and p.read_as is not None and (*p.read_as[:2], p.sha256) == unmoved[:3]:
+                p.row_id = unmoved[3]  # committed here, its move failed: the retry
+                continue
             # Rows name the inbox for good when ok files are left there: a touch or chmod of such a file since
             # is not a new drop, and its ctime changed. Elsewhere a different ctime is a later file.
             leave = self.config.files.on_success == "leave"
@@ -1081,12 +1091,18 @@ class Pipeline:
                     finished.append(p)  # with claims, the worker that moved it records where to
                     continue
                 self.counters.disposition_errors += 1
+                if p.read_as is not None:
+                    self._unmoved.pop(p.item.path, None)
+                    self._unmoved[p.item.path] = (*p.read_as[:2], p.sha256, p.row_id)
+                    if len(self._unmoved) > UNMOVED_MAX:
+                        del self._unmoved[next(iter(self._unmoved))]
                 delay = self._schedule_retry(p.item.path)
                 target = self.config.failed_path if p.outcome == "failed" else self.config.processed_path
                 cause = os.strerror(exc.errno) if exc.errno else str(exc)
                 stuck.setdefault((target, cause, delay), []).append((p, str(exc.strerror or exc)))
                 continue
             self._retries.pop(p.item.path, None)
+            self._unmoved.pop(p.item.path, None)
             location = DELETED if dest is None else str(dest)
             if location != str(p.item.path):
                 locations.append((p.row_id, location))
