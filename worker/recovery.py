@@ -9,7 +9,7 @@ file is.
 `recover_locations` runs at start-up, before the first heartbeat. It looks only at workers of this host
 whose row was never marked stopped and whose process is gone, and only at their rows that still name a
 path inside this inbox where no file is, or another file than the one recorded (another ctime: a later
-upload of the same name, see Store.find_drop) (the index on processed_at bounds the search to those runs). For
+upload of the same name, see Store.find_drop); the index on processed_at bounds the search to those runs. For
 each, the file is looked for where disposition puts it: the same relative name under that worker's
 processed/ (or failed/) folder, as its workers row records it (this worker's own for rows from before
 schema version 3), or a numbered variant "name (n).ext", with the same sha256 and not already named by another
