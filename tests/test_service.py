@@ -23,6 +23,9 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -36,6 +39,7 @@ from worker.service import (
     render_unit,
     run_command,
     uninstall_service,
+    venv_gpu_providers,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -161,6 +165,60 @@ def test_network_mode_follows_the_config(tmp_path):
     assert keys["PrivateNetwork"] == ["no"] and "network-online.target" in keys["After"][0]
 
 
+def fake_gpu_venv(folder: Path, providers: str) -> Path:
+    """A venv whose interpreter reports `providers` the way venv_gpu_providers asks onnxruntime. A stand-in:
+    onnxruntime-gpu (which lists CUDA and TensorRT with or without a GPU) is not installed here, and
+    installing it would replace the test venv's onnxruntime."""
+    python = folder / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f"#!/bin/sh\necho {providers}\n")
+    python.chmod(0o755)
+    return folder
+
+
+def test_gpu_access_follows_the_venvs_onnxruntime_and_the_configs_providers(tmp_path):
+    config = write_config(tmp_path / "c.toml", database={"url": "sqlite:////var/lib/fashion-worker/r.db"})
+    gpu_venv = fake_gpu_venv(tmp_path / "gpu-venv", "TensorrtExecutionProvider CUDAExecutionProvider "
+                                                    "CPUExecutionProvider")
+    plan = install_service(config, venv=gpu_venv, root=tmp_path / "r1", dry_run=True)
+    keys = unit_lines(plan.unit_text)
+    assert keys["PrivateDevices"] == ["no"] and keys["DevicePolicy"] == ["closed"]
+    assert keys["DeviceAllow"] == ["char-195 rw", "char-nvidia* rw"]
+    assert keys["SystemCallFilter"] == ["@system-service", "~@privileged"]
+    assert keys["MemoryMax"] == ["8G"] and keys["MemoryDenyWriteExecute"] == ["yes"]
+    assert plan.notes == ["GPU: onnxruntime offers CUDAExecutionProvider and TensorrtExecutionProvider: the unit "
+                          "may open the NVIDIA devices (--gpu no to keep them closed)"]
+    assert plan.warnings == []
+
+    # The test venv's real onnxruntime (the CPU package) offers no GPU: the reference unit's devices.
+    plan = install_service(config, venv=VENV, root=tmp_path / "r2", dry_run=True)
+    keys = unit_lines(plan.unit_text)
+    assert keys["PrivateDevices"] == ["yes"] and "DeviceAllow" not in keys and keys["MemoryMax"] == ["4G"]
+    assert plan.notes == [] and plan.warnings == []
+
+    # --gpu no, or a config that asks for the CPU only, keeps the devices closed on a GPU venv too.
+    cpu_only = write_config(tmp_path / "cpu.toml", model={"providers": ["CPUExecutionProvider"]})
+    for path, gpu in ((config, False), (cpu_only, None)):
+        plan = install_service(path, venv=gpu_venv, root=tmp_path / "r3", dry_run=True, gpu=gpu)
+        assert unit_lines(plan.unit_text)["PrivateDevices"] == ["yes"] and plan.notes == []
+    plan = install_service(cpu_only, venv=gpu_venv, root=tmp_path / "r4", dry_run=True, gpu=True,
+                           memory_max="16G")
+    assert plan.warnings == ["--gpu yes, but model.providers = ['CPUExecutionProvider'] uses no GPU provider"]
+    assert unit_lines(plan.unit_text)["MemoryMax"] == ["16G"]
+
+    plan = install_service(config, venv=VENV, root=tmp_path / "r5", dry_run=True, gpu=True)
+    assert plan.warnings == [f"--gpu yes, but the onnxruntime of {VENV} offers no GPU provider (install "
+                             "onnxruntime-gpu): the worker will run on the CPU"]
+
+
+def test_venv_gpu_providers_asks_the_interpreter(tmp_path):
+    assert venv_gpu_providers(Path(sys.executable)) == []  # the real onnxruntime here: CPU only
+    listed = fake_gpu_venv(tmp_path / "a", "CUDAExecutionProvider CPUExecutionProvider") / "bin/python"
+    assert venv_gpu_providers(listed) == ["CUDAExecutionProvider"]
+    broken = fake_gpu_venv(tmp_path / "b", "CUDAExecutionProvider; exit 1") / "bin/python"
+    assert venv_gpu_providers(broken) == []  # an interpreter that fails says nothing
+
+
 def test_a_sqlite_database_outside_the_state_directory_becomes_writable(tmp_path):
     config = write_config(tmp_path / "c.toml", database={"url": "sqlite:///data/results.db"})
     plan = install_service(config, venv=VENV, root=tmp_path / "r", dry_run=True)
@@ -251,16 +309,17 @@ def test_the_committed_unit_is_the_reference_rendering():
 # systemd-analyze --------------------------------------------------------------------------------------
 @needs_analyze
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("config_extra", [{}, {"service": {"metrics_port": 9464}},
-                                          {"database": {"url": "postgresql+psycopg://db/fw"}}],
-                         ids=["no-network", "metrics-loopback", "remote-database"])
-def test_rendered_unit_passes_verify_and_the_exposure_goal(tmp_path, config_extra, request):
+@pytest.mark.parametrize(("config_extra", "gpu"), [({}, False), ({"service": {"metrics_port": 9464}}, False),
+                                                   ({"database": {"url": "postgresql+psycopg://db/fw"}}, False),
+                                                   ({}, True)],
+                         ids=["no-network", "metrics-loopback", "remote-database", "gpu"])
+def test_rendered_unit_passes_verify_and_the_exposure_goal(tmp_path, config_extra, gpu, request):
     sections = {"inbox": {"path": str(tmp_path / "srv/inbox")},
                 "database": {"url": "sqlite:////var/lib/fashion-worker/results.db"}}
     sections.update(config_extra)
     config = write_config(tmp_path / "config.toml", **sections)
     root = tmp_path / "root"
-    install_service(config, venv=VENV, root=root)  # runs `systemd-analyze verify` on the unit itself
+    install_service(config, venv=VENV, root=root, gpu=gpu)  # runs `systemd-analyze verify` on the unit itself
     unit = root / "etc/systemd/system/fashion-worker.service"
     done = verify(unit)
     assert done.returncode == 0, done.stderr
@@ -271,7 +330,7 @@ def test_rendered_unit_passes_verify_and_the_exposure_goal(tmp_path, config_extr
 
 @needs_analyze
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("dropin", ["metrics.conf", "remote-database.conf"])
+@pytest.mark.parametrize("dropin", ["metrics.conf", "remote-database.conf", "gpu.conf"])
 def test_the_documented_drop_ins_keep_the_exposure_goal(tmp_path, dropin):
     root = tmp_path / "root"
     unit_dir = root / "etc/systemd/system"
@@ -282,6 +341,32 @@ def test_the_documented_drop_ins_keep_the_exposure_goal(tmp_path, dropin):
     with_dropin = exposure(unit_dir / "fashion-worker.service", root=root)
     print(f"\nexposure: reference unit {base}, with {dropin} {with_dropin}")
     assert base < with_dropin <= EXPOSURE_GOAL  # the drop-in is read and still meets the goal
+
+
+@needs_analyze
+@pytest.mark.timeout(120)
+def test_the_gpu_drop_in_gives_the_reference_unit_what_the_installer_renders_for_a_gpu(tmp_path):
+    """systemd/gpu.conf on the reference unit = the unit install-service renders with GPU access, as systemd
+    itself reads them: every property of `systemd-analyze security --offline` scores the same."""
+    root = tmp_path / "root"
+    unit_dir = root / "etc/systemd/system"
+    (unit_dir / "fashion-worker.service.d").mkdir(parents=True)
+    shutil.copy(REPO / "systemd/fashion-worker.service", unit_dir)
+    shutil.copy(REPO / "systemd/gpu.conf", unit_dir / "fashion-worker.service.d/gpu.conf")
+    rendered = tmp_path / "fashion-worker.service"
+    rendered.write_text(render_unit(replace(default_unit_settings(), gpu=True, memory_max="8G")))
+
+    def table(argv: list[str]) -> list[str]:
+        done = subprocess.run([ANALYZE, "security", "--offline=true", "--no-pager", *argv], capture_output=True,
+                              text=True, timeout=120)
+        return [line for line in done.stdout.splitlines() if line.startswith(("✓", "✗", "→"))]
+
+    from_dropin = table([f"--root={root}", "fashion-worker.service"])
+    assert any("char-nvidia*:rw" in line for line in from_dropin), from_dropin
+    assert from_dropin == table([str(rendered)])
+    dropin = unit_lines((REPO / "systemd/gpu.conf").read_text())
+    keys = unit_lines(rendered.read_text())
+    assert dropin["DeviceAllow"] == keys["DeviceAllow"] and dropin["MemoryMax"] == keys["MemoryMax"]
 
 
 # MemoryDenyWriteExecute=yes against the real inference stack ------------------------------------------
@@ -503,44 +588,82 @@ def _real_systemd_missing() -> str | None:
     return None
 
 
-@pytest.mark.timeout(240)
-@pytest.mark.skipif(_real_systemd_missing() is not None, reason=str(_real_systemd_missing()))
-def test_install_service_then_the_unit_runs_under_a_real_systemd_as_pid_1(tmp_path) -> None:
-    """`fashion-worker install-service` in a throw-away systemd (PID 1 of its own namespaces), then the
-    hardened unit classifies a photo, reports READY and STATUS, keeps onnxruntime's threads pinned, logs
-    nothing alarming, and stops cleanly. The test drop-in changes only what the boot needs: no default
-    dependencies, and the repository visible through PrivateTmp (CI clones it under /tmp)."""
+#: Device nodes made in the booted namespace's /run (mode 666), opened by the unit's own ExecStartPost=,
+#: so with the unit's cgroup, mounts and user: one of the NVIDIA driver's fixed major (195:255 is
+#: /dev/nvidiactl; no driver is loaded here, so ENXIO where the unit's device rules let it through, EPERM
+#: or EACCES where they do not), and /dev/kmsg's (1:11, a driver that is there: it would open if allowed).
+#: /dev/loop-control is a host device (root-only) that PrivateDevices=yes hides (ENOENT).
+PROBE_NODES = {"/run/fw-probe-nvidiactl": (195, 255), "/run/fw-probe-kmsg": (1, 11)}
+PROBE = ("import errno, os\n"
+         "for node in {nodes!r}:\n"
+         "    try:\n        os.close(os.open(node, os.O_RDWR)); print('device probe:', node, 'opened')\n"
+         "    except OSError as e:\n        print('device probe:', node, errno.errorcode[e.errno])\n")
+
+
+@contextmanager
+def booted_systemd(tmp_path: Path, *, probe: bool = False) -> Iterator[Callable[..., str]]:
+    """A throw-away systemd as PID 1 of its own namespaces (see BOOT); yields `inside(*command)`, which
+    runs a command there and returns its output. `probe`: the worker's unit opens /dev/loop-control
+    and PROBE_NODES and prints what happened to its journal."""
     work = tmp_path / "ns"
     work.mkdir()
     (work / "boot.sh").write_text(BOOT)
     (work / "boot.sh").chmod(0o755)
-    (work / "dropin.conf").write_text(
-        f"[Unit]\nDefaultDependencies=no\n\n[Service]\nBindReadOnlyPaths={REPO} {Path(sys.prefix).resolve()}\n")
+    dropin = f"[Unit]\nDefaultDependencies=no\n\n[Service]\nBindReadOnlyPaths={REPO} {Path(sys.prefix).resolve()}\n"
+    if probe:
+        dropin += f"ExecStartPost={sys.executable} /run/fw-probe.py\n"
+    (work / "dropin.conf").write_text(dropin)
     boot = subprocess.Popen(["unshare", "--pid", "--mount", "--uts", "--ipc", "--kill-child=SIGKILL",
                              "--propagation", "private", str(work / "boot.sh"), str(work), str(REPO)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    pid1 = None
     try:
         deadline = time.monotonic() + 30
+        pid1 = None
         while pid1 is None:
             children = Path(f"/proc/{boot.pid}/task/{boot.pid}/children").read_text().split()
             pid1 = int(children[0]) if children else None
             assert time.monotonic() < deadline and boot.poll() is None, "the namespace did not start"
             time.sleep(0.1)
 
-        def inside(*command: str, check: bool = True, timeout: float = 120) -> str:
+        def inside(*command: str, check: bool = True, timeout: float = 120, input: str | None = None) -> str:
             done = subprocess.run(["nsenter", "-t", str(pid1), "-a", *command], capture_output=True,
-                                  text=True, timeout=timeout)
+                                  text=True, timeout=timeout, input=input)
             assert not check or done.returncode == 0, f"{command}: {done.stdout}{done.stderr}"
             return done.stdout + done.stderr
 
         while inside("systemctl", "is-system-running", check=False).strip() not in ("running", "degraded"):
             assert time.monotonic() < deadline, inside("systemctl", "list-jobs", check=False)
             time.sleep(0.2)
+        if probe:
+            for node, (major, minor) in PROBE_NODES.items():
+                inside("mknod", "-m", "666", node, "c", str(major), str(minor))
+            inside("sh", "-c", "cat > /run/fw-probe.py && chmod 644 /run/fw-probe.py",
+                   input=PROBE.format(nodes=[*PROBE_NODES, "/dev/loop-control"]))
+        yield inside
+    finally:
+        os.killpg(boot.pid, signal.SIGKILL)
+        boot.wait(timeout=30)
+
+
+def _journal(inside: Callable[..., str]) -> str:
+    return inside("journalctl", "-u", "fashion-worker", "--no-pager", "-o", "cat", check=False)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(_real_systemd_missing() is not None, reason=str(_real_systemd_missing()))
+def test_install_service_then_the_unit_runs_under_a_real_systemd_as_pid_1(tmp_path) -> None:
+    """`fashion-worker install-service` in a throw-away systemd (PID 1 of its own namespaces), then the
+    hardened unit classifies a photo, reports READY and STATUS, keeps onnxruntime's threads pinned, logs
+    nothing alarming, and stops cleanly; a GPU device node stays shut to it. The test drop-in changes only
+    what the boot needs: no default dependencies, and the repository visible through PrivateTmp (CI clones
+    it under /tmp); and it adds the device probe."""
+    work = tmp_path / "ns"
+    with booted_systemd(tmp_path, probe=True) as inside:
+        deadline = time.monotonic() + 60
         fw = str(Path(sys.prefix) / "bin" / "fashion-worker")
         installed = inside(fw, "install-service", check=False)  # the README's two commands: install, then drop
         assert inside("systemctl", "is-active", "fashion-worker", check=False).strip() == "active", \
-            installed + inside("journalctl", "-u", "fashion-worker", "--no-pager", "-o", "cat", check=False)
+            installed + _journal(inside)
         assert "Status: \"queue 0;" in inside("systemctl", "status", "fashion-worker", "--no-pager", check=False)
 
         write_image(work / "drop.jpg", (200, 30, 30), size=(400, 533), noise_seed=7)
@@ -563,12 +686,38 @@ def test_install_service_then_the_unit_runs_under_a_real_systemd_as_pid_1(tmp_pa
             assert re.search(r"Cpus_allowed_list:\s+\d+\n", threads), threads
 
         inside("systemctl", "stop", "fashion-worker")
-        journal = inside("journalctl", "-u", "fashion-worker", "--no-pager", "-o", "cat")
+        journal = _journal(inside)
         assert "watching inbox /srv/fashion-worker/inbox" in journal
         assert "stopped; 1 results recorded since start" in journal
         for alarming in ("Traceback", "pthread_setaffinity_np failed", "cpuinfo", "Operation not permitted"):
             assert alarming not in journal, journal
+        for node in PROBE_NODES:  # no GPU device, nor any other, for the CPU unit
+            assert re.search(rf"device probe: {node} (EPERM|EACCES)\n", journal), journal
+        assert "device probe: /dev/loop-control ENOENT\n" in journal, journal
         assert inside("systemctl", "show", "-p", "ExecMainStatus", "--value", "fashion-worker").strip() == "0"
-    finally:
-        os.killpg(boot.pid, signal.SIGKILL)
-        boot.wait(timeout=30)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(_real_systemd_missing() is not None, reason=str(_real_systemd_missing()))
+def test_install_service_with_gpu_access_opens_the_nvidia_devices_and_nothing_else(tmp_path) -> None:
+    """`install-service --gpu yes` under a real systemd: the unit may open a node of the NVIDIA driver's
+    major (ENXIO: allowed, no driver here) where the CPU unit gets EPERM (test above), sees the host's /dev
+    but still may not open its other devices, and runs the worker (on the CPU here, with the installer's
+    warning that this onnxruntime has no GPU provider)."""
+    with booted_systemd(tmp_path, probe=True) as inside:
+        fw = str(Path(sys.prefix) / "bin" / "fashion-worker")
+        installed = inside(fw, "install-service", "--gpu", "yes", check=False)
+        assert "warning: --gpu yes, but the onnxruntime of" in installed, installed
+        assert inside("systemctl", "is-active", "fashion-worker", check=False).strip() == "active", \
+            installed + _journal(inside)
+        unit = inside("systemctl", "cat", "fashion-worker")
+        assert "DeviceAllow=char-195 rw" in unit and "PrivateDevices=no" in unit, unit
+        deadline = time.monotonic() + 60
+        while "device probe:" not in (journal := _journal(inside)):
+            assert time.monotonic() < deadline, journal
+            time.sleep(0.3)
+        assert "device probe: /run/fw-probe-nvidiactl ENXIO\n" in journal, journal
+        assert "device probe: /run/fw-probe-kmsg EPERM\n" in journal, journal
+        assert re.search(r"device probe: /dev/loop-control (EPERM|EACCES)\n", journal), journal
+        inside("systemctl", "stop", "fashion-worker")
+        assert "Traceback" not in _journal(inside)

@@ -187,6 +187,7 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     plan = install_service(
         args.config, venv=args.venv, user=args.user, uploaders_group=args.uploaders_group, inbox=args.inbox,
         memory_max=args.memory_max, network=args.network, start=not args.no_start, dry_run=args.dry_run,
+        gpu=None if args.gpu is None else args.gpu == "yes",
     )
     _print_plan(plan, args.dry_run, "installed")
     return 0
@@ -465,10 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="service user, created if missing (default: %(default)s)")
     inst.add_argument("--uploaders-group", default="uploaders", metavar="GROUP",
                       help="group whose members may drop files into the inbox (default: %(default)s)")
-    inst.add_argument("--memory-max", default="4G", help="MemoryMax= of the unit (default: %(default)s)")
+    inst.add_argument("--memory-max", default=None,
+                      help="MemoryMax= of the unit (default: 4G, 8G with GPU access)")
     inst.add_argument("--network", choices=("none", "loopback", "remote"), default=None,
                       help="network access (default: from the config: remote database -> remote, "
                            "metrics port -> loopback, else none)")
+    inst.add_argument("--gpu", choices=("yes", "no"), default=None,
+                      help="let the service open the NVIDIA devices (default: yes when the venv's onnxruntime "
+                           "offers CUDA or TensorRT, i.e. onnxruntime-gpu, and model.providers may use them)")
     inst.add_argument("--no-start", action="store_true", help="enable the service without starting it")
     inst.add_argument("--dry-run", action="store_true", help="print what would be done, do nothing")
 

@@ -41,6 +41,9 @@ STATE_DIR = Path("/var/lib")  # StateDirectory= lives under it
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
 HOME_PREFIXES = (Path("/home"), Path("/root"), Path("/run/user"))
 NETWORKS = ("none", "loopback", "remote")
+#: The execution providers that need the unit to open the NVIDIA devices (worker.model.GPU_PROVIDERS).
+GPU_PROVIDER_NAMES = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+DEFAULT_MEMORY_MAX = {False: "4G", True: "8G"}  # without and with GPU access: a CUDA context and cuDNN add ~1.5 GB
 
 # The address families and IP rules of each network mode (see docs/operations.md):
 # none     - no network at all: PrivateNetwork=yes (own loopback only), Unix sockets only.
@@ -84,7 +87,8 @@ class UnitSettings:
     state_directory: str = UNIT_NAME  # /var/lib/<this>, owned by the user, for the SQLite database
     network: str = "none"  # none | loopback | remote
     protect_home: str = "yes"  # "read-only" when the venv, config or data live under /home or /root
-    memory_max: str = "4G"
+    memory_max: str = DEFAULT_MEMORY_MAX[False]
+    gpu: bool = False  # open the NVIDIA devices (onnxruntime-gpu, decode_on = "gpu")
     watchdog_sec: int = 60
     timeout_start_sec: int = 300  # loading and warming up a model on a slow CPU
     timeout_stop_sec: int = 30  # the worker finishes its batch and exits within a few seconds
@@ -110,6 +114,7 @@ def render_unit(settings: UnitSettings) -> str:
     command = " ".join(_quote(a) for a in (s.executable, "run", "--config", s.config, *s.extra_args))
     rw = " ".join(_quote(p) for p in s.read_write_paths)
     supplementary = f"SupplementaryGroups={s.uploaders_group}\n" if s.uploaders_group else ""
+    devices, syscalls, wx = _GPU_BLOCKS[s.gpu]
     after = "local-fs.target"
     if s.network == "remote":
         after += " network-online.target\nWants=network-online.target"
@@ -155,8 +160,7 @@ RuntimeDirectory={s.state_directory}
 RuntimeDirectoryMode=0750
 Environment=XDG_RUNTIME_DIR=%t/{s.state_directory}
 PrivateTmp=yes
-PrivateDevices=yes
-PrivateMounts=yes
+{devices}PrivateMounts=yes
 PrivateIPC=yes
 RemoveIPC=yes
 
@@ -170,8 +174,7 @@ RestrictNamespaces=yes
 RestrictRealtime=yes
 RestrictSUIDSGID=yes
 LockPersonality=yes
-# onnxruntime's CPU provider, numpy and CPython do not JIT: checked by tests/test_service.py.
-MemoryDenyWriteExecute=yes
+{wx}MemoryDenyWriteExecute=yes
 ProtectKernelTunables=yes
 ProtectKernelModules=yes
 ProtectKernelLogs=yes
@@ -186,10 +189,7 @@ DevicePolicy=closed
 KeyringMode=private
 SystemCallArchitectures=native
 SystemCallFilter=@system-service
-SystemCallFilter=~@privileged @resources
-# ...but onnxruntime's threads and the thread calling it are each pinned to a core (worker/affinity.py).
-SystemCallFilter=sched_setaffinity
-SystemCallErrorNumber=EPERM
+{syscalls}SystemCallErrorNumber=EPERM
 
 # Resources.
 MemoryMax={s.memory_max}
@@ -198,6 +198,34 @@ TasksMax=256
 [Install]
 WantedBy=multi-user.target
 """
+
+
+# (devices, system call filter, the comment on MemoryDenyWriteExecute=) without and with GPU access;
+# systemd/gpu.conf makes the same changes to the reference unit as a drop-in.
+_GPU_BLOCKS = {
+    False: (
+        "PrivateDevices=yes\n",
+        "SystemCallFilter=~@privileged @resources\n"
+        "# ...but onnxruntime's threads and the thread calling it are each pinned to a core (worker/affinity.py).\n"
+        "SystemCallFilter=sched_setaffinity\n",
+        "# onnxruntime's CPU provider, numpy and CPython do not JIT: checked by tests/test_service.py.\n",
+    ),
+    True: (
+        "# GPU: /dev is the host's, but of its devices only the NVIDIA ones may be opened (the groups\n"
+        "# nvidia, nvidiactl, nvidia-uvm, nvidia-caps... of /proc/devices); DevicePolicy=closed keeps\n"
+        "# every other device shut. Major 195 is the driver's fixed one (/dev/nvidia0..., /dev/nvidiactl),\n"
+        "# allowed also when the driver loads after the unit started; the others it picks at load time.\n"
+        "PrivateDevices=no\n"
+        "DeviceAllow=char-195 rw\n"
+        "DeviceAllow=char-nvidia* rw\n",
+        "# The CUDA driver, cuDNN and torch (nvJPEG) are not ours to audit: @resources (NUMA placement,\n"
+        "# priorities, limits) stays allowed, as in NixOS' ollama service.\n"
+        "SystemCallFilter=~@privileged\n",
+        "# The CPU side does not JIT (tests/test_service.py); CUDA, cuDNN and TensorRT compile GPU code, not\n"
+        "# host code, and NixOS' ollama service runs CUDA under this too. Not yet tried here on a GPU: if CUDA starts\n"
+        "# by hand but not in the unit, try MemoryDenyWriteExecute=no in a drop-in.\n",
+    ),
+}
 
 
 # Plan -----------------------------------------------------------------------------------------------
@@ -322,6 +350,20 @@ def default_unit_settings() -> UnitSettings:
     )
 
 
+def venv_gpu_providers(python: Path) -> list[str]:
+    """The GPU execution providers the onnxruntime of the interpreter `python` offers (onnxruntime-gpu
+    lists them with or without a GPU); [] when there are none or the interpreter cannot say."""
+    if not python.exists():
+        python = Path(sys.executable)
+    try:
+        done = subprocess.run([str(python), "-c", "import onnxruntime; print(*onnxruntime.get_available_providers())"],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    offered = done.stdout.split() if done.returncode == 0 else []
+    return [p for p in GPU_PROVIDER_NAMES if p in offered]
+
+
 def _venv_executable(venv: Path | None) -> Path:
     if venv is None:
         venv = Path(sys.prefix)
@@ -351,8 +393,9 @@ def install_service(
     user: str = DEFAULT_USER,
     uploaders_group: str = DEFAULT_UPLOADERS,
     inbox: Path | str | None = None,
-    memory_max: str = "4G",
+    memory_max: str | None = None,
     network: str | None = None,
+    gpu: bool | None = None,
     unit_name: str = UNIT_NAME,
     root: Path | str = "/",
     start: bool = True,
@@ -366,8 +409,11 @@ def install_service(
         become the sandbox's writable paths.
     venv: the virtual environment holding fashion-worker (default: the running one, sys.prefix).
     inbox: overrides the config's inbox (passed to the service as `--inbox`).
+    memory_max: MemoryMax= of the unit (default 4G, 8G with GPU access).
     network: "none" | "loopback" | "remote"; default from the config (metrics_port set -> loopback,
         non-SQLite database -> remote, else none).
+    gpu: let the service open the NVIDIA devices; default: when the venv's onnxruntime offers CUDA or
+        TensorRT (onnxruntime-gpu) and the config's model.providers may use them.
     root: "/" acts on this host (needs root and a running systemd); another folder only writes the unit,
         the config and the folders under it (host commands are listed, not run): for tests.
     start: enable, then start or restart (True), or only enable.
@@ -378,7 +424,7 @@ def install_service(
     on_host = root == Path("/")
     config_path = Path(os.path.abspath(config if config is not None else DEFAULT_CONFIG))
     executable = _venv_executable(Path(venv) if venv is not None else None)
-    _check_names(user=user, uploaders_group=uploaders_group, memory_max=memory_max)
+    _check_names(user=user, uploaders_group=uploaders_group, memory_max=memory_max or DEFAULT_MEMORY_MAX[False])
     if on_host and not executable.is_file():
         raise FashionWorkerError(f"--venv {venv or sys.prefix}: no fashion-worker at {executable}")
     unit_dir = SYSTEM_UNIT_DIR
@@ -427,11 +473,26 @@ def install_service(
             + "; the unit uses ProtectHome=read-only, and the service user must be able to traverse "
             "those folders (install under /opt and /srv instead)")
 
+    gpu_providers = venv_gpu_providers(executable.parent / "python")
+    wants_gpu = cfg.model.providers in ([], ["auto"]) or any(p in GPU_PROVIDER_NAMES for p in cfg.model.providers)
+    if gpu is None:
+        gpu = wants_gpu and bool(gpu_providers)
+        if gpu:
+            plan.notes.append(f"GPU: onnxruntime offers {' and '.join(gpu_providers)}: the unit may open the NVIDIA "
+                              "devices (--gpu no to keep them closed)")
+    elif gpu and not gpu_providers:
+        plan.warnings.append(f"--gpu yes, but the onnxruntime of {executable.parent.parent} offers no GPU provider "
+                             "(install onnxruntime-gpu): the worker will run on the CPU")
+    elif gpu and not wants_gpu:
+        plan.warnings.append(f"--gpu yes, but model.providers = {cfg.model.providers} uses no GPU provider")
+    if memory_max is None:
+        memory_max = DEFAULT_MEMORY_MAX[gpu]
+
     extra_args = ("--inbox", str(inbox_path)) if inbox is not None else ()
     settings = UnitSettings(
         executable=executable, config=config_path, user=user, group=group,
         uploaders_group=uploaders_group, read_write_paths=tuple(writable), network=network,
-        protect_home=protect_home, memory_max=memory_max, extra_args=extra_args)
+        protect_home=protect_home, memory_max=memory_max, gpu=gpu, extra_args=extra_args)
     plan.unit_text = render_unit(settings)
 
     # Users and groups.
