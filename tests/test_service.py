@@ -184,6 +184,7 @@ def test_gpu_access_follows_the_venvs_onnxruntime_and_the_configs_providers(tmp_
     keys = unit_lines(plan.unit_text)
     assert keys["PrivateDevices"] == ["no"] and keys["DevicePolicy"] == ["closed"]
     assert keys["DeviceAllow"] == ["char-195 rw", "char-nvidia* rw"]
+    assert keys["After"] == ["local-fs.target nvidia-persistenced.service"]
     assert keys["SystemCallFilter"] == ["@system-service", "~@privileged"]
     assert keys["MemoryMax"] == ["8G"] and keys["MemoryDenyWriteExecute"] == ["yes"]
     assert plan.notes == ["GPU: onnxruntime offers CUDAExecutionProvider and TensorrtExecutionProvider: the unit "
@@ -215,8 +216,18 @@ def test_venv_gpu_providers_asks_the_interpreter(tmp_path):
     assert venv_gpu_providers(Path(sys.executable)) == []  # the real onnxruntime here: CPU only
     listed = fake_gpu_venv(tmp_path / "a", "CUDAExecutionProvider CPUExecutionProvider") / "bin/python"
     assert venv_gpu_providers(listed) == ["CUDAExecutionProvider"]
-    broken = fake_gpu_venv(tmp_path / "b", "CUDAExecutionProvider; exit 1") / "bin/python"
-    assert venv_gpu_providers(broken) == []  # an interpreter that fails says nothing
+    broken = fake_gpu_venv(tmp_path / "b", "CUDAExecutionProvider; echo 'ModuleNotFoundError: onnxruntime' >&2; "
+                                           "exit 1") / "bin/python"
+    assert venv_gpu_providers(broken) == f"{broken}: ModuleNotFoundError: onnxruntime"
+    assert venv_gpu_providers(tmp_path / "none/bin/python") == f"{tmp_path}/none/bin/python: No such file or directory"
+
+
+def test_a_venv_that_cannot_say_keeps_the_devices_closed_with_a_warning(tmp_path):
+    config = write_config(tmp_path / "c.toml", database={"url": "sqlite:////var/lib/fashion-worker/r.db"})
+    plan = install_service(config, venv=tmp_path / "no-venv", root=tmp_path / "r", dry_run=True)
+    assert unit_lines(plan.unit_text)["PrivateDevices"] == ["yes"]
+    assert plan.warnings == [f"cannot tell whether the venv's onnxruntime offers a GPU ({tmp_path}/no-venv/bin/python: "
+                             "No such file or directory): the unit keeps the devices closed (--gpu yes opens them)"]
 
 
 def test_a_sqlite_database_outside_the_state_directory_becomes_writable(tmp_path):
@@ -591,9 +602,10 @@ def _real_systemd_missing() -> str | None:
 #: Device nodes made in the booted namespace's /run (mode 666), opened by the unit's own ExecStartPost=,
 #: so with the unit's cgroup, mounts and user: one of the NVIDIA driver's fixed major (195:255 is
 #: /dev/nvidiactl; no driver is loaded here, so ENXIO where the unit's device rules let it through, EPERM
-#: or EACCES where they do not), and /dev/kmsg's (1:11, a driver that is there: it would open if allowed).
-#: /dev/loop-control is a host device (root-only) that PrivateDevices=yes hides (ENOENT).
-PROBE_NODES = {"/run/fw-probe-nvidiactl": (195, 255), "/run/fw-probe-kmsg": (1, 11)}
+#: or EACCES where they do not), and /dev/fuse's (10:229: its driver is there and needs no privilege, so it
+#: opens wherever the device rules allow it). /dev/loop-control is a host device (root-only) that
+#: PrivateDevices=yes hides (ENOENT).
+PROBE_NODES = {"/run/fw-probe-nvidiactl": (195, 255), "/run/fw-probe-fuse": (10, 229)}
 PROBE = ("import errno, os\n"
          "for node in {nodes!r}:\n"
          "    try:\n        os.close(os.open(node, os.O_RDWR)); print('device probe:', node, 'opened')\n"
@@ -717,7 +729,7 @@ def test_install_service_with_gpu_access_opens_the_nvidia_devices_and_nothing_el
             assert time.monotonic() < deadline, journal
             time.sleep(0.3)
         assert "device probe: /run/fw-probe-nvidiactl ENXIO\n" in journal, journal
-        assert "device probe: /run/fw-probe-kmsg EPERM\n" in journal, journal
+        assert "device probe: /run/fw-probe-fuse EPERM\n" in journal, journal
         assert re.search(r"device probe: /dev/loop-control (EPERM|EACCES)\n", journal), journal
         inside("systemctl", "stop", "fashion-worker")
         assert "Traceback" not in _journal(inside)

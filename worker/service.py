@@ -116,6 +116,8 @@ def render_unit(settings: UnitSettings) -> str:
     supplementary = f"SupplementaryGroups={s.uploaders_group}\n" if s.uploaders_group else ""
     devices, syscalls, wx = _GPU_BLOCKS[s.gpu]
     after = "local-fs.target"
+    if s.gpu:  # the driver's persistence daemon, where there is one, has the GPUs and their nodes ready
+        after += " nvidia-persistenced.service"
     if s.network == "remote":
         after += " network-online.target\nWants=network-online.target"
     return f"""\
@@ -213,8 +215,9 @@ _GPU_BLOCKS = {
     True: (
         "# GPU: /dev is the host's, but of its devices only the NVIDIA ones may be opened (the groups\n"
         "# nvidia, nvidiactl, nvidia-uvm, nvidia-caps... of /proc/devices); DevicePolicy=closed keeps\n"
-        "# every other device shut. Major 195 is the driver's fixed one (/dev/nvidia0..., /dev/nvidiactl),\n"
-        "# allowed also when the driver loads after the unit started; the others it picks at load time.\n"
+        "# every other device shut. The groups are looked up when the unit starts: load the driver and\n"
+        "# nvidia-uvm before (docs/operations.md). 195 is the driver's fixed major (/dev/nvidia0...,\n"
+        "# /dev/nvidiactl), which systemd takes as a number, whatever the driver names it.\n"
         "PrivateDevices=no\n"
         "DeviceAllow=char-195 rw\n"
         "DeviceAllow=char-nvidia* rw\n",
@@ -350,18 +353,18 @@ def default_unit_settings() -> UnitSettings:
     )
 
 
-def venv_gpu_providers(python: Path) -> list[str]:
+def venv_gpu_providers(python: Path) -> list[str] | str:
     """The GPU execution providers the onnxruntime of the interpreter `python` offers (onnxruntime-gpu
-    lists them with or without a GPU); [] when there are none or the interpreter cannot say."""
-    if not python.exists():
-        python = Path(sys.executable)
+    lists them with or without a GPU), or why the interpreter could not say."""
     try:
         done = subprocess.run([str(python), "-c", "import onnxruntime; print(*onnxruntime.get_available_providers())"],
                               capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    offered = done.stdout.split() if done.returncode == 0 else []
-    return [p for p in GPU_PROVIDER_NAMES if p in offered]
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{python}: {getattr(exc, 'strerror', None) or exc}"
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        return f"{python}: {last}"
+    return [p for p in GPU_PROVIDER_NAMES if p in done.stdout.split()]
 
 
 def _venv_executable(venv: Path | None) -> Path:
@@ -475,7 +478,11 @@ def install_service(
 
     gpu_providers = venv_gpu_providers(executable.parent / "python")
     wants_gpu = cfg.model.providers in ([], ["auto"]) or any(p in GPU_PROVIDER_NAMES for p in cfg.model.providers)
-    if gpu is None:
+    if isinstance(gpu_providers, str):  # the venv's interpreter could not say
+        plan.warnings.append(f"cannot tell whether the venv's onnxruntime offers a GPU ({gpu_providers})"
+                             + ("" if gpu else ": the unit keeps the devices closed (--gpu yes opens them)"))
+        gpu = bool(gpu)
+    elif gpu is None:
         gpu = wants_gpu and bool(gpu_providers)
         if gpu:
             plan.notes.append(f"GPU: onnxruntime offers {' and '.join(gpu_providers)}: the unit may open the NVIDIA "
