@@ -187,7 +187,7 @@ def test_gpu_access_follows_the_venvs_onnxruntime_and_the_configs_providers(tmp_
     assert keys["After"] == ["local-fs.target nvidia-persistenced.service"]
     assert keys["SystemCallFilter"] == ["@system-service", "~@privileged"]
     assert keys["MemoryMax"] == ["8G"] and keys["MemoryDenyWriteExecute"] == ["yes"]
-    assert plan.notes == ["GPU: onnxruntime offers CUDAExecutionProvider and TensorrtExecutionProvider: the unit "
+    assert plan.notes == ["GPU: onnxruntime offers TensorrtExecutionProvider and CUDAExecutionProvider: the unit "
                           "may open the NVIDIA devices (--gpu no to keep them closed)"]
     assert plan.warnings == []
 

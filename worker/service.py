@@ -29,6 +29,7 @@ from pathlib import Path
 
 from worker import config as config_mod
 from worker.exceptions import FashionWorkerError
+from worker.model import GPU_PROVIDERS
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,6 @@ STATE_DIR = Path("/var/lib")  # StateDirectory= lives under it
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
 HOME_PREFIXES = (Path("/home"), Path("/root"), Path("/run/user"))
 NETWORKS = ("none", "loopback", "remote")
-#: The execution providers that need the unit to open the NVIDIA devices (worker.model.GPU_PROVIDERS).
-GPU_PROVIDER_NAMES = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 DEFAULT_MEMORY_MAX = {False: "4G", True: "8G"}  # without and with GPU access: a CUDA context and cuDNN add ~1.5 GB
 
 # The address families and IP rules of each network mode (see docs/operations.md):
@@ -364,7 +363,7 @@ def venv_gpu_providers(python: Path) -> list[str] | str:
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
         return f"{python}: {last}"
-    return [p for p in GPU_PROVIDER_NAMES if p in done.stdout.split()]
+    return [p for p in GPU_PROVIDERS if p in done.stdout.split()]
 
 
 def _venv_executable(venv: Path | None) -> Path:
@@ -477,7 +476,7 @@ def install_service(
             "those folders (install under /opt and /srv instead)")
 
     gpu_providers = venv_gpu_providers(executable.parent / "python")
-    wants_gpu = cfg.model.providers in ([], ["auto"]) or any(p in GPU_PROVIDER_NAMES for p in cfg.model.providers)
+    wants_gpu = cfg.model.providers in ([], ["auto"]) or any(p in GPU_PROVIDERS for p in cfg.model.providers)
     if isinstance(gpu_providers, str):  # the venv's interpreter could not say
         plan.warnings.append(f"cannot tell whether the venv's onnxruntime offers a GPU ({gpu_providers})"
                              + ("" if gpu else ": the unit keeps the devices closed (--gpu yes opens them)"))
