@@ -254,6 +254,12 @@ def read_identity(path: Path) -> tuple[int, int, int, int]:
     return identity(os.lstat(path))
 
 
+def _photo_as_read(inbox: Path) -> tuple[Path, bytes, tuple[int, int, int, int]]:
+    """An inbox photo as the worker read it: its path, its bytes, and its identity at the read."""
+    path = write_image(inbox / "photo.jpg", noise_seed=1)
+    return path, path.read_bytes(), read_identity(path)
+
+
 def _touch(path: Path) -> None:
     """What `touch` does to a file: a later mtime, nothing else."""
     mtime = path.stat().st_mtime_ns + 1_000_000_000
@@ -291,9 +297,7 @@ def test_a_file_only_touched_since_it_was_read_is_still_the_one_read(inbox: Path
     """`touch` (or a sync tool setting times) changes the mtime alone: the bytes hash as read, so the file
     is disposed of under its row, not taken for a rewrite that needs a row of its own."""
     config = make_config(tmp_path, files__on_success=action)
-    path = write_image(inbox / "photo.jpg", noise_seed=1)
-    content = path.read_bytes()
-    read_as = read_identity(path)
+    path, content, read_as = _photo_as_read(inbox)
     _touch(path)
     where = dispose(path, inbox, "ok", config, expect=read_as, sha256=hashlib.sha256(content).hexdigest())
     if action == "move":
@@ -313,9 +317,7 @@ def test_a_file_only_touched_since_it_was_read_is_still_the_one_read(inbox: Path
 def test_a_file_rewritten_with_other_bytes_of_the_same_size_is_left_alone(inbox: Path, tmp_path: Path,
                                                                           action: str) -> None:
     config = make_config(tmp_path, files__on_success=action)
-    path = write_image(inbox / "photo.jpg", noise_seed=1)
-    content = path.read_bytes()
-    read_as = read_identity(path)
+    path, content, read_as = _photo_as_read(inbox)
     with open(path, "r+b") as handle:  # same inode, same size, other bytes
         handle.seek(len(content) // 2)
         handle.write(bytes(b ^ 0xFF for b in content[len(content) // 2:][:16]))
@@ -435,9 +437,7 @@ def test_a_file_touched_between_the_check_and_the_rename_is_moved(inbox: Path, t
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     # The touch is real; only its moment is arranged (a hook on the rename), as in the swap test above.
     config = make_config(tmp_path)
-    path = write_image(inbox / "photo.jpg", noise_seed=1)
-    content = path.read_bytes()
-    read_as = read_identity(path)
+    path, content, read_as = _photo_as_read(inbox)
     real = disposition._rename_noreplace
 
     def touch_then_rename(src: Path | str, dst: Path | str, src_dir_fd: int | None = None,
@@ -457,9 +457,7 @@ def test_across_filesystems_a_file_touched_during_its_copy_is_moved(inbox: Path,
     # Touched after the copy landed (timed by a hook on the folder sync, as in the test above): the inbox
     # name still holds the bytes read, so the move completes instead of leaving it for a second row.
     config = make_config(tmp_path)
-    path = write_image(inbox / "photo.jpg", noise_seed=1)
-    content = path.read_bytes()
-    read_as = read_identity(path)
+    path, content, read_as = _photo_as_read(inbox)
     real_sync = disposition._fsync_dir
     moves_cross_devices(monkeypatch)
 
