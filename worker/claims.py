@@ -36,9 +36,10 @@ only the worker holding the claim reads, classifies, records and moves that file
   worker that takes it over (any that can move the file, this one included on its next try) only moves it.
 - **Shutdown** (`close`): claims without a row are deleted, claims with a row are expired at once, so that
   other workers take them over without waiting for the lease.
-- **Purge**: a claim nobody took over within PURGE_AFTER_S of its lapse (its worker died after moving the
-  file, so no other worker ever saw the file again) is deleted by the renewal threads, every
-  PURGE_EVERY_S.
+- **Purge**: a claim nobody took over within PURGE_AFTER_S of its lapse is deleted by the renewal threads,
+  every PURGE_EVERY_S. Its worker died after moving the file, or between claiming a drop and finding the
+  file gone: it had seen the file just before another worker recorded, moved and released it (its claim
+  then came after that release). Either way no other worker ever sees that drop again.
 
 Only PostgreSQL: SQLite has one writer anyway and keeps the per-inbox lock file (worker.lock).
 """
