@@ -93,3 +93,23 @@ def test_a_bad_value_from_the_command_line_is_named_as_such(tmp_path: Path) -> N
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         config_mod.load(tmp_path / "nope.toml")
+
+
+def test_an_instance_gets_its_own_worker_id_and_metrics_port() -> None:
+    lone = config_mod.load(None)
+    config_mod.for_instance(lone, 3, "gpu7")
+    assert (lone.service.worker_id, lone.service.metrics_port) == ("gpu7@3", 0)  # no metrics: none for it
+    named = config_mod.load(None, {"service.worker_id": "shop-a", "service.metrics_port": 9464})
+    config_mod.for_instance(named, 2, "gpu7")
+    assert (named.service.worker_id, named.service.metrics_port) == ("shop-a@2", 9465)
+
+
+@pytest.mark.parametrize(("port", "instance", "message"), [
+    (0, 0, "--instance must be at least 1, got 0"),
+    (65535, 2, "--instance 2: its metrics port, service.metrics_port 65535 + 1, is past 65535"),
+])
+def test_an_impossible_instance_is_one_line(port: int, instance: int, message: str) -> None:
+    cfg = config_mod.load(None, {"service.metrics_port": port})
+    with pytest.raises(ConfigError) as info:
+        config_mod.for_instance(cfg, instance, "gpu7")
+    assert str(info.value) == message

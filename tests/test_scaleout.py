@@ -329,6 +329,37 @@ def test_a_second_worker_with_the_same_id_refuses_but_other_ids_share_the_inbox(
         assert proc.wait(timeout=20) == 0
 
 
+@pytest.mark.timeout(90)
+def test_instances_of_one_config_share_the_inbox_under_ids_of_their_own(
+        tmp_path: Path, pg_url: str, workers: Workers) -> None:
+    """`run --instance N` (systemd's fashion-worker@N.service): workers started from one config in one folder
+    run as HOST@1, HOST@2, the same ids at every restart; a second process of one instance refuses."""
+    host = os.uname().nodename
+    site = make_site(tmp_path / "site")
+    procs = [workers.start(site, pg_url, "--instance", str(n)) for n in (1, 2)]
+    for proc in procs:
+        workers.wait_ready(proc)
+    again = subprocess.run([sys.executable, "-m", "worker", "run", "--db", pg_url, "--instance", "2"], cwd=site,
+                           capture_output=True, text=True, timeout=60)
+    assert (again.returncode, again.stdout) == (2, "")
+    assert again.stderr.startswith(f"fashion-worker: error: another worker with id '{host}@2' (host {host}, "
+                                   f"pid {procs[1].pid}, "), again.stderr
+    staged = distinct_jpegs(tmp_path / "staging", 40)
+    for path in staged:
+        os.rename(path, site / "inbox" / path.name)
+    wait_until(lambda: row_count(pg_url) >= 40 and not any((site / "inbox").iterdir()), 60,
+               "40 rows and an empty inbox")
+    time.sleep(2 * LEASE_S)  # a second row for any file would show up now
+    assert query(pg_url, "SELECT count(*), count(DISTINCT file), count(duplicate_of) FROM results") == [(40, 40, 0)]
+    assert {w for (w,) in query(pg_url, "SELECT DISTINCT worker FROM results")} <= {f"{host}@1", f"{host}@2"}
+    assert sorted(p.name for p in (site / "processed").iterdir()) == sorted(p.name for p in staged)
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    assert query(pg_url, "SELECT worker_id, pid FROM workers ORDER BY worker_id") == [
+        (f"{host}@1", procs[0].pid), (f"{host}@2", procs[1].pid)]
+
+
 @pytest.mark.timeout(120)
 def test_a_worker_whose_id_another_process_took_stops_with_one_line(
         tmp_path: Path, pg_url: str, workers: Workers) -> None:

@@ -29,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from conftest import write_image
 
 from worker.exceptions import FashionWorkerError
@@ -259,6 +260,82 @@ def test_uninstall_removes_the_unit_and_keeps_the_data(site):
         "# NOTE: the inbox, processed and failed folders, the database and the config are kept\n")
 
 
+PG_URL = "postgresql+psycopg://fashion@db.internal/fashion"
+
+
+@needs_analyze
+@pytest.mark.timeout(120)
+def test_several_workers_get_a_template_and_a_target_and_replace_the_single_unit(site):
+    """--instances 3: the template fashion-worker@.service (worker N runs `--instance N`, with a runtime
+    directory of its own, and belongs to the target) and fashion-worker.target, which wants workers 1..3;
+    both pass systemd-analyze verify, and the template keeps the exposure goal. Installing one kind over
+    the other stops and removes the other; uninstall removes whichever is there."""
+    config, _, root = site
+    config.write_text(config.read_text().replace("sqlite:////var/lib/fashion-worker/results.db", PG_URL))
+    units = root / "etc/systemd/system"
+    install_service(config, venv=VENV, root=root)
+    assert sorted(p.name for p in units.iterdir()) == ["fashion-worker.service"]
+
+    plan = install_service(config, venv=VENV, root=root, instances=3)
+    assert sorted(p.name for p in units.iterdir()) == ["fashion-worker.target", "fashion-worker@.service"]
+    template = (units / "fashion-worker@.service").read_text()
+    assert template == plan.unit_text
+    keys = unit_lines(template)
+    assert keys["ExecStart"] == [f"{VENV}/bin/fashion-worker run --config {config} --instance %i"]
+    assert keys["Description"] == ["fashion-worker: classifies clothing photos dropped into an inbox (worker %i)"]
+    assert keys["PartOf"] == ["fashion-worker.target"] and keys["WantedBy"] == ["fashion-worker.target"]
+    assert keys["RuntimeDirectory"] == ["fashion-worker/%i"]
+    assert keys["Environment"] == ["XDG_RUNTIME_DIR=%t/fashion-worker/%i"]
+    assert keys["SyslogIdentifier"] == ["fashion-worker@%i"]
+    assert keys["StateDirectory"] == ["fashion-worker"] and keys["PrivateNetwork"] == ["no"]  # remote database
+    # Everything else is the single unit's, line for line.
+    single = unit_lines(install_service(config, venv=VENV, root=root, dry_run=True).unit_text)
+    changed = {k for k in keys.keys() | single.keys() if keys.get(k) != single.get(k)}
+    assert changed == {"ExecStart", "Description", "PartOf", "WantedBy", "RuntimeDirectory", "Environment",
+                       "SyslogIdentifier"}
+    target = unit_lines((units / "fashion-worker.target").read_text())
+    assert target["Wants"] == ["fashion-worker@1.service fashion-worker@2.service fashion-worker@3.service"]
+    assert target["WantedBy"] == ["multi-user.target"]
+    assert (plan.unit_name, plan.target_path) == ("fashion-worker@{1..3}.service",
+                                                  Path("/etc/systemd/system/fashion-worker.target"))
+
+    script = plan.script()
+    steps = ["systemctl disable --now fashion-worker.service",  # the single unit it replaces
+             "# write the unit /etc/systemd/system/fashion-worker@.service",
+             "# write the target /etc/systemd/system/fashion-worker.target",
+             f"systemd-analyze verify {units}/fashion-worker@1.service {units}/fashion-worker.target",
+             "systemctl daemon-reload", "systemctl enable fashion-worker.target",
+             "systemctl stop fashion-worker.target 'fashion-worker@*.service'",  # past a smaller count too
+             "systemctl start fashion-worker.target fashion-worker@1.service fashion-worker@2.service "
+             "fashion-worker@3.service"]
+    assert [script.index(step) for step in steps] == sorted(script.index(step) for step in steps)
+    assert "systemctl restart" not in script
+    done = verify(units / "fashion-worker@2.service")
+    assert done.returncode == 0, done.stderr
+    assert exposure(units / "fashion-worker@2.service") <= EXPOSURE_GOAL
+
+    # Back to one worker: the target is disabled, every instance stopped, both files removed.
+    script = install_service(config, venv=VENV, root=root).script()
+    assert sorted(p.name for p in units.iterdir()) == ["fashion-worker.service"]
+    assert script.index("systemctl disable --now fashion-worker.target") < script.index(
+        "systemctl stop 'fashion-worker@*.service'") < script.index("systemctl restart fashion-worker.service")
+
+    install_service(config, venv=VENV, root=root, instances=2)
+    script = uninstall_service(root=root).script()
+    assert list(units.iterdir()) == []
+    assert "systemctl disable --now fashion-worker.target" in script
+    assert "systemctl disable --now fashion-worker.service" in script  # harmless when absent (may fail)
+
+
+def test_several_workers_need_postgresql(site):
+    config, _, root = site
+    with pytest.raises(FashionWorkerError) as refused:
+        install_service(config, venv=VENV, root=root, instances=2)
+    assert str(refused.value) == (f"--instances 2 needs a PostgreSQL database.url, through whose claims several "
+                                  f"workers share one inbox; {config} has sqlite:////var/lib/fashion-worker/results.db")
+    assert list(root.iterdir()) == []
+
+
 def test_bad_settings_are_one_clear_line():
     settings = UnitSettings(executable=Path("/x"), config=Path("/c"), network="internet")
     with pytest.raises(FashionWorkerError, match="network must be one of none, loopback, remote"):
@@ -275,8 +352,11 @@ def test_bad_settings_are_one_clear_line():
          "--uploaders-group 'Shop' is not a valid user or group name (lower-case letters, digits, _ and -, "
          "starting with a letter or _, at most 32)"),
         (["--venv", "/nonexistent"], "--venv /nonexistent: no fashion-worker at /nonexistent/bin/fashion-worker"),
+        (["--instances", "3"], "--instances 3 needs a PostgreSQL database.url, through whose claims several "
+                               "workers share one inbox; the default config has "
+                               "sqlite:////var/lib/fashion-worker/results.db"),
     ],
-    ids=["memory", "user", "group", "venv"],
+    ids=["memory", "user", "group", "venv", "instances-sqlite"],
 )
 def test_install_flags_are_checked_before_anything_is_planned(tmp_path, flags, message):
     result = subprocess.run([sys.executable, "-m", "worker", "install-service", "--dry-run",
@@ -572,7 +652,7 @@ done
 chmod 711 /root
 chmod 755 "$REPO"
 mount -t tmpfs -o mode=755 tmpfs /run
-mkdir -p /run/systemd/system/fashion-worker.service.d
+mkdir -p /run/systemd/system/fashion-worker.service.d /run/systemd/system/fashion-worker@.service.d
 for unit in sysinit.target basic.target local-fs.target swap.target timers.target getty.target \
     systemd-tmpfiles-setup.service systemd-tmpfiles-setup-dev.service systemd-tmpfiles-clean.timer \
     systemd-udevd.service systemd-udev-trigger.service systemd-sysctl.service \
@@ -582,6 +662,7 @@ done
 printf '[Unit]\nDescription=fashion-worker test boot\nDefaultDependencies=no\nWants=systemd-journald.service\n' \
   > /run/systemd/system/fw-test.target
 cp "$WORK/dropin.conf" /run/systemd/system/fashion-worker.service.d/00-test-boot.conf
+cp "$WORK/dropin.conf" /run/systemd/system/fashion-worker@.service.d/00-test-boot.conf
 exec /lib/systemd/systemd --system --unit=fw-test.target
 """
 
@@ -657,8 +738,8 @@ def booted_systemd(tmp_path: Path, *, probe: bool = False) -> Iterator[Callable[
         boot.wait(timeout=30)
 
 
-def _journal(inside: Callable[..., str]) -> str:
-    return inside("journalctl", "-u", "fashion-worker", "--no-pager", "-o", "cat", check=False)
+def _journal(inside: Callable[..., str], unit: str = "fashion-worker") -> str:
+    return inside("journalctl", "-u", unit, "--no-pager", "-o", "cat", check=False)
 
 
 @pytest.mark.timeout(240)
@@ -733,3 +814,104 @@ def test_install_service_with_gpu_access_opens_the_nvidia_devices_and_nothing_el
         assert re.search(r"device probe: /dev/loop-control (EPERM|EACCES)\n", journal), journal
         inside("systemctl", "stop", "fashion-worker")
         assert "Traceback" not in _journal(inside)
+
+
+def _two_free_ports() -> int:
+    """A port p with p + 1 free too (instances 1 and 2 serve metrics on p and p + 1)."""
+    for _ in range(50):
+        port = _free_port()
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two free ports in a row on 127.0.0.1")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.postgres
+@pytest.mark.skipif(_real_systemd_missing() is not None, reason=str(_real_systemd_missing()))
+def test_install_service_with_instances_runs_workers_that_share_the_inbox(tmp_path) -> None:
+    """`install-service --instances 3`, then `--instances 2`, under a real systemd with a real PostgreSQL
+    server: three workers start; re-installing with two stops the third; the two share the inbox (each photo
+    one row), each under its own worker id and metrics port; `systemctl stop fashion-worker.target` stops
+    both cleanly, and `uninstall-service` removes the template and the target."""
+    from pgserver import postgres_server
+
+    work = tmp_path / "ns"
+    host = os.uname().nodename
+    port = _two_free_ports()
+    config = textwrap.dedent(f"""\
+        [inbox]
+        path = "/srv/fashion-worker/inbox"
+        [files]
+        processed_dir = "/srv/fashion-worker/processed"
+        failed_dir = "/srv/fashion-worker/failed"
+        [batch]
+        decode_threads = 1
+        [service]
+        metrics_port = {port}
+        """)
+    fw = str(Path(sys.prefix) / "bin" / "fashion-worker")
+    with postgres_server() as url, booted_systemd(tmp_path) as inside:
+        config += f'[database]\nurl = "{url}"\n'
+        inside("sh", "-c", "mkdir -p /etc/fashion-worker && cat > /etc/fashion-worker/config.toml", input=config)
+
+        def states(*units: str) -> list[str]:
+            return inside("systemctl", "is-active", *units, check=False).split()
+
+        installed = inside(fw, "install-service", "--instances", "3", check=False)
+        assert "fashion-worker@{1..3}.service: installed (/etc/systemd/system/fashion-worker@.service, " \
+               "/etc/systemd/system/fashion-worker.target)" in installed, installed
+        instances = [f"fashion-worker@{n}" for n in (1, 2, 3)]
+        assert states(*instances, "fashion-worker.target") == ["active"] * 4, \
+            installed + _journal(inside, "fashion-worker@*")
+        installed = inside(fw, "install-service", "--instances", "2", check=False)
+        assert states(*instances) == ["active", "active", "inactive"], installed + _journal(inside, "fashion-worker@*")
+
+        for n in range(12):
+            write_image(work / f"drop{n}.jpg", (200, 30, 30), size=(400, 533), noise_seed=n)
+        inside("sh", "-c", f"cp {work}/drop*.jpg /srv/fashion-worker/ && "
+                           "for f in /srv/fashion-worker/drop*.jpg; do mv $f /srv/fashion-worker/inbox/; done")
+        engine = sa.create_engine(url)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                with engine.connect() as conn:
+                    rows = conn.execute(sa.text("SELECT file, worker, location FROM results")).all()
+                if len(rows) >= 12 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.3)
+            assert sorted(file for file, _, _ in rows) == sorted(f"drop{n}.jpg" for n in range(12)), rows
+            assert {worker for _, worker, _ in rows} <= {f"{host}@1", f"{host}@2"}
+            assert {location for _, _, location in rows} == {f"/srv/fashion-worker/processed/drop{n}.jpg"
+                                                             for n in range(12)}
+            assert [_http(p, "/healthz")[0] for p in (port, port + 1)] == [200, 200]  # one port per instance
+
+            inside("systemctl", "stop", "fashion-worker.target")  # returns at once: the workers stop after it
+            deadline = time.monotonic() + 30
+            while states(*instances) != ["inactive"] * 3:
+                assert time.monotonic() < deadline, states(*instances)
+                time.sleep(0.2)
+            with engine.connect() as conn:
+                stopped = conn.execute(sa.text("SELECT worker_id, stopped_at IS NOT NULL FROM workers "
+                                               "ORDER BY worker_id")).all()
+        finally:
+            engine.dispose()
+        assert stopped == [(f"{host}@{n}", True) for n in (1, 2, 3)]  # each stopped cleanly, the third first
+        for n in (1, 2):
+            assert inside("systemctl", "show", "-p", "ExecMainStatus", "--value", f"fashion-worker@{n}").strip() == "0"
+        journal = _journal(inside, "fashion-worker@*")
+        for n in (1, 2, 3):
+            assert f"worker {host}@{n} watching inbox /srv/fashion-worker/inbox (inotify)" in journal, journal
+        assert "Traceback" not in journal, journal
+
+        uninstalled = inside(fw, "uninstall-service", check=False)
+        assert uninstalled.splitlines()[0] == ("fashion-worker@.service: uninstalled (/etc/systemd/system/"
+                                               "fashion-worker@.service, /etc/systemd/system/fashion-worker.target)")
+        left = set(inside("ls", "/etc/systemd/system").split())
+        assert not {"fashion-worker@.service", "fashion-worker.target"} & left, left
+        assert "No files found for fashion-worker@1.service" in inside("systemctl", "cat", "fashion-worker@1",
+                                                                       check=False)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -103,6 +104,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.polling:
         args.extra_overrides = {"inbox.polling": True}
     cfg = setup(args, quiet=False)
+    if args.instance is not None:
+        config_mod.for_instance(cfg, args.instance, socket.gethostname())
     return Worker(cfg).run(once=args.once)
 
 
@@ -187,7 +190,7 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     plan = install_service(
         args.config, venv=args.venv, user=args.user, uploaders_group=args.uploaders_group, inbox=args.inbox,
         memory_max=args.memory_max, network=args.network, start=not args.no_start, dry_run=args.dry_run,
-        gpu=None if args.gpu is None else args.gpu == "yes",
+        gpu=None if args.gpu is None else args.gpu == "yes", instances=args.instances,
     )
     _print_plan(plan, args.dry_run, "installed")
     return 0
@@ -233,7 +236,8 @@ def _print_plan(plan: Any, dry_run: bool, done: str) -> None:
         return
     for warning in plan.warnings:
         print(f"warning: {warning}")
-    print(f"{plan.unit_name}: {done} ({plan.unit_path})")
+    paths = [plan.unit_path, *([plan.target_path] if plan.target_path else [])]
+    print(f"{plan.unit_name}: {done} ({', '.join(map(str, paths))})")
     for note in plan.notes:
         print(note)
 
@@ -351,7 +355,8 @@ def _common(command: str) -> argparse.ArgumentParser:
 COMMANDS: list[tuple[str, str, str]] = [
     ("run", "Watch the inbox and classify new images (the daemon).",
      "examples:\n  fashion-worker run\n  fashion-worker run --once --inbox ./inbox --db data/results.db\n"
-     "  fashion-worker run --polling   # NFS/SMB inbox"),
+     "  fashion-worker run --polling   # NFS/SMB inbox\n"
+     "  fashion-worker run --instance 2   # worker 2 of several on this host (PostgreSQL)"),
     ("classify", "Classify image files and print JSON lines (no database).",
      "examples:\n  fashion-worker classify photo.jpg shoes/*.png\n"
      "  fashion-worker classify --model my.onnx a.jpg | jq .category\n\n"
@@ -371,7 +376,8 @@ COMMANDS: list[tuple[str, str, str]] = [
      "runs the real worker (a subprocess) on a temp inbox; batch settings come from the config"),
     ("install-service", "Install, enable and start the systemd service (as root).",
      "examples:\n  sudo fashion-worker install-service --dry-run\n"
-     "  sudo fashion-worker install-service --config /etc/fashion-worker/config.toml\n\n"
+     "  sudo fashion-worker install-service --config /etc/fashion-worker/config.toml\n"
+     "  sudo fashion-worker install-service --instances 4   # 4 workers on one GPU (PostgreSQL)\n\n"
      "--config here names the config file the service runs with (default: /etc/fashion-worker/config.toml,\n"
      "written with system paths if it does not exist); --inbox overrides its inbox for the service"),
     ("uninstall-service", "Stop, disable and remove the systemd service (data is kept).",
@@ -405,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="process what is in the inbox, wait until it is all recorded and moved, then exit")
     run.add_argument("--polling", action="store_true",
                      help="poll the inbox instead of inotify (NFS, SMB); overrides inbox.polling")
+    run.add_argument("--instance", type=_at_least(1), default=None, metavar="N",
+                     help="worker N of several run on this host from one config (PostgreSQL; systemd: "
+                          "fashion-worker@N.service): worker id HOST@N, or WORKER_ID@N when service.worker_id "
+                          "is set; metrics port service.metrics_port + N - 1 (default: a lone worker)")
 
     sub["classify"].add_argument("files", nargs="+", metavar="FILE", help="image files to classify")
 
@@ -474,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     inst.add_argument("--gpu", choices=("yes", "no"), default=None,
                       help="let the service open the NVIDIA devices (default: yes when the venv's onnxruntime "
                            "offers CUDA or TensorRT, i.e. onnxruntime-gpu, and model.providers may use them)")
+    inst.add_argument("--instances", type=_at_least(1), default=1, metavar="N",
+                      help="workers run from the config; N > 1 needs PostgreSQL and installs the template unit "
+                           "fashion-worker@.service with fashion-worker.target (default: %(default)s)")
     inst.add_argument("--no-start", action="store_true", help="enable the service without starting it")
     inst.add_argument("--dry-run", action="store_true", help="print what would be done, do nothing")
 

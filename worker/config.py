@@ -148,6 +148,22 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> C
     return config
 
 
+def for_instance(config: Config, instance: int, host: str) -> None:
+    """Make `config` that of worker `instance` (1, 2, ...) of several started on one host from one config
+    file (the systemd template unit, fashion-worker@N.service): worker id WORKER_ID@N (HOST@N when
+    service.worker_id is empty), the same at every restart, so that a restarted instance takes back its
+    own claims at once; metrics port metrics_port + N - 1, when one is set."""
+    if instance < 1:
+        raise ConfigError(f"--instance must be at least 1, got {instance}")
+    config.service.worker_id = f"{config.service.worker_id or host}@{instance}"
+    if config.service.metrics_port:
+        port = config.service.metrics_port + instance - 1
+        if port > 65535:
+            raise ConfigError(f"--instance {instance}: its metrics port, service.metrics_port "
+                              f"{config.service.metrics_port} + {instance - 1}, is past 65535")
+        config.service.metrics_port = port
+
+
 def apply(config: Config, raw: dict[str, Any], source: str) -> None:
     """Copy values from a parsed TOML dict into `config`, naming any unknown key or wrong type."""
     for section, values in raw.items():

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from worker import config as config_mod
 from worker.exceptions import FashionWorkerError
+from worker.lock import uses_claims
 from worker.model import GPU_PROVIDERS
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class UnitSettings:
     timeout_stop_sec: int = 30  # the worker finishes its batch and exits within a few seconds
     extra_args: tuple[str, ...] = ()  # appended to `run --config CONFIG`, e.g. ("--inbox", "/x")
     description: str = "fashion-worker: classifies clothing photos dropped into an inbox"
+    template: bool = False  # fashion-worker@.service: workers 1..N from one config, grouped by a target
 
 
 def _quote(path: Path | str) -> str:
@@ -111,6 +113,15 @@ def render_unit(settings: UnitSettings) -> str:
     if s.protect_home not in ("yes", "read-only", "tmpfs"):
         raise FashionWorkerError(f"protect_home must be yes, read-only or tmpfs, got {s.protect_home!r}")
     command = " ".join(_quote(a) for a in (s.executable, "run", "--config", s.config, *s.extra_args))
+    # A template's instances: worker N runs with --instance N (its worker id, metrics port) and a runtime
+    # directory of its own, which systemd removes when that instance stops; the target starts and stops them.
+    if s.template:
+        name, edit_name, description = f"{UNIT_NAME}@", f"{UNIT_NAME}@.service", f"{s.description} (worker %i)"
+        runtime, part_of, wanted_by = f"{s.state_directory}/%i", f"PartOf={UNIT_NAME}.target\n", f"{UNIT_NAME}.target"
+        command += " --instance %i"
+    else:
+        name, edit_name, description = UNIT_NAME, UNIT_NAME, s.description
+        runtime, part_of, wanted_by = s.state_directory, "", "multi-user.target"
     rw = " ".join(_quote(p) for p in s.read_write_paths)
     supplementary = f"SupplementaryGroups={s.uploaders_group}\n" if s.uploaders_group else ""
     devices, syscalls, wx = _GPU_BLOCKS[s.gpu]
@@ -120,12 +131,12 @@ def render_unit(settings: UnitSettings) -> str:
     if s.network == "remote":
         after += " network-online.target\nWants=network-online.target"
     return f"""\
-# Rendered by `fashion-worker install-service`; edit with `systemctl edit {UNIT_NAME}` (a drop-in)
+# Rendered by `fashion-worker install-service`; edit with `systemctl edit {edit_name}` (a drop-in)
 # rather than here, so a re-install keeps your changes. See docs/operations.md.
 [Unit]
-Description={s.description}
+Description={description}
 After={after}
-StartLimitIntervalSec=600
+{part_of}StartLimitIntervalSec=600
 StartLimitBurst=5
 
 [Service]
@@ -142,7 +153,7 @@ TimeoutStopSec={s.timeout_stop_sec}
 KillMode=mixed
 StandardOutput=journal
 StandardError=journal
-SyslogIdentifier={UNIT_NAME}
+SyslogIdentifier={name}{"%i" if s.template else ""}
 
 # Identity: a dedicated system user; the uploaders' group gives access to the inbox.
 User={s.user}
@@ -156,10 +167,10 @@ ProtectHome={s.protect_home}
 ReadWritePaths={rw}
 StateDirectory={s.state_directory}
 StateDirectoryMode=0750
-# /run/{s.state_directory}: the inbox lock when the database is not a local SQLite file.
-RuntimeDirectory={s.state_directory}
+# /run/{runtime}: the inbox lock when the database is not a local SQLite file.
+RuntimeDirectory={runtime}
 RuntimeDirectoryMode=0750
-Environment=XDG_RUNTIME_DIR=%t/{s.state_directory}
+Environment=XDG_RUNTIME_DIR=%t/{runtime}
 PrivateTmp=yes
 {devices}PrivateMounts=yes
 PrivateIPC=yes
@@ -195,6 +206,23 @@ SystemCallFilter=@system-service
 # Resources.
 MemoryMax={s.memory_max}
 TasksMax=256
+
+[Install]
+WantedBy={wanted_by}
+"""
+
+
+def render_target(instances: int) -> str:
+    """The target that starts workers 1..instances of the template unit, and stops every instance."""
+    wants = " ".join(f"{UNIT_NAME}@{n}.service" for n in range(1, instances + 1))
+    return f"""\
+# Rendered by `fashion-worker install-service --instances {instances}`: re-run it to change the count.
+# `systemctl start|stop|restart {UNIT_NAME}.target` acts on every worker (their unit has PartOf= this).
+[Unit]
+Description=fashion-worker: {instances} workers sharing one inbox through PostgreSQL
+Wants={wants}
+# (targets get this by default; said here so that `systemctl start` waits for every worker's READY=1 always)
+After={wants}
 
 [Install]
 WantedBy=multi-user.target
@@ -240,6 +268,7 @@ class Step:
     apply: Callable[[Path], None] | None = None
     host_only: bool = False  # acts on the host's users or systemd: not done when root != "/"
     content: str | None = None  # the text a file action writes, shown by --dry-run
+    may_fail: bool = False  # stopping or disabling what may not be installed: a failure is only logged
 
     def shell(self) -> str:
         return shlex.join(self.argv) if self.argv else f"# {self.description}"
@@ -252,6 +281,8 @@ class ServicePlan:
     unit_name: str
     unit_path: Path
     unit_text: str | None = None
+    target_path: Path | None = None  # several workers: the target grouping the template's instances
+    target_text: str | None = None
     config_path: Path | None = None
     steps: list[Step] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -398,6 +429,7 @@ def install_service(
     memory_max: str | None = None,
     network: str | None = None,
     gpu: bool | None = None,
+    instances: int = 1,
     unit_name: str = UNIT_NAME,
     root: Path | str = "/",
     start: bool = True,
@@ -416,6 +448,9 @@ def install_service(
         non-SQLite database -> remote, else none).
     gpu: let the service open the NVIDIA devices; default: when the venv's onnxruntime offers CUDA or
         TensorRT (onnxruntime-gpu) and the config's model.providers may use them.
+    instances: how many workers run from the config (PostgreSQL only): 1 = one unit, fashion-worker.service;
+        N > 1 = the template fashion-worker@.service, started as workers 1..N (`run --instance N`) by
+        fashion-worker.target. Either replaces the other if it was installed before.
     root: "/" acts on this host (needs root and a running systemd); another folder only writes the unit,
         the config and the folders under it (host commands are listed, not run): for tests.
     start: enable, then start or restart (True), or only enable.
@@ -427,10 +462,17 @@ def install_service(
     config_path = Path(os.path.abspath(config if config is not None else DEFAULT_CONFIG))
     executable = _venv_executable(Path(venv) if venv is not None else None)
     _check_names(user=user, uploaders_group=uploaders_group, memory_max=memory_max or DEFAULT_MEMORY_MAX[False])
+    if instances < 1:
+        raise FashionWorkerError(f"--instances must be at least 1, got {instances}")
     if on_host and not executable.is_file():
         raise FashionWorkerError(f"--venv {venv or sys.prefix}: no fashion-worker at {executable}")
-    unit_dir = SYSTEM_UNIT_DIR
-    plan = ServicePlan(unit_name, unit_dir / f"{unit_name}.service", config_path=config_path)
+    template = instances > 1
+    single_path, template_path, target_path = _unit_paths(unit_name)
+    if template:
+        plan = ServicePlan(f"{unit_name}@{{1..{instances}}}.service", template_path, config_path=config_path,
+                           target_path=target_path)
+    else:
+        plan = ServicePlan(unit_name, single_path, config_path=config_path)
 
     # The config is an input, read where it is; only a missing one is written (under root).
     write_config = not config_path.exists()
@@ -454,6 +496,10 @@ def install_service(
         if not _under(db_dir, state_dir):
             writable.append(db_dir)
     writable = list(dict.fromkeys(Path(os.path.normpath(p)) for p in writable))
+    if template and not uses_claims(db_url):
+        raise FashionWorkerError(
+            f"--instances {instances} needs a PostgreSQL database.url, through whose claims several workers "
+            f"share one inbox; {config_path if not write_config else 'the default config'} has {db_url}")
 
     if network is None:
         if not db_url.startswith("sqlite"):
@@ -498,8 +544,12 @@ def install_service(
     settings = UnitSettings(
         executable=executable, config=config_path, user=user, group=group,
         uploaders_group=uploaders_group, read_write_paths=tuple(writable), network=network,
-        protect_home=protect_home, memory_max=memory_max, gpu=gpu, extra_args=extra_args)
+        protect_home=protect_home, memory_max=memory_max, gpu=gpu, extra_args=extra_args, template=template)
     plan.unit_text = render_unit(settings)
+    if template:
+        plan.target_text = render_target(instances)
+        plan.notes.append(f"{instances} workers: {unit_name}@1.service to {unit_name}@{instances}.service, started "
+                          f"and stopped together by {unit_name}.target; worker ids HOST@1 to HOST@{instances}")
 
     # Users and groups.
     nologin = "/usr/sbin/nologin" if Path("/usr/sbin/nologin").exists() else "/bin/false"
@@ -530,17 +580,35 @@ def install_service(
         if folder not in (inbox_path, processed, failed):
             plan.steps.append(Step(f"{folder}: owner {user}, mode 0750",
                                    apply=_make_dir(folder, 0o750, user, group)))
+    # The units: the other kind goes first, if it was installed before (one worker <-> several).
+    if template:
+        if _rooted(root, single_path).exists():
+            plan.steps += _remove_single(unit_name, single_path, "replaced by the workers of the template")
+    elif _rooted(root, template_path).exists() or _rooted(root, target_path).exists():
+        plan.steps += _remove_template(unit_name, template_path, target_path, "replaced by one worker")
     plan.steps.append(Step(f"write the unit {plan.unit_path}",
                            apply=_write_file(plan.unit_path, plan.unit_text), content=plan.unit_text))
-    if shutil.which("systemd-analyze"):
-        plan.steps.append(Step("check the unit",
-                               ["systemd-analyze", "verify", str(_rooted(root, plan.unit_path))]))
+    if template:
+        assert plan.target_text is not None
+        plan.steps.append(Step(f"write the target {target_path}",
+                               apply=_write_file(target_path, plan.target_text), content=plan.target_text))
+    if shutil.which("systemd-analyze"):  # a template is checked through its first instance
+        checked = [plan.unit_path] if not template else [template_path.with_name(f"{unit_name}@1.service"),
+                                                         target_path]
+        plan.steps.append(Step("check the unit" + ("s" if template else ""),
+                               ["systemd-analyze", "verify", *(str(_rooted(root, p)) for p in checked)]))
     plan.steps.append(Step("reload systemd", ["systemctl", "daemon-reload"], host_only=True))
-    plan.steps.append(Step("enable the service at boot", ["systemctl", "enable", f"{unit_name}.service"],
-                           host_only=True))
-    if start:  # restart = start, or apply a changed unit/config when re-installing over a running one
+    enabled = f"{unit_name}.target" if template else f"{unit_name}.service"
+    plan.steps.append(Step("enable the service at boot", ["systemctl", "enable", enabled], host_only=True))
+    if start and template:  # every instance, those past a smaller count too (named: systemctl then waits)
+        plan.steps.append(Step("stop the workers that run", ["systemctl", "stop", enabled, f"{unit_name}@*.service"],
+                               host_only=True))
+        workers = [f"{unit_name}@{n}.service" for n in range(1, instances + 1)]  # named: a failed start fails this
+        plan.steps.append(Step(f"start workers 1 to {instances}", ["systemctl", "start", enabled, *workers],
+                               host_only=True))
+    elif start:  # restart = start, or apply a changed unit/config when re-installing over a running one
         plan.steps.append(Step("start (or restart) the service",
-                               ["systemctl", "restart", f"{unit_name}.service"], host_only=True))
+                               ["systemctl", "restart", enabled], host_only=True))
 
     if not dry_run:
         if on_host:
@@ -562,10 +630,15 @@ def uninstall_service(
     remove_user=True also deletes the service user (its files stay, owned by its old uid)."""
     root = Path(root)
     on_host = root == Path("/")
-    plan = ServicePlan(unit_name, SYSTEM_UNIT_DIR / f"{unit_name}.service")
-    plan.steps.append(Step("stop and disable the service",
-                           ["systemctl", "disable", "--now", f"{unit_name}.service"], host_only=True))
-    plan.steps.append(Step(f"remove the unit {plan.unit_path}", apply=_remove_file(plan.unit_path)))
+    single_path, template_path, target_path = _unit_paths(unit_name)
+    template = _rooted(root, template_path).exists() or _rooted(root, target_path).exists()
+    if template and not _rooted(root, single_path).exists():
+        plan = ServicePlan(f"{unit_name}@.service", template_path, target_path=target_path)
+    else:
+        plan = ServicePlan(unit_name, single_path)
+    plan.steps += _remove_single(unit_name, single_path)
+    if template:
+        plan.steps += _remove_template(unit_name, template_path, target_path)
     plan.steps.append(Step("reload systemd", ["systemctl", "daemon-reload"], host_only=True))
     if remove_user:
         plan.steps.append(Step(f"delete the user {user}", ["userdel", user], host_only=True))
@@ -573,8 +646,30 @@ def uninstall_service(
     if not dry_run:
         if on_host:
             _require_host()
-        _carry_out(plan, root, runner, ignore_failures=("systemctl disable",))
+        _carry_out(plan, root, runner)
     return plan
+
+
+def _unit_paths(unit_name: str) -> tuple[Path, Path, Path]:
+    """The one-worker unit, the several-workers template and its target."""
+    return (SYSTEM_UNIT_DIR / f"{unit_name}.service", SYSTEM_UNIT_DIR / f"{unit_name}@.service",
+            SYSTEM_UNIT_DIR / f"{unit_name}.target")
+
+
+def _remove_single(unit_name: str, path: Path, why: str = "") -> list[Step]:
+    return [Step("stop and disable the service" + (f" ({why})" if why else ""),
+                 ["systemctl", "disable", "--now", f"{unit_name}.service"], host_only=True, may_fail=True),
+            Step(f"remove the unit {path}", apply=_remove_file(path))]
+
+
+def _remove_template(unit_name: str, template_path: Path, target_path: Path, why: str = "") -> list[Step]:
+    """Stop every instance (those started by hand too), disable the target, remove both files."""
+    return [Step("stop and disable the workers' target" + (f" ({why})" if why else ""),
+                 ["systemctl", "disable", "--now", f"{unit_name}.target"], host_only=True, may_fail=True),
+            Step("stop every worker of the template", ["systemctl", "stop", f"{unit_name}@*.service"],
+                 host_only=True, may_fail=True),
+            Step(f"remove the unit {template_path}", apply=_remove_file(template_path)),
+            Step(f"remove the target {target_path}", apply=_remove_file(target_path))]
 
 
 # Helpers --------------------------------------------------------------------------------------------
@@ -616,8 +711,7 @@ def run_command(argv: Sequence[str]) -> None:
             f"`{shlex.join(argv)}` failed (exit {done.returncode})" + (f": {detail[-1]}" if detail else ""))
 
 
-def _carry_out(plan: ServicePlan, root: Path, runner: Callable[[Sequence[str]], None] | None,
-               ignore_failures: tuple[str, ...] = ()) -> None:
+def _carry_out(plan: ServicePlan, root: Path, runner: Callable[[Sequence[str]], None] | None) -> None:
     runner = runner or run_command
     on_host = root == Path("/")
     for warning in plan.warnings:
@@ -635,7 +729,7 @@ def _carry_out(plan: ServicePlan, root: Path, runner: Callable[[Sequence[str]], 
             try:
                 runner(step.argv)
             except FashionWorkerError:
-                if not shlex.join(step.argv).startswith(ignore_failures):
+                if not step.may_fail:
                     raise
                 log.info("ignored: %s failed (probably not installed)", shlex.join(step.argv))
 
