@@ -182,8 +182,11 @@ class ClientCutProxy:
         self.clients = []
 
     def close(self) -> None:
+        """Close every connection to the server (its sessions end) and stop listening."""
         self.listener.close()
         for sock in self.servers:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # a FIN now: close() alone waits for the relay's blocked recv
             sock.close()
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,39 @@ def test_live_workers_and_other_hosts_are_not_touched(store: Store, cfg: Config)
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_an_earlier_process_of_this_worker_s_own_id_is_dead_whatever_its_pid(store: Store, cfg: Config) -> None:
+    """A stable id (run --instance, service.worker_id): the row of the id this worker holds is its earlier
+    process, even when that pid runs again now (reused by another process, the new worker's own after a
+    reboot) and started before the row said it did."""
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, worker="host-a@1", pid=alive.pid)
+        (cfg.processed_path / "a.jpg").write_bytes(b"a")
+        assert recover_locations(store, cfg, HOST) == 0  # for another worker, a live process
+        assert recover_locations(store, cfg, HOST, own_id="host-a@1") == 1
+        assert locations(store) == {ids["a.jpg"]: str(cfg.processed_path / "a.jpg")}
+        assert stopped(store, "host-a@1")
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_a_pid_that_a_later_process_took_is_dead(store: Store, cfg: Config) -> None:
+    """The row's pid runs, but that process started after the worker did (its pid reused): dead."""
+    ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, worker="host-a:9")
+    later = subprocess.Popen(["sleep", "60"])
+    try:
+        store.heartbeat("host-a:9", HOST, later.pid, 1, started_at=datetime.now(UTC) - timedelta(hours=1))
+        (cfg.processed_path / "a.jpg").write_bytes(b"a")
+        hour_ago = datetime.now(UTC) - timedelta(hours=1)
+        assert recovery.pid_alive(later.pid) and not recovery.pid_alive(later.pid, hour_ago)
+        assert recover_locations(store, cfg, HOST) == 1
+        assert locations(store) == {ids["a.jpg"]: str(cfg.processed_path / "a.jpg")}
+    finally:
+        later.kill()
+        later.wait()
 
 
 def test_with_on_success_delete_an_ok_row_is_recorded_as_gone(store: Store, tmp_path: Path) -> None:

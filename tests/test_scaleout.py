@@ -30,6 +30,7 @@ import sqlalchemy as sa
 from conftest import distinct_jpegs, make_model, write_with_trailers
 from pgserver import postgres_server
 from PIL import Image
+from sqlalchemy.engine import make_url
 
 from worker.claims import Claims, drop_key
 from worker.cli import main as cli_main
@@ -358,6 +359,43 @@ def test_instances_of_one_config_share_the_inbox_under_ids_of_their_own(
         assert proc.wait(timeout=20) == 0
     assert query(pg_url, "SELECT worker_id, pid FROM workers ORDER BY worker_id") == [
         (f"{host}@1", procs[0].pid), (f"{host}@2", procs[1].pid)]
+
+
+@pytest.mark.timeout(120)
+def test_a_restarted_instance_waits_for_the_session_its_gone_process_left(
+        tmp_path: Path, pg_url: str, workers: Workers) -> None:
+    """Worker 1's connections are cut on its side only (a host reset does that: the server keeps the
+    sessions, and the id's lock, until its keepalives give up), then it is SIGKILLed. Restarted under the
+    same id, it used to refuse at once with exit 2, which systemd does not restart: now it waits for the
+    server to end the gone process's session, then starts. (Real server, real TCP relay, real processes;
+    the relay closing its server side stands in for the keepalives ending the session.)"""
+    from test_lock import ClientCutProxy
+
+    site = make_site(tmp_path / "site")
+    proxy = ClientCutProxy(make_url(pg_url).port)
+    try:
+        first = workers.start(site, make_url(pg_url).set(port=proxy.port).render_as_string(hide_password=False),
+                              "--instance", "1")
+        workers.wait_ready(first)
+        proxy.cut()
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        again = workers.start(site, pg_url, "--instance", "1")
+        wait_until(lambda: "waiting up to" in workers.log(again) or again.poll() is not None, 60,
+                   "the restarted worker to wait for the old session")
+        assert again.poll() is None, workers.log(again)
+        assert (f"worker id '{os.uname().nodename}@1' is still held by the database session of its earlier process "
+                f"on this host (pid {first.pid}), which is gone; waiting up to 40 s") in workers.log(again)
+        assert "watching inbox" not in workers.log(again)
+    finally:
+        proxy.close()  # the server sees its side close and ends the session: the lock is free
+    workers.wait_ready(again)
+    staged = distinct_jpegs(tmp_path / "staging", 3)
+    for path in staged:
+        os.rename(path, site / "inbox" / path.name)
+    wait_until(lambda: row_count(pg_url) >= 3, 30, "3 rows")
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(timeout=20) == 0, workers.log(again)
 
 
 @pytest.mark.timeout(120)

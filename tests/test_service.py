@@ -185,7 +185,7 @@ def test_gpu_access_follows_the_venvs_onnxruntime_and_the_configs_providers(tmp_
     keys = unit_lines(plan.unit_text)
     assert keys["PrivateDevices"] == ["no"] and keys["DevicePolicy"] == ["closed"]
     assert keys["DeviceAllow"] == ["char-195 rw", "char-nvidia* rw"]
-    assert keys["After"] == ["local-fs.target nvidia-persistenced.service"]
+    assert keys["After"] == ["local-fs.target nvidia-persistenced.service nvidia-uvm-nodes.service"]
     assert keys["SystemCallFilter"] == ["@system-service", "~@privileged"]
     assert keys["MemoryMax"] == ["8G"] and keys["MemoryDenyWriteExecute"] == ["yes"]
     assert plan.notes == ["GPU: onnxruntime offers TensorrtExecutionProvider and CUDAExecutionProvider: the unit "
@@ -268,71 +268,119 @@ PG_URL = "postgresql+psycopg://fashion@db.internal/fashion"
 def test_several_workers_get_a_template_and_a_target_and_replace_the_single_unit(site):
     """--instances 3: the template fashion-worker@.service (worker N runs `--instance N`, with a runtime
     directory of its own, and belongs to the target) and fashion-worker.target, which wants workers 1..3;
-    both pass systemd-analyze verify, and the template keeps the exposure goal. Installing one kind over
-    the other stops and removes the other; uninstall removes whichever is there."""
+    both pass systemd-analyze verify, and the template keeps the exposure goal. The new units are written
+    and checked before the single unit is stopped and removed, and its drop-ins move over."""
     config, _, root = site
     config.write_text(config.read_text().replace("sqlite:////var/lib/fashion-worker/results.db", PG_URL))
     units = root / "etc/systemd/system"
     install_service(config, venv=VENV, root=root)
-    assert sorted(p.name for p in units.iterdir()) == ["fashion-worker.service"]
+    (units / "fashion-worker.service.d").mkdir()
+    (units / "fashion-worker.service.d/50-database.conf").write_text("[Service]\nIPAddressAllow=10.0.0.5/32\n")
 
     plan = install_service(config, venv=VENV, root=root, instances=3)
-    assert sorted(p.name for p in units.iterdir()) == ["fashion-worker.target", "fashion-worker@.service"]
+    assert sorted(p.name for p in units.iterdir()) == ["fashion-worker.target", "fashion-worker@.service",
+                                                       "fashion-worker@.service.d"]
+    assert [p.name for p in (units / "fashion-worker@.service.d").iterdir()] == ["50-database.conf"]
     template = (units / "fashion-worker@.service").read_text()
     assert template == plan.unit_text
     keys = unit_lines(template)
     assert keys["ExecStart"] == [f"{VENV}/bin/fashion-worker run --config {config} --instance %i"]
     assert keys["Description"] == ["fashion-worker: classifies clothing photos dropped into an inbox (worker %i)"]
-    assert keys["PartOf"] == ["fashion-worker.target"] and keys["WantedBy"] == ["fashion-worker.target"]
+    assert keys["PartOf"] == ["fashion-worker.target"] and "WantedBy" not in keys  # the target names the workers
     assert keys["RuntimeDirectory"] == ["fashion-worker/%i"]
     assert keys["Environment"] == ["XDG_RUNTIME_DIR=%t/fashion-worker/%i"]
     assert keys["SyslogIdentifier"] == ["fashion-worker@%i"]
     assert keys["StateDirectory"] == ["fashion-worker"] and keys["PrivateNetwork"] == ["no"]  # remote database
     # Everything else is the single unit's, line for line.
-    single = unit_lines(install_service(config, venv=VENV, root=root, dry_run=True).unit_text)
+    single = unit_lines(install_service(config, venv=VENV, root=root, instances=1, dry_run=True).unit_text)
     changed = {k for k in keys.keys() | single.keys() if keys.get(k) != single.get(k)}
     assert changed == {"ExecStart", "Description", "PartOf", "WantedBy", "RuntimeDirectory", "Environment",
                        "SyslogIdentifier"}
     target = unit_lines((units / "fashion-worker.target").read_text())
-    assert target["Wants"] == ["fashion-worker@1.service fashion-worker@2.service fashion-worker@3.service"]
+    workers = "fashion-worker@1.service fashion-worker@2.service fashion-worker@3.service"
+    assert target["Wants"] == [workers] and target["After"] == [workers]  # start waits for every READY=1
     assert target["WantedBy"] == ["multi-user.target"]
     assert (plan.unit_name, plan.target_path) == ("fashion-worker@{1..3}.service",
                                                   Path("/etc/systemd/system/fashion-worker.target"))
+    assert plan.notes[0] == ("3 workers: fashion-worker@1.service to fashion-worker@3.service, started and "
+                             "stopped together by fashion-worker.target; worker ids HOST@1 to HOST@3")
+    assert plan.notes[1] == ("drop-ins 50-database.conf moved from /etc/systemd/system/fashion-worker.service.d "
+                             "to /etc/systemd/system/fashion-worker@.service.d")
+    assert plan.warnings == ["3 workers without GPU access: each one's onnxruntime uses every core of this host, "
+                             "so on the CPU they only compete; several workers pay where the model runs on a GPU"]
 
-    script = plan.script()
-    steps = ["systemctl disable --now fashion-worker.service",  # the single unit it replaces
-             "# write the unit /etc/systemd/system/fashion-worker@.service",
-             "# write the target /etc/systemd/system/fashion-worker.target",
-             f"systemd-analyze verify {units}/fashion-worker@1.service {units}/fashion-worker.target",
-             "systemctl daemon-reload", "systemctl enable fashion-worker.target",
-             "systemctl stop fashion-worker.target 'fashion-worker@*.service'",  # past a smaller count too
-             "systemctl start fashion-worker.target fashion-worker@1.service fashion-worker@2.service "
-             "fashion-worker@3.service"]
-    assert [script.index(step) for step in steps] == sorted(script.index(step) for step in steps)
-    assert "systemctl restart" not in script
+    def in_order(script: str, steps: list[str]) -> None:
+        lines = script.splitlines()
+        at = [lines.index(step) for step in steps]
+        assert at == sorted(at), script
+
+    in_order(plan.script(), [
+        "# write the unit /etc/systemd/system/fashion-worker@.service",
+        "# write the target /etc/systemd/system/fashion-worker.target",
+        f"systemd-analyze verify {units}/fashion-worker@1.service {units}/fashion-worker.target",
+        "systemctl disable --now fashion-worker.service",  # the single unit, once the new ones passed
+        "# move the drop-ins 50-database.conf to /etc/systemd/system/fashion-worker@.service.d",
+        "systemctl daemon-reload", "systemctl enable fashion-worker.target",
+        "systemctl restart fashion-worker@1.service",  # one at a time: the others go on
+        "systemctl restart fashion-worker@2.service", "systemctl restart fashion-worker@3.service",
+        "systemctl start fashion-worker.target"])
     done = verify(units / "fashion-worker@2.service")
     assert done.returncode == 0, done.stderr
     assert exposure(units / "fashion-worker@2.service") <= EXPOSURE_GOAL
 
-    # Back to one worker: the target is disabled, every instance stopped, both files removed.
-    script = install_service(config, venv=VENV, root=root).script()
-    assert sorted(p.name for p in units.iterdir()) == ["fashion-worker.service"]
-    assert script.index("systemctl disable --now fashion-worker.target") < script.index(
-        "systemctl stop 'fashion-worker@*.service'") < script.index("systemctl restart fashion-worker.service")
+    # A re-install without --instances keeps the count; a smaller one stops the workers past it.
+    again = install_service(config, venv=VENV, root=root)
+    assert again.unit_name == "fashion-worker@{1..3}.service" and "systemctl disable" not in again.script()
+    fewer = install_service(config, venv=VENV, root=root, instances=2).script()
+    in_order(fewer, ["systemctl restart fashion-worker@2.service", "systemctl stop fashion-worker@3.service",
+                     "systemctl start fashion-worker.target"])
+
+    # Back to one worker: the target is disabled, every instance stopped, both files removed, drop-ins moved.
+    script = install_service(config, venv=VENV, root=root, instances=1).script()
+    assert sorted(p.name for p in units.iterdir()) == ["fashion-worker.service", "fashion-worker.service.d"]
+    assert [p.name for p in (units / "fashion-worker.service.d").iterdir()] == ["50-database.conf"]
+    in_order(script, ["# write the unit /etc/systemd/system/fashion-worker.service",
+                      "systemctl disable --now fashion-worker.target", "systemctl stop 'fashion-worker@*.service'",
+                      "systemctl restart fashion-worker.service"])
 
     install_service(config, venv=VENV, root=root, instances=2)
-    script = uninstall_service(root=root).script()
-    assert list(units.iterdir()) == []
-    assert "systemctl disable --now fashion-worker.target" in script
-    assert "systemctl disable --now fashion-worker.service" in script  # harmless when absent (may fail)
+    plan = uninstall_service(root=root)
+    assert sorted(p.name for p in units.iterdir()) == ["fashion-worker@.service.d"]  # drop-ins are the user's
+    assert "systemctl disable --now fashion-worker.target" in plan.script()
+    assert "systemctl disable --now fashion-worker.service" in plan.script()  # harmless when absent (may fail)
 
 
-def test_several_workers_need_postgresql(site):
+def test_the_template_follows_the_unit_name(site):
     config, _, root = site
+    config.write_text(config.read_text().replace("sqlite:////var/lib/fashion-worker/results.db", PG_URL))
+    plan = install_service(config, venv=VENV, root=root, instances=2, unit_name="fw-b", dry_run=True)
+    assert unit_lines(plan.unit_text)["PartOf"] == ["fw-b.target"]
+    assert plan.target_text is not None and "Wants=fw-b@1.service fw-b@2.service\n" in plan.target_text
+    assert "systemctl enable fw-b.target" in plan.script()
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("sqlite:////var/lib/fashion-worker/results.db", "sqlite:////var/lib/fashion-worker/results.db"),
+    ("mysql+pymysql://fw:s3cret@db/fw", "mysql+pymysql://fw:***@db/fw"),
+], ids=["sqlite", "password-hidden"])
+def test_several_workers_need_postgresql(site, url, shown):
+    config, _, root = site
+    config.write_text(config.read_text().replace("sqlite:////var/lib/fashion-worker/results.db", url))
     with pytest.raises(FashionWorkerError) as refused:
         install_service(config, venv=VENV, root=root, instances=2)
     assert str(refused.value) == (f"--instances 2 needs a PostgreSQL database.url, through whose claims several "
-                                  f"workers share one inbox; {config} has sqlite:////var/lib/fashion-worker/results.db")
+                                  f"workers share one inbox; {config} has {shown}")
+    assert list(root.iterdir()) == []
+
+
+def test_several_workers_need_metrics_ports_that_exist(site):
+    config, _, root = site
+    config.write_text(config.read_text().replace("sqlite:////var/lib/fashion-worker/results.db", PG_URL)
+                      + "[service]\nmetrics_port = 65534\n")
+    with pytest.raises(FashionWorkerError) as refused:
+        install_service(config, venv=VENV, root=root, instances=3)
+    assert str(refused.value) == ("--instances 3: worker 3 would serve metrics on port 65536 "
+                                  "(service.metrics_port 65534 + 2), past 65535")
     assert list(root.iterdir()) == []
 
 

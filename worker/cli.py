@@ -90,6 +90,14 @@ def setup(args: argparse.Namespace, *, quiet: bool = True) -> Config:
     return cfg
 
 
+def setup_instance(args: argparse.Namespace, *, quiet: bool = True) -> Config:
+    """setup(), then --instance N (run, doctor): worker N's id and metrics port (config.for_instance)."""
+    cfg = setup(args, quiet=quiet)
+    if args.instance is not None:
+        config_mod.for_instance(cfg, args.instance, socket.gethostname())
+    return cfg
+
+
 def open_existing_store(cfg: Config) -> Any:
     """The results database for reading: never created, migrated or written (SQLite: opened read-only)."""
     from worker.store import Store
@@ -103,10 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.polling:
         args.extra_overrides = {"inbox.polling": True}
-    cfg = setup(args, quiet=False)
-    if args.instance is not None:
-        config_mod.for_instance(cfg, args.instance, socket.gethostname())
-    return Worker(cfg).run(once=args.once)
+    return Worker(setup_instance(args, quiet=False)).run(once=args.once)
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -178,7 +183,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from worker.daemon import run_checks
 
     failures = 0
-    for check in run_checks(lambda: setup(args), config_source=_config_source(args)):
+    for check in run_checks(lambda: setup_instance(args), config_source=_config_source(args)):
         failures += not check.ok
         print(check.line(), flush=True)
     return 1 if failures else 0
@@ -277,6 +282,14 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _instance(value: str) -> int:
+    """--instance: 1, 2, ... written plainly (systemd's fashion-worker@01 would be another unit with worker 1's
+    id)."""
+    if not value.isdigit() or value != str(int(value)) or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a worker number 1, 2, ... without leading zeros, got {value!r}")
+    return int(value)
+
+
 def _number(value: str, ok: Callable[[float], bool], expected: str) -> float:
     try:
         number = float(value)
@@ -368,7 +381,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("stats", "Counts per category and status, throughput, last activity, workers.",
      "examples:\n  fashion-worker stats\n  fashion-worker stats --format json"),
     ("doctor", "Check the config, model, providers, folders, database and inotify limits.",
-     "examples:\n  fashion-worker doctor\n  fashion-worker doctor --config /etc/fashion-worker/config.toml\n\n"
+     "examples:\n  fashion-worker doctor\n  fashion-worker doctor --config /etc/fashion-worker/config.toml\n"
+     "  fashion-worker doctor --config /etc/fashion-worker/config.toml --instance 2\n\n"
      "prints one line per check (OK or FAIL); exit status 1 when any check fails"),
     ("bench", "Measure speed on this machine: model, decoding, the real worker end to end.",
      "examples:\n  fashion-worker bench ../shared/data/clothing-dataset-small/validation\n"
@@ -411,10 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="process what is in the inbox, wait until it is all recorded and moved, then exit")
     run.add_argument("--polling", action="store_true",
                      help="poll the inbox instead of inotify (NFS, SMB); overrides inbox.polling")
-    run.add_argument("--instance", type=_at_least(1), default=None, metavar="N",
-                     help="worker N of several run on this host from one config (PostgreSQL; systemd: "
-                          "fashion-worker@N.service): worker id HOST@N, or WORKER_ID@N when service.worker_id "
-                          "is set; metrics port service.metrics_port + N - 1 (default: a lone worker)")
+    for name in ("run", "doctor"):
+        sub[name].add_argument(
+            "--instance", type=_instance, default=None, metavar="N",
+            help="worker N of several run on this host from one config (PostgreSQL; systemd: "
+                 "fashion-worker@N.service): worker id HOST@N, or WORKER_ID@N when service.worker_id is set; "
+                 "metrics port service.metrics_port + N - 1 (default: a lone worker)")
 
     sub["classify"].add_argument("files", nargs="+", metavar="FILE", help="image files to classify")
 
@@ -484,9 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     inst.add_argument("--gpu", choices=("yes", "no"), default=None,
                       help="let the service open the NVIDIA devices (default: yes when the venv's onnxruntime "
                            "offers CUDA or TensorRT, i.e. onnxruntime-gpu, and model.providers may use them)")
-    inst.add_argument("--instances", type=_at_least(1), default=1, metavar="N",
+    inst.add_argument("--instances", type=_at_least(1), default=None, metavar="N",
                       help="workers run from the config; N > 1 needs PostgreSQL and installs the template unit "
-                           "fashion-worker@.service with fashion-worker.target (default: %(default)s)")
+                           "fashion-worker@.service with fashion-worker.target (default: the count installed "
+                           "now, else 1)")
     inst.add_argument("--no-start", action="store_true", help="enable the service without starting it")
     inst.add_argument("--dry-run", action="store_true", help="print what would be done, do nothing")
 

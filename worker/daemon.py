@@ -153,7 +153,7 @@ class Worker:
         self.make_folders()
         if self.store is None:
             self.store = self.open_store()
-        recover_locations(self.store, config, self.host)  # rows a crashed worker left naming the inbox
+        recover_locations(self.store, config, self.host, self.worker_id)  # rows a crashed worker left in the inbox
         self.model.warm_up(config.batch.max_batch)
         info = self.model.info
         self.metrics.set_model(info.model_id, info.name, info.version)

@@ -21,7 +21,9 @@ taken. What must stay unique there is the worker id (results, heartbeats and cla
 on a connection of its own. A second process started with the same `service.worker_id`, on any host,
 refuses with InboxLocked naming the holder. PostgreSQL releases the lock when the holder's connection
 ends (a process killed by any signal closes its socket at once; a host that vanishes is noticed through
-the TCP keepalives this connection asks the server for, within about half a minute).
+the TCP keepalives this connection asks the server for, within about half a minute). A worker restarted
+under the same id on the same host while the server still keeps its gone process's session (a host reset)
+waits for that session to end rather than refusing (GONE_HOLDER_WAIT_S).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import socket
 import struct
 import time
 from pathlib import Path
@@ -43,6 +46,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from worker.exceptions import InboxLocked, StoreError
 from worker.migrations import WORKER_ID_LOCK_CLASS
+from worker.recovery import pid_alive
 from worker.store import Store, workers
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,10 @@ SQLITE_PREFIX = "sqlite:///"
 # How long a session of this process that lost its client side takes to end once terminated, at most.
 OWN_SESSION_END_S = 5.0
 KEEPALIVE_SETTINGS = {"tcp_keepalives_idle": 10, "tcp_keepalives_interval": 5, "tcp_keepalives_count": 3}
+# How long a starting worker waits for the session of its id's earlier, gone process to end; and how often
+# it looks.
+GONE_HOLDER_WAIT_S = 40.0
+GONE_HOLDER_POLL_S = 0.5
 
 
 def uses_claims(database_url: str) -> bool:
@@ -235,7 +243,7 @@ class WorkerIdLock:
             return
         self._wanted = True
         try:
-            self._conn = self._try()
+            self._conn = self._try() or self._after_a_gone_holder()
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot lock worker id {self.worker_id!r} in {self.store.url}: {exc}") from None
         if self._conn is None:
@@ -245,6 +253,29 @@ class WorkerIdLock:
                 f"{self.store.url}; give each worker its own service.worker_id (empty = HOST:PID)"
             )
         log.debug("worker id %r locked in %s", self.worker_id, self.store.url)
+
+    def _after_a_gone_holder(self) -> Connection | None:
+        """The lock, once the server ends the session of the process that held it, when that process was of
+        this host and is gone: a host reset, or a kill while its connection was cut, leaves its session to
+        the server's keepalives (about 25 s, KEEPALIVE_SETTINGS). A worker restarted under the same id (run
+        --instance, service.worker_id) waits for that instead of refusing. None at once when the holder
+        runs, or is of another host, or has not reported."""
+        with self.store.engine.connect() as conn:
+            row = conn.execute(sa.select(workers.c.host, workers.c.pid, workers.c.started_at)
+                               .where(workers.c.worker_id == self.worker_id)).first()
+        if row is None or row.host != socket.gethostname() or pid_alive(row.pid, row.started_at):
+            return None
+        log.warning("worker id %r is still held by the database session of its earlier process on this host "
+                    "(pid %d), which is gone; waiting up to %g s for the server to end that session",
+                    self.worker_id, row.pid, GONE_HOLDER_WAIT_S)
+        deadline = time.monotonic() + GONE_HOLDER_WAIT_S
+        while time.monotonic() < deadline:
+            time.sleep(GONE_HOLDER_POLL_S)
+            conn = self._try()
+            if conn is not None:
+                log.info("worker id %r is free again", self.worker_id)
+                return conn
+        return None
 
     def _holder(self) -> str:
         try:

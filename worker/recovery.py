@@ -34,6 +34,7 @@ import secrets
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -74,32 +75,34 @@ def _folders(processed_dir: str | None, failed_dir: str | None, config: Config) 
     return Folders(Path(processed_dir) if processed_dir else None, Path(failed_dir))
 
 
-def recover_locations(store: Store, config: Config, host: str) -> int:
-    """Fix rows left naming the inbox by workers of `host` that died; return how many were fixed."""
+def recover_locations(store: Store, config: Config, host: str, own_id: str = "") -> int:
+    """Fix rows left naming the inbox by workers of `host` that died; return how many were fixed. `own_id`:
+    this worker's id, whose row (if any, before this process's first heartbeat) is an earlier, dead process
+    of that id, whatever its pid says now (a stable id, run --instance or service.worker_id)."""
     try:
-        return _recover(store, config, host)
+        return _recover(store, config, host, own_id)
     except (SQLAlchemyError, StoreError) as exc:
         log.warning("cannot check the locations recorded by crashed workers: %s", " ".join(str(exc).split()))
         return 0
 
 
-def _recover(store: Store, config: Config, host: str) -> int:
+def _recover(store: Store, config: Config, host: str, own_id: str) -> int:
     inbox = os.path.realpath(config.inbox_path)  # the pipeline records paths under the real inbox path
     with store.engine.connect() as conn:
         dead = [
-            (row.worker_id, row.started_at, _folders(row.processed_dir, row.failed_dir, config))
+            (row.worker_id, row.pid, row.started_at, _folders(row.processed_dir, row.failed_dir, config))
             for row in conn.execute(
                 sa.select(workers.c.worker_id, workers.c.pid, workers.c.started_at, workers.c.processed_dir,
                           workers.c.failed_dir)
                 .where(workers.c.stopped_at.is_(None), workers.c.host == host)
             )
-            if not _alive(row.pid)
+            if row.worker_id == own_id or not pid_alive(row.pid, row.started_at)
         ]
         if not dead:
             return 0
         stale = []
         half_moved = []  # (row, lstat of its inbox name): a move by link then unlink cut between the two
-        for worker_id, started_at, folders in dead:
+        for worker_id, _, started_at, folders in dead:
             query = sa.select(results.c.id, results.c.file, results.c.sha256, results.c.status,
                               results.c.location, results.c.ctime_ns).where(
                 results.c.worker == worker_id,
@@ -147,12 +150,13 @@ def _recover(store: Store, config: Config, host: str) -> int:
     with store.engine.connect() as conn:
         conn.execution_options(**{BEGIN_MODE: "immediate"})
         with conn.begin():
-            conn.execute(
-                sa.update(workers)
-                .where(workers.c.worker_id.in_([worker_id for worker_id, _, _ in dead]),
-                       workers.c.stopped_at.is_(None))
-                .values(stopped_at=workers.c.heartbeat_at)
-            )
+            for worker_id, pid, started_at, _ in dead:  # the very run found dead, not a later one of its id
+                conn.execute(
+                    sa.update(workers)
+                    .where(workers.c.worker_id == worker_id, workers.c.pid == pid,
+                           workers.c.started_at == started_at, workers.c.stopped_at.is_(None))
+                    .values(stopped_at=workers.c.heartbeat_at)
+                )
     return len(fixes)
 
 
@@ -235,18 +239,28 @@ def _sha256(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+def pid_alive(pid: int, started_by: datetime | None = None) -> bool:
+    """Whether process `pid` of this host runs (a zombie, killed and not yet reaped, does not) and, given
+    `started_by` (a worker's started_at, by this host's clock), started no later than that: a process that
+    started after it has the pid of a dead worker, reused (after a reboot, say)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process: alive
+        pass
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
         return True
-    with contextlib.suppress(OSError):
-        # A zombie (killed, not yet reaped by its parent) is dead for our purpose.
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        if state in ("Z", "X"):
-            return False
+    if fields[0] in ("Z", "X"):
+        return False
+    if started_by is None:
+        return True
+    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of /proc/PID/stat
+        by = started_by if started_by.tzinfo else started_by.replace(tzinfo=UTC)
+        return started <= by.timestamp() + 1.0  # btime is whole seconds
     return True

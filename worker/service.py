@@ -13,6 +13,7 @@ listed but not run).
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import logging
 import os
@@ -26,6 +27,9 @@ import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from worker import config as config_mod
 from worker.exceptions import FashionWorkerError
@@ -94,7 +98,8 @@ class UnitSettings:
     timeout_stop_sec: int = 30  # the worker finishes its batch and exits within a few seconds
     extra_args: tuple[str, ...] = ()  # appended to `run --config CONFIG`, e.g. ("--inbox", "/x")
     description: str = "fashion-worker: classifies clothing photos dropped into an inbox"
-    template: bool = False  # fashion-worker@.service: workers 1..N from one config, grouped by a target
+    template: bool = False  # NAME@.service: workers 1..N from one config, grouped by NAME.target
+    unit_name: str = UNIT_NAME
 
 
 def _quote(path: Path | str) -> str:
@@ -115,19 +120,25 @@ def render_unit(settings: UnitSettings) -> str:
     command = " ".join(_quote(a) for a in (s.executable, "run", "--config", s.config, *s.extra_args))
     # A template's instances: worker N runs with --instance N (its worker id, metrics port) and a runtime
     # directory of its own, which systemd removes when that instance stops; the target starts and stops them.
+    # The template has no [Install]: its target's Wants= names the workers, so that re-installing with
+    # another count leaves no enablement link behind.
     if s.template:
-        name, edit_name, description = f"{UNIT_NAME}@", f"{UNIT_NAME}@.service", f"{s.description} (worker %i)"
-        runtime, part_of, wanted_by = f"{s.state_directory}/%i", f"PartOf={UNIT_NAME}.target\n", f"{UNIT_NAME}.target"
+        name, edit_name, description = f"{s.unit_name}@", f"{s.unit_name}@.service", f"{s.description} (worker %i)"
+        runtime, part_of = f"{s.state_directory}/%i", f"PartOf={s.unit_name}.target\n"
+        install = ""
+        runtime_use = "this worker's own (systemd removes it when the worker stops); unused with PostgreSQL"
         command += " --instance %i"
     else:
-        name, edit_name, description = UNIT_NAME, UNIT_NAME, s.description
-        runtime, part_of, wanted_by = s.state_directory, "", "multi-user.target"
+        name, edit_name, description = s.unit_name, s.unit_name, s.description
+        runtime, part_of = s.state_directory, ""
+        install = "\n[Install]\nWantedBy=multi-user.target\n"
+        runtime_use = "the inbox lock when the database is not a local SQLite file"
     rw = " ".join(_quote(p) for p in s.read_write_paths)
     supplementary = f"SupplementaryGroups={s.uploaders_group}\n" if s.uploaders_group else ""
     devices, syscalls, wx = _GPU_BLOCKS[s.gpu]
     after = "local-fs.target"
-    if s.gpu:  # the driver's persistence daemon, where there is one, has the GPUs and their nodes ready
-        after += " nvidia-persistenced.service"
+    if s.gpu:  # the driver's persistence daemon and the nvidia-uvm oneshot of docs/operations.md, where there
+        after += " nvidia-persistenced.service nvidia-uvm-nodes.service"  # are such units: GPUs and nodes ready
     if s.network == "remote":
         after += " network-online.target\nWants=network-online.target"
     return f"""\
@@ -167,7 +178,7 @@ ProtectHome={s.protect_home}
 ReadWritePaths={rw}
 StateDirectory={s.state_directory}
 StateDirectoryMode=0750
-# /run/{runtime}: the inbox lock when the database is not a local SQLite file.
+# /run/{runtime}: {runtime_use}.
 RuntimeDirectory={runtime}
 RuntimeDirectoryMode=0750
 Environment=XDG_RUNTIME_DIR=%t/{runtime}
@@ -206,18 +217,16 @@ SystemCallFilter=@system-service
 # Resources.
 MemoryMax={s.memory_max}
 TasksMax=256
-
-[Install]
-WantedBy={wanted_by}
-"""
+{install}"""
 
 
-def render_target(instances: int) -> str:
+def render_target(instances: int, unit_name: str = UNIT_NAME) -> str:
     """The target that starts workers 1..instances of the template unit, and stops every instance."""
-    wants = " ".join(f"{UNIT_NAME}@{n}.service" for n in range(1, instances + 1))
+    wants = " ".join(f"{unit_name}@{n}.service" for n in range(1, instances + 1))
     return f"""\
 # Rendered by `fashion-worker install-service --instances {instances}`: re-run it to change the count.
-# `systemctl start|stop|restart {UNIT_NAME}.target` acts on every worker (their unit has PartOf= this).
+# `systemctl start {unit_name}.target` starts workers 1 to {instances}; stop and restart act on every
+# worker that runs (their unit has PartOf= this).
 [Unit]
 Description=fashion-worker: {instances} workers sharing one inbox through PostgreSQL
 Wants={wants}
@@ -429,7 +438,7 @@ def install_service(
     memory_max: str | None = None,
     network: str | None = None,
     gpu: bool | None = None,
-    instances: int = 1,
+    instances: int | None = None,
     unit_name: str = UNIT_NAME,
     root: Path | str = "/",
     start: bool = True,
@@ -448,9 +457,10 @@ def install_service(
         non-SQLite database -> remote, else none).
     gpu: let the service open the NVIDIA devices; default: when the venv's onnxruntime offers CUDA or
         TensorRT (onnxruntime-gpu) and the config's model.providers may use them.
-    instances: how many workers run from the config (PostgreSQL only): 1 = one unit, fashion-worker.service;
-        N > 1 = the template fashion-worker@.service, started as workers 1..N (`run --instance N`) by
-        fashion-worker.target. Either replaces the other if it was installed before.
+    instances: how many workers run from the config: 1 = one unit, fashion-worker.service; N > 1 (PostgreSQL
+        only) = the template fashion-worker@.service, started as workers 1..N (`run --instance N`) by
+        fashion-worker.target. Either replaces the other if it was installed before, and takes over its
+        drop-ins. Default: the count installed now (a re-install keeps it), else 1.
     root: "/" acts on this host (needs root and a running systemd); another folder only writes the unit,
         the config and the folders under it (host commands are listed, not run): for tests.
     start: enable, then start or restart (True), or only enable.
@@ -462,12 +472,15 @@ def install_service(
     config_path = Path(os.path.abspath(config if config is not None else DEFAULT_CONFIG))
     executable = _venv_executable(Path(venv) if venv is not None else None)
     _check_names(user=user, uploaders_group=uploaders_group, memory_max=memory_max or DEFAULT_MEMORY_MAX[False])
-    if instances < 1:
-        raise FashionWorkerError(f"--instances must be at least 1, got {instances}")
     if on_host and not executable.is_file():
         raise FashionWorkerError(f"--venv {venv or sys.prefix}: no fashion-worker at {executable}")
-    template = instances > 1
     single_path, template_path, target_path = _unit_paths(unit_name)
+    installed = _installed_instances(_rooted(root, target_path), unit_name)  # 0: no template installed
+    if instances is None:
+        instances = installed or 1
+    if instances < 1:
+        raise FashionWorkerError(f"--instances must be at least 1, got {instances}")
+    template = instances > 1
     if template:
         plan = ServicePlan(f"{unit_name}@{{1..{instances}}}.service", template_path, config_path=config_path,
                            target_path=target_path)
@@ -499,7 +512,13 @@ def install_service(
     if template and not uses_claims(db_url):
         raise FashionWorkerError(
             f"--instances {instances} needs a PostgreSQL database.url, through whose claims several workers "
-            f"share one inbox; {config_path if not write_config else 'the default config'} has {db_url}")
+            f"share one inbox; {config_path if not write_config else 'the default config'} has "
+            f"{_hide_password(db_url)}")
+    last_port = cfg.service.metrics_port + instances - 1
+    if template and cfg.service.metrics_port and last_port > 65535:
+        raise FashionWorkerError(f"--instances {instances}: worker {instances} would serve metrics on port "
+                                 f"{last_port} (service.metrics_port {cfg.service.metrics_port} + "
+                                 f"{instances - 1}), past 65535")
 
     if network is None:
         if not db_url.startswith("sqlite"):
@@ -544,12 +563,18 @@ def install_service(
     settings = UnitSettings(
         executable=executable, config=config_path, user=user, group=group,
         uploaders_group=uploaders_group, read_write_paths=tuple(writable), network=network,
-        protect_home=protect_home, memory_max=memory_max, gpu=gpu, extra_args=extra_args, template=template)
+        protect_home=protect_home, memory_max=memory_max, gpu=gpu, extra_args=extra_args, template=template,
+        unit_name=unit_name)
     plan.unit_text = render_unit(settings)
     if template:
-        plan.target_text = render_target(instances)
+        plan.target_text = render_target(instances, unit_name)
+        ids = cfg.service.worker_id or "HOST"
         plan.notes.append(f"{instances} workers: {unit_name}@1.service to {unit_name}@{instances}.service, started "
-                          f"and stopped together by {unit_name}.target; worker ids HOST@1 to HOST@{instances}")
+                          f"and stopped together by {unit_name}.target; worker ids {ids}@1 to {ids}@{instances}")
+        if not gpu:
+            plan.warnings.append(
+                f"{instances} workers without GPU access: each one's onnxruntime uses every core of this host, "
+                "so on the CPU they only compete; several workers pay where the model runs on a GPU")
 
     # Users and groups.
     nologin = "/usr/sbin/nologin" if Path("/usr/sbin/nologin").exists() else "/bin/false"
@@ -580,12 +605,8 @@ def install_service(
         if folder not in (inbox_path, processed, failed):
             plan.steps.append(Step(f"{folder}: owner {user}, mode 0750",
                                    apply=_make_dir(folder, 0o750, user, group)))
-    # The units: the other kind goes first, if it was installed before (one worker <-> several).
-    if template:
-        if _rooted(root, single_path).exists():
-            plan.steps += _remove_single(unit_name, single_path, "replaced by the workers of the template")
-    elif _rooted(root, template_path).exists() or _rooted(root, target_path).exists():
-        plan.steps += _remove_template(unit_name, template_path, target_path, "replaced by one worker")
+    # The units: the new ones are written and checked before the other kind, if installed, is removed (a
+    # refused unit leaves the running service alone); its drop-ins move to the new kind's folder.
     plan.steps.append(Step(f"write the unit {plan.unit_path}",
                            apply=_write_file(plan.unit_path, plan.unit_text), content=plan.unit_text))
     if template:
@@ -597,15 +618,35 @@ def install_service(
                                                          target_path]
         plan.steps.append(Step("check the unit" + ("s" if template else ""),
                                ["systemd-analyze", "verify", *(str(_rooted(root, p)) for p in checked)]))
+    if template:
+        old_dropins, new_dropins = _dropin_dir(single_path), _dropin_dir(template_path)
+        switching = _rooted(root, single_path).exists()
+        if switching:
+            plan.steps += _remove_single(unit_name, single_path, "replaced by the workers of the template")
+    else:
+        old_dropins, new_dropins = _dropin_dir(template_path), _dropin_dir(single_path)
+        switching = installed > 0 or _rooted(root, template_path).exists()
+        if switching:
+            plan.steps += _remove_template(unit_name, template_path, target_path, "replaced by one worker")
+    moved = sorted(_rooted(root, old_dropins).glob("*.conf")) if switching else []
+    if moved:
+        names = ", ".join(p.name for p in moved)
+        plan.notes.append(f"drop-ins {names} moved from {old_dropins} to {new_dropins}")
+        plan.steps.append(Step(f"move the drop-ins {names} to {new_dropins}",
+                               apply=_move_dropins(old_dropins, new_dropins)))
     plan.steps.append(Step("reload systemd", ["systemctl", "daemon-reload"], host_only=True))
     enabled = f"{unit_name}.target" if template else f"{unit_name}.service"
     plan.steps.append(Step("enable the service at boot", ["systemctl", "enable", enabled], host_only=True))
-    if start and template:  # every instance, those past a smaller count too (named: systemctl then waits)
-        plan.steps.append(Step("stop the workers that run", ["systemctl", "stop", enabled, f"{unit_name}@*.service"],
-                               host_only=True))
-        workers = [f"{unit_name}@{n}.service" for n in range(1, instances + 1)]  # named: a failed start fails this
-        plan.steps.append(Step(f"start workers 1 to {instances}", ["systemctl", "start", enabled, *workers],
-                               host_only=True))
+    if start and template:  # one worker at a time, so that the others go on; then those past the count stop
+        for n in range(1, instances + 1):
+            plan.steps.append(Step(f"start (or restart) worker {n}",
+                                   ["systemctl", "restart", f"{unit_name}@{n}.service"], host_only=True))
+        if installed > instances:
+            plan.steps.append(Step(f"stop workers {instances + 1} to {installed}",
+                                   ["systemctl", "stop", *(f"{unit_name}@{n}.service"
+                                                           for n in range(instances + 1, installed + 1))],
+                                   host_only=True))
+        plan.steps.append(Step(f"start {enabled}", ["systemctl", "start", enabled], host_only=True))
     elif start:  # restart = start, or apply a changed unit/config when re-installing over a running one
         plan.steps.append(Step("start (or restart) the service",
                                ["systemctl", "restart", enabled], host_only=True))
@@ -654,6 +695,44 @@ def _unit_paths(unit_name: str) -> tuple[Path, Path, Path]:
     """The one-worker unit, the several-workers template and its target."""
     return (SYSTEM_UNIT_DIR / f"{unit_name}.service", SYSTEM_UNIT_DIR / f"{unit_name}@.service",
             SYSTEM_UNIT_DIR / f"{unit_name}.target")
+
+
+def _installed_instances(target: Path, unit_name: str) -> int:
+    """The count of workers an installed target starts (its Wants=), 0 when there is none."""
+    try:
+        text = target.read_text()
+    except OSError:
+        return 0
+    return len(re.findall(rf"\b{re.escape(unit_name)}@\d+\.service\b", "".join(
+        line for line in text.splitlines(keepends=True) if line.startswith("Wants="))))
+
+
+def _dropin_dir(unit_path: Path) -> Path:
+    return unit_path.with_name(unit_path.name + ".d")
+
+
+def _move_dropins(source: Path, destination: Path) -> Callable[[Path], None]:
+    """Move the *.conf drop-ins of one unit kind to the other's folder (one there of the same name stays,
+    and so does the moved one, renamed NAME.from-OLD.conf beside it)."""
+    def apply(root: Path) -> None:
+        src, dst = _rooted(root, source), _rooted(root, destination)
+        dst.mkdir(parents=True, exist_ok=True)
+        for path in sorted(src.glob("*.conf")):
+            target = dst / path.name
+            if target.exists():
+                target = dst / f"{path.stem}.from-{source.name.removesuffix('.d')}.conf"
+            os.replace(path, target)
+        with contextlib.suppress(OSError):
+            src.rmdir()  # only when nothing else is left in it
+
+    return apply
+
+
+def _hide_password(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
 
 
 def _remove_single(unit_name: str, path: Path, why: str = "") -> list[Step]:
