@@ -357,8 +357,14 @@ def test_user_mistakes_print_one_line_and_exit_2(tmp_path: Path, args: list[str]
          "argument --batch-sizes: expected comma-separated whole numbers, got 'a,b'"),
         (["run", "--log-level", "loud"],
          "argument --log-level: invalid level 'loud'; valid: DEBUG, INFO, WARNING, ERROR"),
+        (["run", "--instance", "01"],
+         "argument --instance: expected a worker number 1, 2, ... without leading zeros, got '01'"),
+        (["doctor", "--instance", "0"],
+         "argument --instance: expected a worker number 1, 2, ... without leading zeros, got '0'"),
+        (["install-service", "--instances", "0"], "argument --instances: expected a number of at least 1, got 0"),
     ],
-    ids=["choice", "confidence", "limit", "since", "burst", "idle", "threads", "batch-sizes", "level"],
+    ids=["choice", "confidence", "limit", "since", "burst", "idle", "threads", "batch-sizes", "level",
+         "instance-zero-padded", "instance-zero", "instances-zero"],
 )
 def test_a_bad_flag_is_one_line_naming_the_flag(site: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
                                                 message: str) -> None:

@@ -332,14 +332,22 @@ def test_a_second_worker_with_the_same_id_refuses_but_other_ids_share_the_inbox(
 
 @pytest.mark.timeout(90)
 def test_instances_of_one_config_share_the_inbox_under_ids_of_their_own(
-        tmp_path: Path, pg_url: str, workers: Workers) -> None:
+        tmp_path: Path, pg_url: str, workers: Workers, capsys: pytest.CaptureFixture[str]) -> None:
     """`run --instance N` (systemd's fashion-worker@N.service): workers started from one config in one folder
-    run as HOST@1, HOST@2, the same ids at every restart; a second process of one instance refuses."""
+    run as HOST@1, HOST@2, the same ids at every restart; a second process of one instance refuses, and
+    `doctor --instance N` checks worker N's id."""
     host = os.uname().nodename
     site = make_site(tmp_path / "site")
     procs = [workers.start(site, pg_url, "--instance", str(n)) for n in (1, 2)]
     for proc in procs:
         workers.wait_ready(proc)
+    lock_lines = {}
+    for n in (2, 3):
+        capsys.readouterr()
+        cli_main(["doctor", "--config", str(site / "config.toml"), "--db", pg_url, "--instance", str(n)])
+        lock_lines[n] = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("OK    lock:"))
+    assert f"a worker is running: another worker with id '{host}@2' (host {host}, pid {procs[1].pid}, " in lock_lines[2]
+    assert lock_lines[3].endswith(f"worker id '{host}@3' is free")
     again = subprocess.run([sys.executable, "-m", "worker", "run", "--db", pg_url, "--instance", "2"], cwd=site,
                            capture_output=True, text=True, timeout=60)
     assert (again.returncode, again.stdout) == (2, "")
