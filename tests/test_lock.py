@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from pgserver import postgres_server
 from sqlalchemy.engine import make_url
 
-from worker.exceptions import InboxLocked
+from worker.exceptions import InboxLocked, WorkerIdStillHeld
 from worker.lock import InboxLock, WorkerIdLock, lock_path, uses_claims, worker_id_key
 from worker.migrations import WORKER_ID_LOCK_CLASS
 from worker.store import Store
@@ -230,3 +230,50 @@ def test_the_lock_s_own_lost_session_is_ended_not_taken_for_another_process(
         finally:
             proxy.close()
             direct.dispose()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(60)
+def test_the_session_of_a_gone_process_of_this_host_is_waited_for_and_no_other(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A session holds worker id 'web1@1' as a gone process's would (a host reset: the server keeps it until
+    its keepalives give up). A restarted worker waits for it when the id's row names this host and a pid
+    that no longer runs; it refuses at once when the row stopped cleanly (a new process holds the id and has
+    not reported yet), names a running pid or another host. A wait that runs out exits 75, which systemd
+    restarts on; `doctor` (wait_s=0) never waits."""
+    host = socket.gethostname()
+    with postgres_server() as url, Store(url) as store:
+        holder = sa.create_engine(url).connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            holder.execute(sa.text("SELECT pg_advisory_lock(:cls, :key)"),
+                           {"cls": WORKER_ID_LOCK_CLASS, "key": worker_id_key("web1@1")})
+            store.heartbeat("web1@1", host, _dead_pid(), 0)
+            with pytest.raises(WorkerIdStillHeld) as held:
+                WorkerIdLock(store, "web1@1", wait_s=0.6).acquire()
+            assert held.value.exit_code == 75
+            assert str(held.value).startswith("worker id 'web1@1' is still held by the database session of its "
+                                              "earlier process on this host (pid ")
+            assert "waiting up to 0.6 s for the server to end that session" in caplog.text
+            for row in ({"pid": _dead_pid(), "stopped": True}, {"pid": os.getpid()}, {"host": "web9"}):
+                caplog.clear()
+                store.heartbeat("web1@1", row.get("host", host), row.get("pid", _dead_pid()), 0,
+                                stopped=row.get("stopped", False))
+                with pytest.raises(InboxLocked) as refused:
+                    WorkerIdLock(store, "web1@1", wait_s=30).acquire()
+                assert not isinstance(refused.value, WorkerIdStillHeld) and "waiting up to" not in caplog.text, row
+            store.heartbeat("web1@1", host, _dead_pid(), 0)
+            with pytest.raises(InboxLocked) as refused:
+                WorkerIdLock(store, "web1@1", wait_s=0).acquire()  # doctor's check
+            assert not isinstance(refused.value, WorkerIdStillHeld)
+            # The server ends the session (here: the holder lets go a moment later): the waiting worker starts.
+            threading.Timer(0.5, lambda: holder.execute(sa.text("SELECT pg_advisory_unlock_all()"))).start()
+            with WorkerIdLock(store, "web1@1", wait_s=30) as lock:
+                assert lock.held
+        finally:
+            holder.close()

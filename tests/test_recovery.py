@@ -13,7 +13,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -236,15 +236,20 @@ def test_an_earlier_process_of_this_worker_s_own_id_is_dead_whatever_its_pid(sto
         alive.wait()
 
 
-def test_a_pid_that_a_later_process_took_is_dead(store: Store, cfg: Config) -> None:
-    """The row's pid runs, but that process started after the worker did (its pid reused): dead."""
-    ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, worker="host-a:9")
+def test_a_pid_last_seen_before_this_host_booted_is_another_process_s(store: Store, cfg: Config) -> None:
+    """The row's pid runs now, but the worker's last heartbeat is older than this boot (a reset host gave
+    its pid to another process): dead, even where that process may not be looked at (another user's)."""
     later = subprocess.Popen(["sleep", "60"])
     try:
-        store.heartbeat("host-a:9", HOST, later.pid, 1, started_at=datetime.now(UTC) - timedelta(hours=1))
+        ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, worker="host-a:9", pid=later.pid)
         (cfg.processed_path / "a.jpg").write_bytes(b"a")
-        hour_ago = datetime.now(UTC) - timedelta(hours=1)
-        assert recovery.pid_alive(later.pid) and not recovery.pid_alive(later.pid, hour_ago)
+        assert recover_locations(store, cfg, HOST) == 0  # seen since the boot: its process runs
+        booted = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                      if line.startswith("btime "))
+        before_boot = datetime.fromtimestamp(booted - 60, UTC)
+        with sqlite3.connect(store.path) as db:
+            db.execute("UPDATE workers SET heartbeat_at = ?", (before_boot.replace(tzinfo=None).isoformat(" "),))
+        assert recovery.pid_alive(later.pid) and not recovery.pid_alive(later.pid, seen_at=before_boot)
         assert recover_locations(store, cfg, HOST) == 1
         assert locations(store) == {ids["a.jpg"]: str(cfg.processed_path / "a.jpg")}
     finally:

@@ -315,9 +315,9 @@ def test_several_workers_get_a_template_and_a_target_and_replace_the_single_unit
         assert at == sorted(at), script
 
     in_order(plan.script(), [
+        "# check the units (systemd-analyze verify, in a scratch folder)",
         "# write the unit /etc/systemd/system/fashion-worker@.service",
         "# write the target /etc/systemd/system/fashion-worker.target",
-        f"systemd-analyze verify {units}/fashion-worker@1.service {units}/fashion-worker.target",
         "systemctl disable --now fashion-worker.service",  # the single unit, once the new ones passed
         "# move the drop-ins 50-database.conf to /etc/systemd/system/fashion-worker@.service.d",
         "systemctl daemon-reload", "systemctl enable fashion-worker.target",
@@ -348,6 +348,35 @@ def test_several_workers_get_a_template_and_a_target_and_replace_the_single_unit
     assert sorted(p.name for p in units.iterdir()) == ["fashion-worker@.service.d"]  # drop-ins are the user's
     assert "systemctl disable --now fashion-worker.target" in plan.script()
     assert "systemctl disable --now fashion-worker.service" in plan.script()  # harmless when absent (may fail)
+
+
+def test_drop_ins_move_without_overwriting_and_a_re_install_names_the_installed_count(site):
+    config, _, root = site
+    sqlite = config.read_text()
+    config.write_text(sqlite.replace("sqlite:////var/lib/fashion-worker/results.db", PG_URL))
+    units = root / "etc/systemd/system"
+    install_service(config, venv=VENV, root=root)
+    (units / "fashion-worker.service.d").mkdir()
+    (units / "fashion-worker.service.d/a.conf").write_text("[Service]\nExecStart=\nExecStart=/x run\n")
+    (units / "fashion-worker@.service.d").mkdir()
+    for name in ("a.conf", "a.from-fashion-worker.service.conf"):
+        (units / "fashion-worker@.service.d" / name).write_text(f"# {name}, there before\n")
+    plan = install_service(config, venv=VENV, root=root, instances=2)
+    assert sorted(p.name for p in (units / "fashion-worker@.service.d").iterdir()) == [
+        "a.conf", "a.from-fashion-worker.service-2.conf", "a.from-fashion-worker.service.conf"]
+    assert (units / "fashion-worker@.service.d/a.conf").read_text() == "# a.conf, there before\n"
+    assert "ExecStart=/x run" in (units / "fashion-worker@.service.d/a.from-fashion-worker.service-2.conf").read_text()
+    assert not (units / "fashion-worker.service.d").exists()
+    assert ("the drop-in a.conf sets ExecStart= or uses %i, written for fashion-worker.service: check it in "
+            "/etc/systemd/system/fashion-worker@.service.d") in plan.warnings
+    # The config goes back to SQLite; a plain re-install keeps the 2 workers, which need PostgreSQL.
+    config.write_text(sqlite)
+    with pytest.raises(FashionWorkerError) as refused:
+        install_service(config, venv=VENV, root=root)
+    assert str(refused.value) == (
+        "the 2 installed workers (fashion-worker.target) need a PostgreSQL database.url, through whose claims "
+        f"several workers share one inbox; {config} has sqlite:////var/lib/fashion-worker/results.db; "
+        "--instances 1 goes back to one worker")
 
 
 def test_the_template_follows_the_unit_name(site):
@@ -427,16 +456,24 @@ def test_host_commands_failures_are_clear(site):
 
 
 @needs_analyze
-def test_a_failing_host_command_stops_the_install(site):
-    """systemd-analyze verify is the one host command that also runs under a test root: a failure of it
-    (made with a runner that fails, since the unit itself is valid) ends the install with its message."""
-    config, _data, root = site
-
-    def failing(argv):
-        raise FashionWorkerError(f"`{argv[0]}` failed (exit 1): boom")
-
-    with pytest.raises(FashionWorkerError, match="systemd-analyze` failed"):
-        install_service(config, venv=VENV, root=root, runner=failing)
+def test_a_unit_systemd_refuses_changes_nothing(site, tmp_path):
+    """systemd-analyze verify checks the new units in a scratch folder before anything is written: a refused
+    unit (here its ExecStart names a venv without fashion-worker) ends the install with systemd's reason,
+    and what is installed stays as it was, the other kind too (no template or target left behind)."""
+    config, _, root = site
+    config.write_text(config.read_text().replace("sqlite:////var/lib/fashion-worker/results.db", PG_URL))
+    install_service(config, venv=VENV, root=root)
+    units = root / "etc/systemd/system"
+    before = (units / "fashion-worker.service").read_text()
+    for instances in (1, 3):
+        with pytest.raises(FashionWorkerError) as refused:
+            install_service(config, venv=tmp_path / "no-venv", root=root, instances=instances)
+        message = str(refused.value)
+        assert message.startswith("`systemd-analyze verify ") and " failed (exit 1): " in message, message
+        assert message.endswith(f"Command {tmp_path}/no-venv/bin/fashion-worker is not executable: No such file "
+                                "or directory"), message
+        assert [p.name for p in units.iterdir()] == ["fashion-worker.service"]
+        assert (units / "fashion-worker.service").read_text() == before
 
 
 def test_the_committed_unit_is_the_reference_rendering():

@@ -285,7 +285,7 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 def _instance(value: str) -> int:
     """--instance: 1, 2, ... written plainly (systemd's fashion-worker@01 would be another unit with worker 1's
     id)."""
-    if not value.isdigit() or value != str(int(value)) or int(value) < 1:
+    if not re.fullmatch(r"[1-9][0-9]*", value):
         raise argparse.ArgumentTypeError(f"expected a worker number 1, 2, ... without leading zeros, got {value!r}")
     return int(value)
 
@@ -528,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FashionWorkerError as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `fashion-worker results | head`

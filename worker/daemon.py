@@ -140,7 +140,7 @@ class Worker:
         if uses_claims(config.database_url):  # scale-out: claims instead of the inbox lock
             self.store = self.open_store()
             if config.service.lock:
-                self.worker_lock = WorkerIdLock(self.store, self.worker_id)
+                self.worker_lock = WorkerIdLock(self.store, self.worker_id, stopping=lambda: self.stop_requested)
                 self.worker_lock.acquire()
             self.claims = Claims(self.store, self.worker_id, self.host, lease_s=config.database.claim_lease_s)
             self.claims.start()
@@ -510,7 +510,7 @@ def _check_worker_id(config: Config) -> Check:
     except FashionWorkerError as exc:
         return Check("lock", False, " ".join(str(exc).split()))
     try:
-        with WorkerIdLock(store, worker_id):
+        with WorkerIdLock(store, worker_id, wait_s=0):  # a check: no waiting for a gone process's session
             pass
     except InboxLocked as exc:
         return Check("lock", True, f"{shared}; a worker is running: {' '.join(str(exc).split())}")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 class FashionWorkerError(Exception):
-    """Base class: a problem the user can fix, reported as one line."""
+    """Base class: a problem the user can fix, reported as one line (exit status `exit_code`)."""
+
+    exit_code = 2  # a usage or configuration mistake: systemd's unit does not restart on it
 
 
 class ConfigError(FashionWorkerError):
@@ -25,6 +27,13 @@ class StoreError(FashionWorkerError):
 
 class InboxLocked(FashionWorkerError):
     """Another worker already processes this inbox into this database."""
+
+
+class WorkerIdStillHeld(InboxLocked):
+    """The worker id is still held by the database session of a gone process of this host: passes once the
+    server ends that session, so the exit status (75, EX_TEMPFAIL) is one systemd restarts on."""
+
+    exit_code = 75
 
 
 class DataError(FashionWorkerError):

@@ -37,6 +37,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -44,7 +45,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from worker.exceptions import InboxLocked, StoreError
+from worker.exceptions import InboxLocked, StoreError, WorkerIdStillHeld
 from worker.migrations import WORKER_ID_LOCK_CLASS
 from worker.recovery import pid_alive
 from worker.store import Store, workers
@@ -62,6 +63,14 @@ KEEPALIVE_SETTINGS = {"tcp_keepalives_idle": 10, "tcp_keepalives_interval": 5, "
 # it looks.
 GONE_HOLDER_WAIT_S = 40.0
 GONE_HOLDER_POLL_S = 0.5
+
+
+def hide_password(url: str) -> str:
+    """`url` with its password, if any, shown as ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
 
 
 def uses_claims(database_url: str) -> bool:
@@ -131,7 +140,8 @@ class InboxLock:
                 raise StoreError(f"cannot lock {self.path}: {exc.strerror}") from None
             who = f"pid {holder}" if holder else "another process"
             raise InboxLocked(
-                f"another worker ({who}) is already processing inbox {self.inbox} into {self.database_url} "
+                f"another worker ({who}) is already processing inbox {self.inbox} into "
+                f"{hide_password(self.database_url)} "
                 f"(lock file {self.path})"
             ) from None
         os.ftruncate(fd, 0)
@@ -175,9 +185,12 @@ class WorkerIdLock:
     """PostgreSQL: `with WorkerIdLock(store, worker_id):` holds the worker id, or raises InboxLocked naming
     the host and pid of the process that holds it (from the workers table). See the module docstring."""
 
-    def __init__(self, store: Store, worker_id: str) -> None:
+    def __init__(self, store: Store, worker_id: str, *, wait_s: float = GONE_HOLDER_WAIT_S,
+                 stopping: Callable[[], bool] = lambda: False) -> None:
         self.store = store
         self.worker_id = worker_id
+        self.wait_s = wait_s  # how long acquire waits for the session of a gone process of this host (0: not)
+        self.stopping = stopping  # a stop was asked for: acquire waits no longer
         self._conn: Connection | None = None
         self._wanted = False
         self._backend: int | None = None  # the server process of the session holding the lock
@@ -258,24 +271,33 @@ class WorkerIdLock:
         """The lock, once the server ends the session of the process that held it, when that process was of
         this host and is gone: a host reset, or a kill while its connection was cut, leaves its session to
         the server's keepalives (about 25 s, KEEPALIVE_SETTINGS). A worker restarted under the same id (run
-        --instance, service.worker_id) waits for that instead of refusing. None at once when the holder
-        runs, or is of another host, or has not reported."""
+        --instance, service.worker_id) waits for that, up to wait_s, then exits with WorkerIdStillHeld
+        (75, which systemd restarts on) rather than InboxLocked (2, which it does not). None at once when
+        the holder may run: its row stopped cleanly (a new process holds the id, not yet reported), or is of
+        another host, or its process runs, or it has not reported."""
+        if self.wait_s <= 0:
+            return None
         with self.store.engine.connect() as conn:
-            row = conn.execute(sa.select(workers.c.host, workers.c.pid, workers.c.started_at)
+            row = conn.execute(sa.select(workers.c.host, workers.c.pid, workers.c.heartbeat_at, workers.c.stopped_at)
                                .where(workers.c.worker_id == self.worker_id)).first()
-        if row is None or row.host != socket.gethostname() or pid_alive(row.pid, row.started_at):
+        if (row is None or row.stopped_at is not None or row.host != socket.gethostname()
+                or pid_alive(row.pid, seen_at=row.heartbeat_at)):
             return None
         log.warning("worker id %r is still held by the database session of its earlier process on this host "
                     "(pid %d), which is gone; waiting up to %g s for the server to end that session",
-                    self.worker_id, row.pid, GONE_HOLDER_WAIT_S)
-        deadline = time.monotonic() + GONE_HOLDER_WAIT_S
-        while time.monotonic() < deadline:
+                    self.worker_id, row.pid, self.wait_s)
+        deadline = time.monotonic() + self.wait_s
+        while time.monotonic() < deadline and not self.stopping():
             time.sleep(GONE_HOLDER_POLL_S)
             conn = self._try()
             if conn is not None:
                 log.info("worker id %r is free again", self.worker_id)
                 return conn
-        return None
+        self._wanted = False
+        raise WorkerIdStillHeld(
+            f"worker id {self.worker_id!r} is still held by the database session of its earlier process on this "
+            f"host (pid {row.pid}, gone) after {self.wait_s:g} s; the server ends it once its keepalives give up "
+            "(or: SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2)")
 
     def _holder(self) -> str:
         try:

@@ -92,11 +92,11 @@ def _recover(store: Store, config: Config, host: str, own_id: str) -> int:
         dead = [
             (row.worker_id, row.pid, row.started_at, _folders(row.processed_dir, row.failed_dir, config))
             for row in conn.execute(
-                sa.select(workers.c.worker_id, workers.c.pid, workers.c.started_at, workers.c.processed_dir,
-                          workers.c.failed_dir)
+                sa.select(workers.c.worker_id, workers.c.pid, workers.c.started_at, workers.c.heartbeat_at,
+                          workers.c.processed_dir, workers.c.failed_dir)
                 .where(workers.c.stopped_at.is_(None), workers.c.host == host)
             )
-            if row.worker_id == own_id or not pid_alive(row.pid, row.started_at)
+            if row.worker_id == own_id or not pid_alive(row.pid, seen_at=row.heartbeat_at)
         ]
         if not dead:
             return 0
@@ -239,28 +239,25 @@ def _sha256(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-def pid_alive(pid: int, started_by: datetime | None = None) -> bool:
-    """Whether process `pid` of this host runs (a zombie, killed and not yet reaped, does not) and, given
-    `started_by` (a worker's started_at, by this host's clock), started no later than that: a process that
-    started after it has the pid of a dead worker, reused (after a reboot, say)."""
+def pid_alive(pid: int, *, seen_at: datetime | None = None) -> bool:
+    """Whether the worker process `pid` of this host still runs: not when no process has that pid, nor
+    when it is a zombie (killed, not yet reaped), nor when the worker was last `seen_at` (its heartbeat,
+    by this host's clock) before this host booted: the pid is then another process's. A process this one
+    may not look at (another user's, hidden by ProtectProc=invisible) is taken as running."""
+    if seen_at is not None:
+        seen = seen_at if seen_at.tzinfo else seen_at.replace(tzinfo=UTC)
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            booted = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                          if line.startswith("btime "))
+            if seen.timestamp() < booted:
+                return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process: alive
         pass
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return True
-    if fields[0] in ("Z", "X"):
-        return False
-    if started_by is None:
-        return True
-    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-        started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of /proc/PID/stat
-        by = started_by if started_by.tzinfo else started_by.replace(tzinfo=UTC)
-        return started <= by.timestamp() + 1.0  # btime is whole seconds
+    with contextlib.suppress(OSError, IndexError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return False
     return True

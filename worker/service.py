@@ -23,17 +23,15 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
-
 from worker import config as config_mod
 from worker.exceptions import FashionWorkerError
-from worker.lock import uses_claims
+from worker.lock import hide_password, uses_claims
 from worker.model import GPU_PROVIDERS
 
 log = logging.getLogger(__name__)
@@ -476,6 +474,7 @@ def install_service(
         raise FashionWorkerError(f"--venv {venv or sys.prefix}: no fashion-worker at {executable}")
     single_path, template_path, target_path = _unit_paths(unit_name)
     installed = _installed_instances(_rooted(root, target_path), unit_name)  # 0: no template installed
+    asked = instances is not None
     if instances is None:
         instances = installed or 1
     if instances < 1:
@@ -510,10 +509,12 @@ def install_service(
             writable.append(db_dir)
     writable = list(dict.fromkeys(Path(os.path.normpath(p)) for p in writable))
     if template and not uses_claims(db_url):
+        who = f"--instances {instances}" if asked else f"the {instances} installed workers ({target_path.name})"
         raise FashionWorkerError(
-            f"--instances {instances} needs a PostgreSQL database.url, through whose claims several workers "
-            f"share one inbox; {config_path if not write_config else 'the default config'} has "
-            f"{_hide_password(db_url)}")
+            f"{who} need{'s' if asked else ''} a PostgreSQL database.url, through whose claims several workers "
+            "share one inbox; "
+            f"{config_path if not write_config else 'the default config'} has {hide_password(db_url)}"
+            + ("" if asked else "; --instances 1 goes back to one worker"))
     last_port = cfg.service.metrics_port + instances - 1
     if template and cfg.service.metrics_port and last_port > 65535:
         raise FashionWorkerError(f"--instances {instances}: worker {instances} would serve metrics on port "
@@ -605,19 +606,21 @@ def install_service(
         if folder not in (inbox_path, processed, failed):
             plan.steps.append(Step(f"{folder}: owner {user}, mode 0750",
                                    apply=_make_dir(folder, 0o750, user, group)))
-    # The units: the new ones are written and checked before the other kind, if installed, is removed (a
-    # refused unit leaves the running service alone); its drop-ins move to the new kind's folder.
+    # The units: the new ones are checked, then written, then the other kind, if installed, is removed (a
+    # refused unit changes nothing); its drop-ins move to the new kind's folder.
+    first_unit_step = len(plan.steps)
     plan.steps.append(Step(f"write the unit {plan.unit_path}",
                            apply=_write_file(plan.unit_path, plan.unit_text), content=plan.unit_text))
     if template:
         assert plan.target_text is not None
         plan.steps.append(Step(f"write the target {target_path}",
                                apply=_write_file(target_path, plan.target_text), content=plan.target_text))
-    if shutil.which("systemd-analyze"):  # a template is checked through its first instance
-        checked = [plan.unit_path] if not template else [template_path.with_name(f"{unit_name}@1.service"),
-                                                         target_path]
-        plan.steps.append(Step("check the unit" + ("s" if template else ""),
-                               ["systemd-analyze", "verify", *(str(_rooted(root, p)) for p in checked)]))
+    if shutil.which("systemd-analyze"):  # checked before anything is written: a refused unit changes nothing
+        staged = {plan.unit_path.name: plan.unit_text, **({target_path.name: plan.target_text} if template else {})}
+        checked = [f"{unit_name}@1.service", target_path.name] if template else [plan.unit_path.name]
+        plan.steps.insert(first_unit_step, Step(
+            f"check the unit{'s' if template else ''} (systemd-analyze verify, in a scratch folder)",
+            apply=_verify_staged(staged, checked)))
     if template:
         old_dropins, new_dropins = _dropin_dir(single_path), _dropin_dir(template_path)
         switching = _rooted(root, single_path).exists()
@@ -632,6 +635,10 @@ def install_service(
     if moved:
         names = ", ".join(p.name for p in moved)
         plan.notes.append(f"drop-ins {names} moved from {old_dropins} to {new_dropins}")
+        for path in moved:
+            if re.search(r"^\s*ExecStart\s*=|%i", path.read_text(errors="replace"), re.MULTILINE):
+                plan.warnings.append(f"the drop-in {path.name} sets ExecStart= or uses %i, written for "
+                                     f"{old_dropins.name.removesuffix('.d')}: check it in {new_dropins}")
         plan.steps.append(Step(f"move the drop-ins {names} to {new_dropins}",
                                apply=_move_dropins(old_dropins, new_dropins)))
     plan.steps.append(Step("reload systemd", ["systemctl", "daemon-reload"], host_only=True))
@@ -698,13 +705,27 @@ def _unit_paths(unit_name: str) -> tuple[Path, Path, Path]:
 
 
 def _installed_instances(target: Path, unit_name: str) -> int:
-    """The count of workers an installed target starts (its Wants=), 0 when there is none."""
+    """The count of workers an installed target starts: the highest N of its Wants=NAME@N.service (0 when
+    there is no target; 1 when it names no worker, so that a re-install keeps the template)."""
     try:
         text = target.read_text()
     except OSError:
         return 0
-    return len(re.findall(rf"\b{re.escape(unit_name)}@\d+\.service\b", "".join(
-        line for line in text.splitlines(keepends=True) if line.startswith("Wants="))))
+    wants = " ".join(re.findall(r"^\s*Wants\s*=(.*)$", text, re.MULTILINE))
+    numbers = [int(n) for n in re.findall(rf"(?<![\w@.-]){re.escape(unit_name)}@([1-9][0-9]*)\.service\b", wants)]
+    return max(numbers, default=1)
+
+
+def _verify_staged(texts: dict[str, str], checked: list[str]) -> Callable[[Path], None]:
+    """systemd-analyze verify on the units written to a scratch folder under their real names (a template
+    through its first instance), before they replace anything."""
+    def apply(root: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="fashion-worker-units-") as scratch:
+            for name, text in texts.items():
+                (Path(scratch) / name).write_text(text)
+            run_command(["systemd-analyze", "verify", *(str(Path(scratch) / name) for name in checked)])
+
+    return apply
 
 
 def _dropin_dir(unit_path: Path) -> Path:
@@ -712,27 +733,22 @@ def _dropin_dir(unit_path: Path) -> Path:
 
 
 def _move_dropins(source: Path, destination: Path) -> Callable[[Path], None]:
-    """Move the *.conf drop-ins of one unit kind to the other's folder (one there of the same name stays,
-    and so does the moved one, renamed NAME.from-OLD.conf beside it)."""
+    """Move the *.conf drop-ins of one unit kind to the other's folder. One there of the same name stays; the
+    moved one goes beside it as NAME.from-OLD.conf, which sorts after it and so wins where both set a
+    value."""
     def apply(root: Path) -> None:
         src, dst = _rooted(root, source), _rooted(root, destination)
         dst.mkdir(parents=True, exist_ok=True)
         for path in sorted(src.glob("*.conf")):
-            target = dst / path.name
-            if target.exists():
-                target = dst / f"{path.stem}.from-{source.name.removesuffix('.d')}.conf"
-            os.replace(path, target)
+            target, n = dst / path.name, 1
+            while target.exists():  # never over a file there: NAME.from-OLD.conf, then .from-OLD-2.conf ...
+                suffix = source.name.removesuffix(".d") + (f"-{n}" if n > 1 else "")
+                target, n = dst / f"{path.stem}.from-{suffix}.conf", n + 1
+            os.rename(path, target)
         with contextlib.suppress(OSError):
             src.rmdir()  # only when nothing else is left in it
 
     return apply
-
-
-def _hide_password(url: str) -> str:
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url
 
 
 def _remove_single(unit_name: str, path: Path, why: str = "") -> list[Step]:
