@@ -286,6 +286,21 @@ def test_a_drop_recorded_by_a_dead_worker_is_moved_by_another_without_a_second_r
 
 
 # One live process per worker id ------------------------------------------------------------------------------
+def burst_recorded_once(tmp_path: Path, inbox: Path, pg_url: str, count: int, writers: set[str]) -> list[Path]:
+    """Move `count` distinct photos into `inbox`, wait for a row each and an empty inbox, then check that no
+    file got a second row (two leases later) and that only `writers` wrote. Returns the staged paths."""
+    staged = distinct_jpegs(tmp_path / "staging", count)
+    for path in staged:
+        os.rename(path, inbox / path.name)
+    wait_until(lambda: row_count(pg_url) >= count and not any(inbox.iterdir()), 60,
+               f"{count} rows and an empty inbox")
+    time.sleep(2 * LEASE_S)  # a second row for any file would show up now
+    assert query(pg_url, "SELECT count(*), count(DISTINCT file), count(duplicate_of) FROM results") == [
+        (count, count, 0)]
+    assert {w for (w,) in query(pg_url, "SELECT DISTINCT worker FROM results")} <= writers
+    return staged
+
+
 @pytest.mark.timeout(90)
 def test_a_second_worker_with_the_same_id_refuses_but_other_ids_share_the_inbox(
         tmp_path: Path, pg_url: str, workers: Workers) -> None:
@@ -313,14 +328,7 @@ def test_a_second_worker_with_the_same_id_refuses_but_other_ids_share_the_inbox(
     again = workers.start(site, pg_url)
     workers.wait_ready(again)
     # ...and the two ids share the drops: each file recorded once, moved once, by one of them.
-    staged = distinct_jpegs(tmp_path / "staging", 60)
-    for path in staged:
-        os.rename(path, site / "inbox" / path.name)
-    wait_until(lambda: row_count(pg_url) >= 60 and not any((site / "inbox").iterdir()), 60,
-               "60 rows and an empty inbox")
-    time.sleep(2 * LEASE_S)  # a second row for any file would show up now
-    assert query(pg_url, "SELECT count(*), count(DISTINCT file), count(duplicate_of) FROM results") == [(60, 60, 0)]
-    assert {w for (w,) in query(pg_url, "SELECT DISTINCT worker FROM results")} <= {"web1", "web2"}
+    staged = burst_recorded_once(tmp_path, site / "inbox", pg_url, 60, {"web1", "web2"})
     # Each moves into its own processed/ (a default relative to its config): together, every name once.
     moved = [p.name for folder in (site, other) if (folder / "processed").is_dir()
              for p in (folder / "processed").iterdir()]
@@ -353,14 +361,7 @@ def test_instances_of_one_config_share_the_inbox_under_ids_of_their_own(
     assert (again.returncode, again.stdout) == (2, "") and "waiting up to" not in again.stderr  # its holder runs
     assert again.stderr.startswith(f"fashion-worker: error: another worker with id '{host}@2' (host {host}, "
                                    f"pid {procs[1].pid}, "), again.stderr
-    staged = distinct_jpegs(tmp_path / "staging", 40)
-    for path in staged:
-        os.rename(path, site / "inbox" / path.name)
-    wait_until(lambda: row_count(pg_url) >= 40 and not any((site / "inbox").iterdir()), 60,
-               "40 rows and an empty inbox")
-    time.sleep(2 * LEASE_S)  # a second row for any file would show up now
-    assert query(pg_url, "SELECT count(*), count(DISTINCT file), count(duplicate_of) FROM results") == [(40, 40, 0)]
-    assert {w for (w,) in query(pg_url, "SELECT DISTINCT worker FROM results")} <= {f"{host}@1", f"{host}@2"}
+    staged = burst_recorded_once(tmp_path, site / "inbox", pg_url, 40, {f"{host}@1", f"{host}@2"})
     assert sorted(p.name for p in (site / "processed").iterdir()) == sorted(p.name for p in staged)
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
