@@ -608,19 +608,17 @@ def install_service(
                                    apply=_make_dir(folder, 0o750, user, group)))
     # The units: the new ones are checked, then written, then the other kind, if installed, is removed (a
     # refused unit changes nothing); its drop-ins move to the new kind's folder.
-    first_unit_step = len(plan.steps)
+    if shutil.which("systemd-analyze"):
+        staged = {plan.unit_path.name: plan.unit_text, **({target_path.name: plan.target_text} if template else {})}
+        checked = [f"{unit_name}@1.service", target_path.name] if template else [plan.unit_path.name]
+        plan.steps.append(Step(f"check the unit{'s' if template else ''} (systemd-analyze verify, in a scratch "
+                               "folder)", apply=_verify_staged(staged, checked)))
     plan.steps.append(Step(f"write the unit {plan.unit_path}",
                            apply=_write_file(plan.unit_path, plan.unit_text), content=plan.unit_text))
     if template:
         assert plan.target_text is not None
         plan.steps.append(Step(f"write the target {target_path}",
                                apply=_write_file(target_path, plan.target_text), content=plan.target_text))
-    if shutil.which("systemd-analyze"):  # checked before anything is written: a refused unit changes nothing
-        staged = {plan.unit_path.name: plan.unit_text, **({target_path.name: plan.target_text} if template else {})}
-        checked = [f"{unit_name}@1.service", target_path.name] if template else [plan.unit_path.name]
-        plan.steps.insert(first_unit_step, Step(
-            f"check the unit{'s' if template else ''} (systemd-analyze verify, in a scratch folder)",
-            apply=_verify_staged(staged, checked)))
     if template:
         old_dropins, new_dropins = _dropin_dir(single_path), _dropin_dir(template_path)
         switching = _rooted(root, single_path).exists()
