@@ -157,11 +157,16 @@ def for_instance(config: Config, instance: int, host: str) -> None:
         raise ConfigError(f"--instance must be at least 1, got {instance}")
     config.service.worker_id = f"{config.service.worker_id or host}@{instance}"
     if config.service.metrics_port:
-        port = config.service.metrics_port + instance - 1
+        port = instance_metrics_port(config.service.metrics_port, instance)
         if port > 65535:
             raise ConfigError(f"--instance {instance}: its metrics port, service.metrics_port "
                               f"{config.service.metrics_port} + {instance - 1}, is past 65535")
         config.service.metrics_port = port
+
+
+def instance_metrics_port(metrics_port: int, instance: int) -> int:
+    """The metrics port of worker `instance` of several from one config whose service.metrics_port is set."""
+    return metrics_port + instance - 1
 
 
 def apply(config: Config, raw: dict[str, Any], source: str) -> None:

@@ -48,7 +48,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from worker.exceptions import InboxLocked, StoreError, WorkerIdStillHeld
 from worker.migrations import WORKER_ID_LOCK_CLASS
 from worker.recovery import pid_alive
-from worker.store import Store, workers
+from worker.store import Store, hide_password, workers
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,6 @@ KEEPALIVE_SETTINGS = {"tcp_keepalives_idle": 10, "tcp_keepalives_interval": 5, "
 # it looks.
 GONE_HOLDER_WAIT_S = 40.0
 GONE_HOLDER_POLL_S = 0.5
-
-
-def hide_password(url: str) -> str:
-    """`url` with its password, if any, shown as ***."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url
 
 
 def uses_claims(database_url: str) -> bool:

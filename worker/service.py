@@ -31,8 +31,9 @@ from pathlib import Path
 
 from worker import config as config_mod
 from worker.exceptions import FashionWorkerError
-from worker.lock import hide_password, uses_claims
+from worker.lock import uses_claims
 from worker.model import GPU_PROVIDERS
+from worker.store import hide_password
 
 log = logging.getLogger(__name__)
 
@@ -515,7 +516,7 @@ def install_service(
             "share one inbox; "
             f"{config_path if not write_config else 'the default config'} has {hide_password(db_url)}"
             + ("" if asked else "; --instances 1 goes back to one worker"))
-    last_port = cfg.service.metrics_port + instances - 1
+    last_port = config_mod.instance_metrics_port(cfg.service.metrics_port, instances)
     if template and cfg.service.metrics_port and last_port > 65535:
         raise FashionWorkerError(f"--instances {instances}: worker {instances} would serve metrics on port "
                                  f"{last_port} (service.metrics_port {cfg.service.metrics_port} + "
@@ -619,14 +620,13 @@ def install_service(
         assert plan.target_text is not None
         plan.steps.append(Step(f"write the target {target_path}",
                                apply=_write_file(target_path, plan.target_text), content=plan.target_text))
-    if template:
         old_dropins, new_dropins = _dropin_dir(single_path), _dropin_dir(template_path)
         switching = _rooted(root, single_path).exists()
         if switching:
             plan.steps += _remove_single(unit_name, single_path, "replaced by the workers of the template")
     else:
         old_dropins, new_dropins = _dropin_dir(template_path), _dropin_dir(single_path)
-        switching = installed > 0 or _rooted(root, template_path).exists()
+        switching = _template_installed(root, template_path, target_path)
         if switching:
             plan.steps += _remove_template(unit_name, template_path, target_path, "replaced by one worker")
     moved = sorted(_rooted(root, old_dropins).glob("*.conf")) if switching else []
@@ -677,7 +677,7 @@ def uninstall_service(
     root = Path(root)
     on_host = root == Path("/")
     single_path, template_path, target_path = _unit_paths(unit_name)
-    template = _rooted(root, template_path).exists() or _rooted(root, target_path).exists()
+    template = _template_installed(root, template_path, target_path)
     if template and not _rooted(root, single_path).exists():
         plan = ServicePlan(f"{unit_name}@.service", template_path, target_path=target_path)
     else:
@@ -700,6 +700,10 @@ def _unit_paths(unit_name: str) -> tuple[Path, Path, Path]:
     """The one-worker unit, the several-workers template and its target."""
     return (SYSTEM_UNIT_DIR / f"{unit_name}.service", SYSTEM_UNIT_DIR / f"{unit_name}@.service",
             SYSTEM_UNIT_DIR / f"{unit_name}.target")
+
+
+def _template_installed(root: Path, template_path: Path, target_path: Path) -> bool:
+    return _rooted(root, template_path).exists() or _rooted(root, target_path).exists()
 
 
 def _installed_instances(target: Path, unit_name: str) -> int:

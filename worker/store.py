@@ -271,6 +271,14 @@ def _sqlite_setup(engine: Engine, busy_timeout_ms: int, readonly: bool = False) 
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+def hide_password(url: str) -> str:
+    """`url` with its password, if any, shown as *** (as Store.url is): for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
 def _make_engine(url: str, busy_timeout_ms: int, readonly: bool = False) -> tuple[Engine, Path | None]:
     try:
         parsed = make_url(url)
