@@ -113,6 +113,13 @@ def write_with_trailers(folder: Path, jpeg: bytes, count: int, name: str) -> lis
     return paths
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 @pytest.fixture
 def tiny_model(tmp_path: Path) -> Path:
     return make_model(tmp_path / "models" / "tiny.onnx")

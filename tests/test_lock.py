@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from conftest import dead_pid
 from pgserver import postgres_server
 from sqlalchemy.engine import make_url
 
@@ -232,12 +233,6 @@ def test_the_lock_s_own_lost_session_is_ended_not_taken_for_another_process(
             direct.dispose()
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
-
-
 @pytest.mark.postgres
 @pytest.mark.timeout(60)
 def test_the_session_of_a_gone_process_of_this_host_is_waited_for_and_no_other(
@@ -253,21 +248,21 @@ def test_the_session_of_a_gone_process_of_this_host_is_waited_for_and_no_other(
         try:
             holder.execute(sa.text("SELECT pg_advisory_lock(:cls, :key)"),
                            {"cls": WORKER_ID_LOCK_CLASS, "key": worker_id_key("web1@1")})
-            store.heartbeat("web1@1", host, _dead_pid(), 0)
+            store.heartbeat("web1@1", host, dead_pid(), 0)
             with pytest.raises(WorkerIdStillHeld) as held:
                 WorkerIdLock(store, "web1@1", wait_s=0.6).acquire()
             assert held.value.exit_code == 75
             assert str(held.value).startswith("worker id 'web1@1' is still held by the database session of its "
                                               "earlier process on this host (pid ")
             assert "waiting up to 0.6 s for the server to end that session" in caplog.text
-            for row in ({"pid": _dead_pid(), "stopped": True}, {"pid": os.getpid()}, {"host": "web9"}):
+            for row in ({"pid": dead_pid(), "stopped": True}, {"pid": os.getpid()}, {"host": "web9"}):
                 caplog.clear()
-                store.heartbeat("web1@1", row.get("host", host), row.get("pid", _dead_pid()), 0,
+                store.heartbeat("web1@1", row.get("host", host), row.get("pid", dead_pid()), 0,
                                 stopped=row.get("stopped", False))
                 with pytest.raises(InboxLocked) as refused:
                     WorkerIdLock(store, "web1@1", wait_s=30).acquire()
                 assert not isinstance(refused.value, WorkerIdStillHeld) and "waiting up to" not in caplog.text, row
-            store.heartbeat("web1@1", host, _dead_pid(), 0)
+            store.heartbeat("web1@1", host, dead_pid(), 0)
             with pytest.raises(InboxLocked) as refused:
                 WorkerIdLock(store, "web1@1", wait_s=0).acquire()  # doctor's check
             assert not isinstance(refused.value, WorkerIdStillHeld)

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from conftest import dead_pid
 
 from worker import config as config_mod
 from worker import recovery
@@ -41,13 +42,6 @@ def cfg(tmp_path: Path) -> Config:
 def store(tmp_path: Path):
     with Store(f"sqlite:///{tmp_path}/results.db") as opened:
         yield opened
-
-
-def dead_pid() -> int:
-    """The pid of a process that has exited and been reaped."""
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
 
 
 def crashed_worker(store: Store, cfg: Config, rows: dict[str, bytes], *, worker: str = "host-a:1",

@@ -18,11 +18,11 @@ import os
 import random
 import re
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from conftest import dead_pid
 from workerproc import Site, color_of, distinct_images, image_bytes, move_into, report, sha256_file, wait_until, workers
 
 from worker import config as config_mod
@@ -143,7 +143,7 @@ def test_rows_left_naming_the_inbox_by_a_crash_after_the_move_are_fixed_at_start
     truth = dict(site.query("SELECT id, location FROM results"))
     assert sorted(Path(p).name for p in truth.values()) == ["a (1).jpg", "a.jpg", "b (1).jpg", "b.jpg", "bad.jpg"]
 
-    dead = _exited_pid()
+    dead = dead_pid()
     with sqlite3.connect(site.db) as conn:
         conn.execute("UPDATE results SET location = ? || '/' || file", (os.path.realpath(site.inbox),))
         conn.execute("UPDATE workers SET stopped_at = NULL, pid = ?", (dead,))
@@ -151,10 +151,3 @@ def test_rows_left_naming_the_inbox_by_a_crash_after_the_move_are_fixed_at_start
     fixed = dict(site.query("SELECT id, location FROM results"))
     assert fixed == truth
     assert site.query("SELECT count(*) FROM workers WHERE stopped_at IS NULL") == [(0,)]
-
-
-def _exited_pid() -> int:
-    """The pid of a process that has exited and been reaped."""
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
