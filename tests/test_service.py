@@ -123,7 +123,8 @@ def test_install_renders_the_unit_with_the_real_paths_and_creates_the_folders(si
     script = plan.script()
     assert "useradd --system --user-group" in script
     assert script.index("daemon-reload") < script.index("systemctl enable fashion-worker.service")
-    assert script.index("systemctl enable") < script.index("systemctl restart fashion-worker.service")
+    assert script.index("systemctl enable") < script.index("systemctl reset-failed fashion-worker.service") \
+        < script.index("systemctl restart fashion-worker.service")
 
 
 def test_dry_run_only_describes(site):
@@ -321,6 +322,7 @@ def test_several_workers_get_a_template_and_a_target_and_replace_the_single_unit
         "systemctl disable --now fashion-worker.service",  # the single unit, once the new ones passed
         "# move the drop-ins 50-database.conf to /etc/systemd/system/fashion-worker@.service.d",
         "systemctl daemon-reload", "systemctl enable fashion-worker.target",
+        "systemctl reset-failed 'fashion-worker@*.service'",  # a start limit hit would refuse the restarts
         "systemctl restart fashion-worker@1.service",  # one at a time: the others go on
         "systemctl restart fashion-worker@2.service", "systemctl restart fashion-worker@3.service",
         "systemctl start fashion-worker.target"])
@@ -899,6 +901,37 @@ def test_install_service_with_gpu_access_opens_the_nvidia_devices_and_nothing_el
         assert re.search(r"device probe: /dev/loop-control (EPERM|EACCES)\n", journal), journal
         inside("systemctl", "stop", "fashion-worker")
         assert "Traceback" not in _journal(inside)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(_real_systemd_missing() is not None, reason=str(_real_systemd_missing()))
+def test_re_installing_restarts_a_service_that_hit_its_start_limit(tmp_path) -> None:
+    """The usual reason to re-install is a service failing over and over (a bad config, a missing folder);
+    by the time it is fixed, systemd refuses further starts (StartLimitBurst=5 in 600 s, manual starts
+    included) until `systemctl reset-failed`, which install-service now runs before its restart. Made real:
+    the running unit gets a runtime drop-in that fails every start until systemd refuses; the drop-in is
+    removed (the fix), and a re-install starts the worker again. On this systemd (252) the re-install's
+    daemon-reload also forgets the count, so the test passes here without the reset-failed step too; from
+    systemd 255 a reload keeps it (systemd PR #30024), and only reset-failed lets the restart through."""
+    with booted_systemd(tmp_path) as inside:
+        fw = str(Path(sys.prefix) / "bin" / "fashion-worker")
+        installed = inside(fw, "install-service", check=False)
+        assert inside("systemctl", "is-active", "fashion-worker", check=False).strip() == "active", \
+            installed + _journal(inside)
+        broken = "/run/systemd/system/fashion-worker.service.d/50-broken.conf"
+        inside("sh", "-c", f"printf '[Service]\\nExecStartPre=/bin/false\\n' > {broken}")
+        inside("systemctl", "daemon-reload")
+        for _ in range(6):  # five starts in 600 s, then systemd refuses
+            inside("systemctl", "restart", "fashion-worker", check=False)
+        assert "Start request repeated too quickly" in _journal(inside)
+        assert inside("systemctl", "start", "fashion-worker", check=False).startswith("Job for fashion-worker")
+        inside("rm", broken)
+        reinstalled = inside(fw, "install-service", check=False)
+        assert inside("systemctl", "is-active", "fashion-worker", check=False).strip() == "active", \
+            reinstalled + _journal(inside)
+        assert "fashion-worker: installed (/etc/systemd/system/fashion-worker.service)" in reinstalled, reinstalled
+        inside("systemctl", "stop", "fashion-worker")
+        assert inside("systemctl", "show", "-p", "ExecMainStatus", "--value", "fashion-worker").strip() == "0"
 
 
 def _two_free_ports() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -476,3 +477,39 @@ def test_a_lost_commit_answer_with_an_undecodable_file_name_is_not_recorded_twic
         assert store.add_results([record(name, "d" * 64)]) == [1]
     with sqlite3.connect(db_path) as db:
         assert db.execute("SELECT id, file FROM results").fetchall() == [(1, "caf\\xe9.jpg")]
+
+
+def test_a_connection_opened_while_the_database_was_read_only_is_not_kept(store: Store, db_path: Path) -> None:
+    """SQLite opens a file it cannot write read-only, and such a connection stays read-only after the file
+    is writable again. One the pool opened during a fault (here a lookup while the first connection is in
+    use, as the worker's batching thread does beside its main thread) used to refuse every other write for
+    good: the worker then kept backing off after the fault was over."""
+    store.add_results([record("before.jpg", "0" * 64)])
+    wal = db_path.with_name(db_path.name + "-wal")
+    with contextlib.ExitStack() as fault:
+        for path in (db_path.parent, db_path, wal):
+            fault.enter_context(unwritable(path))
+        with store.engine.connect():  # holds the pool's connection: the lookup opens a second one
+            assert store.first_by_content(["0" * 64], MODEL)["0" * 64].id == 1
+    assert store.engine.pool.checkedin() == 2
+    for n in range(6):  # the pool hands out both connections in turn
+        store.add_results([record(f"after{n}.jpg", f"{n + 1}" * 64)])
+    assert count_rows(db_path) == 7
+
+
+@pytest.mark.postgres
+def test_a_postgresql_connection_left_read_only_is_replaced() -> None:
+    """The same for PostgreSQL: a pooled connection to a server that became a standby (a fail-over behind a
+    name or a pooler) refuses writes with SQLSTATE 25006 for good; pool_pre_ping does not notice. Made real
+    here by a session set read-only on the pooled connection; the batch goes through on a new connection."""
+    from pgserver import postgres_server  # starts a throw-away server; skips without the binaries
+
+    with postgres_server() as url, Store(url) as store:
+        with store.engine.connect() as conn:
+            conn.exec_driver_sql("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            conn.commit()
+        assert store.engine.pool.checkedin() == 1
+        assert store.add_results([record("a.jpg")]) == [1]
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW transaction_read_only").scalar() == "off"
+            assert conn.exec_driver_sql("SELECT count(*) FROM results").scalar() == 1

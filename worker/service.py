@@ -642,6 +642,11 @@ def install_service(
     plan.steps.append(Step("reload systemd", ["systemctl", "daemon-reload"], host_only=True))
     enabled = f"{unit_name}.target" if template else f"{unit_name}.service"
     plan.steps.append(Step("enable the service at boot", ["systemctl", "enable", enabled], host_only=True))
+    if start:  # a service failing over and over (why one re-installs) has hit StartLimitBurst, and systemd
+        # refuses to start it again, however it was fixed; since systemd 255 a daemon-reload keeps that count
+        plan.steps.append(Step("forget earlier failed starts (the start limit)",
+                               ["systemctl", "reset-failed", f"{unit_name}@*.service" if template
+                                else f"{unit_name}.service"], host_only=True, may_fail=True))
     if start and template:  # one worker at a time, so that the others go on; then those past the count stop
         for n in range(1, instances + 1):
             plan.steps.append(Step(f"start (or restart) worker {n}",

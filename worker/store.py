@@ -249,6 +249,19 @@ def is_transient(exc: BaseException) -> bool:
     return "database is locked" in text or "database table is locked" in text or "database is busy" in text
 
 
+def is_read_only(exc: BaseException) -> bool:
+    """The connection refused a write because it is read-only: SQLite's SQLITE_READONLY family (a file it
+    could not open for writing is opened read-only, and that connection stays so for good), or
+    PostgreSQL's 25006 (a connection to a server that became a standby after a fail-over)."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    orig = exc.orig
+    code = getattr(orig, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF == sqlite3.SQLITE_READONLY  # extended codes keep the primary one in their low byte
+    return (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) == "25006"
+
+
 def _sqlite_setup(engine: Engine, busy_timeout_ms: int, readonly: bool = False) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, record: Any) -> None:
@@ -441,10 +454,22 @@ class Store:
 
     def _write(self, what: str, body: Callable[[Connection], T]) -> T:
         def attempt() -> T:
-            with self.engine.connect() as conn:
-                conn.execution_options(**{BEGIN_MODE: "immediate"})
-                with conn.begin():
-                    return body(conn)
+            for fresh in (False, True):
+                with self.engine.connect() as conn:
+                    conn.execution_options(**{BEGIN_MODE: "immediate"})
+                    try:
+                        with conn.begin():
+                            return body(conn)
+                    except DBAPIError as exc:
+                        if not is_read_only(exc):
+                            raise
+                        # A connection the pool opened while the database could not be written (for a read
+                        # during a fault) would refuse every write once the fault is over: drop it, and try
+                        # once on a new connection.
+                        conn.invalidate()
+                        if fresh:
+                            raise
+            raise AssertionError("unreachable")
 
         try:
             return self._retry(what, attempt)
