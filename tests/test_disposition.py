@@ -470,3 +470,21 @@ def test_across_filesystems_a_file_touched_during_its_copy_is_moved(inbox: Path,
     moved = dispose(path, inbox, "ok", config, expect=read_as, sha256=hashlib.sha256(content).hexdigest())
     assert moved == tmp_path / "processed" / "photo.jpg" and moved.read_bytes() == content
     assert not path.exists() and [p.name for p in (tmp_path / "processed").iterdir()] == ["photo.jpg"]
+
+
+@pytest.mark.parametrize("raw", [b"caf\xe9.jpg", b"\xff" * 250 + b".jpg"])
+def test_a_name_that_is_not_utf8_gets_a_numbered_name_on_a_clash(inbox: Path, tmp_path: Path, raw: bytes) -> None:
+    # A Latin-1 upload's name arrives as surrogate escapes; counting or cutting it with str.encode raised
+    # UnicodeEncodeError on any clash (and on every move across filesystems), which took its whole batch's
+    # disposal down with a traceback.
+    config = make_config(tmp_path)
+    name = os.fsdecode(raw)
+    contents = []
+    for seed in range(2):
+        path = write_image(inbox / name, fmt="JPEG", noise_seed=seed)
+        contents.append(path.read_bytes())
+        dispose(path, inbox, "ok", config)
+    moved = sorted(os.listdir(os.fsencode(tmp_path / "processed")))
+    stem = raw[:-4] if len(raw) < 200 else raw[: 255 - len(b" (1).jpg")]
+    assert moved == sorted([raw, stem + b" (1).jpg"])
+    assert [(tmp_path / "processed" / os.fsdecode(n)).read_bytes() for n in (raw, stem + b" (1).jpg")] == contents

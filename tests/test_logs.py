@@ -28,7 +28,7 @@ except ZeroDivisionError:
 """
 
 
-def run_logging(journal: str | None, stderr_is_journal: bool) -> str:
+def run_logging(journal: str | None, stderr_is_journal: bool, script: str = SCRIPT) -> str:
     """Run SCRIPT with stderr on a pipe; JOURNAL_STREAM names that pipe, another inode, or is unset."""
     read_fd, write_fd = os.pipe()
     env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
@@ -36,7 +36,7 @@ def run_logging(journal: str | None, stderr_is_journal: bool) -> str:
         st = os.fstat(write_fd)
         env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}" if stderr_is_journal else journal
     try:
-        child = subprocess.Popen([sys.executable, "-c", SCRIPT], stderr=write_fd, env=env, cwd=REPO)
+        child = subprocess.Popen([sys.executable, "-c", script], stderr=write_fd, env=env, cwd=REPO)
     finally:
         os.close(write_fd)
     with os.fdopen(read_fd, "rb") as reader:
@@ -98,3 +98,23 @@ def test_setup_logging_replaces_its_own_handler_and_rejects_bad_levels():
         for handler in list(root.handlers):
             if handler not in before:
                 root.removeHandler(handler)
+
+
+FORGED = """
+import logging, os
+from worker.logs import setup_logging
+setup_logging("INFO")
+name = "evil.jpg\\n2026-11-24 12:00:00,000 INFO worker.pipeline: all good\\r\\x1b[2K" + os.fsdecode(b"\\xff")
+logging.getLogger("worker.pipeline").error("cannot dispose of %s: Permission denied", name)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("journal", [False, True])
+def test_a_file_name_cannot_forge_log_lines(journal: bool) -> None:
+    """A dropped file's name may hold any byte but "/" and NUL: line breaks and control characters in a
+    message are shown escaped, so one message stays one line (a traceback after it keeps its lines)."""
+    output = run_logging("set" if journal else None, stderr_is_journal=journal, script=FORGED)
+    (line,) = output.splitlines()
+    assert line.endswith("worker.pipeline: cannot dispose of evil.jpg\\n2026-11-24 12:00:00,000 INFO "
+                         "worker.pipeline: all good\\r\\x1b[2K\\udcff: Permission denied"), line

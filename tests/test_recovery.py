@@ -161,6 +161,23 @@ def test_a_row_whose_file_is_still_in_the_inbox_is_left_alone(store: Store, cfg:
     assert locations(store)[ids["waiting.jpg"]] == str(cfg.inbox_path / "waiting.jpg")
 
 
+def test_names_that_are_not_utf8_are_found_on_disk(store: Store, cfg: Config,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Such a name is stored with \\xNN escapes (store.safe_text); recovery looked for the escaped text on
+    disk, found nothing, said so in a false warning, and gave the row an empty location while its file
+    waited in the inbox to be recorded a second time."""
+    waiting, moved = os.fsdecode(b"caf\xe9.jpg"), os.fsdecode(b"sub/\xff.jpg")
+    ids = crashed_worker(store, cfg, {waiting: b"w", moved: b"m"})
+    (cfg.inbox_path / waiting).write_bytes(b"w")  # never moved: the next pass moves it
+    (cfg.processed_path / "sub").mkdir()
+    (cfg.processed_path / moved).write_bytes(b"m")
+    with caplog.at_level(logging.WARNING, logger="worker.recovery"):
+        assert recover_locations(store, cfg, HOST) == 1
+    assert caplog.messages == []
+    assert locations(store) == {ids[waiting]: str(cfg.inbox_path / "caf\\xe9.jpg"),
+                                ids[moved]: str(cfg.processed_path / "sub" / "\\xff.jpg")}
+
+
 def test_a_row_whose_file_is_still_in_the_inbox_unchanged_is_left_alone(store: Store, cfg: Config) -> None:
     path = cfg.inbox_path / "a.jpg"
     path.write_bytes(b"a")

@@ -156,3 +156,49 @@ def test_slow_and_odd_writers_under_inotify(tmp_path: Path, workers, capsys) -> 
 def test_slow_and_odd_writers_under_polling(tmp_path: Path, workers, capsys) -> None:
     # Polling has no close events: a file is ready once unchanged for settle_s, so pauses must be shorter.
     check_writers(tmp_path, workers, capsys, "--polling", settle_s=1.5, pause_s=0.4)
+
+
+@pytest.mark.timeout(120)
+def test_writers_that_hold_a_file_open_past_the_settle_time(tmp_path: Path, workers, capsys) -> None:
+    """Writers that pause with the file open for longer than settle_s, where the first close or a rescan
+    used to make the worker read what was there: (1) a photo overwritten in place right after its upload
+    (open with truncation, half written, a pause, the rest); (2) a file created, half written and held
+    open across several rescans (rescan_interval_s = 0.5). A stalled upload was recorded `failed`
+    (empty or truncated) and moved, and the rest of its bytes went after it into failed/: the photo never
+    got a row. Now each finished photo gets exactly one `ok` row of its full bytes, and nothing partial is
+    recorded or moved anywhere."""
+    settle_s, pause_s = 0.3, 1.5
+    site = Site(tmp_path / "site", settle_s=settle_s, rescan_interval_s=0.5)
+    worker = workers(site).wait_ready()
+    first, second, held = (image_bytes(color, seed, (400, 300)) for color, seed in
+                           (("red", 1), ("green", 2), ("blue", 3)))
+
+    def pause_with_open(handle, data: bytes) -> None:
+        handle.write(data[: len(data) // 2])
+        handle.flush()
+        time.sleep(pause_s)
+        handle.write(data[len(data) // 2:])
+
+    (site.inbox / "over.jpg").write_bytes(first)  # the upload, closed: reported at once
+    with (site.inbox / "over.jpg").open("wb") as handle:  # overwritten in place by the next upload
+        pause_with_open(handle, second)
+    with (site.inbox / "held-blue.jpg").open("wb") as handle:
+        pause_with_open(handle, held)
+    wait_until(lambda: not site.inbox_files() and site.count(f"sha256 = '{sha256_bytes(held)}'"), 30,
+               "both photos recorded")
+    time.sleep(1.0)  # a late row would show up now
+    assert worker.stop() == 0, worker.log
+    rows = site.query("SELECT file, sha256, status, location FROM results ORDER BY id")
+    shas = {sha256_bytes(data): name for name, data in (("first", first), ("second", second), ("held", held))}
+    stored = {p.relative_to(site.root).as_posix(): sha256_bytes(p.read_bytes())
+              for folder in (site.processed, site.failed) if folder.exists() for p in folder.rglob("*") if p.is_file()}
+    line = report(capsys, "writers holding a file open past settle_s", rows=len(rows), settle_s=settle_s,
+                  pause_s=pause_s, rows_of=[shas.get(r[1], "partial") for r in rows],
+                  failed_rows=sum(r[2] != "ok" for r in rows), stored=sorted(stored))
+    assert all(r[1] in shas and r[2] == "ok" for r in rows), line  # nothing partial was recorded
+    assert [r[1] for r in rows].count(sha256_bytes(second)) == 1, line
+    assert [r[1] for r in rows].count(sha256_bytes(held)) == 1, line
+    # The first upload has a row only if it was read before the overwrite (its file is then gone).
+    assert [r[3] for r in rows if r[1] == sha256_bytes(first)] in ([], [""]), line
+    assert stored == {"processed/over.jpg": sha256_bytes(second), "processed/held-blue.jpg": sha256_bytes(held)}, line
+    assert "Traceback" not in worker.log, worker.log

@@ -135,6 +135,72 @@ def test_writer_that_stalls_before_its_first_byte_is_not_reported_early(inbox: P
     assert reports.calls[0][1] == 5000
 
 
+def test_a_file_written_again_after_its_report_waits_for_its_next_close(inbox: Path, watch) -> None:
+    # A photo overwritten in place right after its upload (open with truncation, half written, a pause
+    # longer than settle_s): being written until closed, whatever settling and a rescan see meanwhile.
+    watcher, reports = watch()
+    path = write_image(inbox / "a.jpg", noise_seed=1)
+    assert wait_for(lambda: reports.count(inbox, "a.jpg") == 1)
+    payload = os.urandom(60_000)
+    with open(path, "wb") as handle:
+        handle.write(payload[:30_000])
+        handle.flush()
+        assert wait_for(lambda: watcher.being_written(path))
+        time.sleep(0.8)  # > settle_s
+        watcher.scan()
+        assert reports.count(inbox, "a.jpg") == 1 and watcher.being_written(path) and watcher.pending == 1
+        handle.write(payload[30_000:])
+    assert wait_for(lambda: reports.count(inbox, "a.jpg") == 2)
+    assert reports.calls[1][1] == 60_000 and not watcher.being_written(path)
+
+
+def test_a_file_in_a_folder_renamed_while_it_is_written_waits_for_its_close(inbox: Path, watch) -> None:
+    watcher, reports = watch()
+    (inbox / "d1").mkdir()
+    time.sleep(0.2)  # the new folder's watch
+    with open(inbox / "d1/open.jpg", "wb") as handle:
+        handle.write(b"x" * 5000)
+        handle.flush()
+        assert wait_for(lambda: watcher.being_written(inbox / "d1/open.jpg"))
+        (inbox / "d1").rename(inbox / "d2")
+        assert wait_for(lambda: watcher.being_written(inbox / "d2/open.jpg"))
+        time.sleep(0.8)  # > settle_s
+        assert reports.calls == []
+        handle.write(b"y" * 5000)
+    assert wait_for(lambda: reports.count(inbox, "d2/open.jpg") == 1)
+    settle_pause()
+    assert reports.names(inbox) == ["d2/open.jpg"] and reports.calls[0][1] == 10_000
+
+
+def test_after_lost_events_a_file_held_open_settles(inbox: Path, watch) -> None:
+    # An inotify queue overflow may have dropped the close event: settling decides again.
+    watcher, reports = watch()
+    with open(inbox / "held.jpg", "wb") as handle:
+        handle.write(b"x" * 5000)
+        handle.flush()
+        assert wait_for(lambda: watcher.being_written(inbox / "held.jpg"))
+        watcher.events_lost()
+        assert not watcher.being_written(inbox / "held.jpg")
+        assert wait_for(lambda: reports.count(inbox, "held.jpg") == 1)
+
+
+def test_being_written_also_tells_a_change_whose_events_have_not_arrived(inbox: Path, watch) -> None:
+    # Given the file as just read, a change since its report less than settle_s old counts as being
+    # written: its write events may still be on their way through watchdog's threads. Made certain here
+    # by stopping the watcher before the change (no event can arrive).
+    watcher, reports = watch()
+    path = write_image(inbox / "a.jpg", noise_seed=1)
+    assert wait_for(lambda: reports.count(inbox, "a.jpg") == 1)
+    watcher.stop()
+    assert not watcher.being_written(path, path.stat())  # as reported
+    with open(path, "ab") as handle:
+        handle.write(b"more")
+    assert not watcher.being_written(path) and watcher.being_written(path, path.stat())
+    an_hour_ago = time.time() - 3600
+    os.utime(path, (an_hour_ago, an_hour_ago))  # a change long ago (a touch, say): no writer to wait for
+    assert not watcher.being_written(path, path.stat())
+
+
 def test_copy_to_part_then_rename(inbox: Path, watch, tmp_path: Path) -> None:
     _, reports = watch()
     source = write_image(tmp_path / "src.jpg", noise_seed=2)

@@ -170,6 +170,7 @@ class Worker:
         )
         self.pipeline.start()
         self.watcher = InboxWatcher(config, self.pipeline.submit)
+        self.pipeline.being_written = self.watcher.being_written
         # The watcher also runs in --once mode: files still being written, or closed less than
         # inbox.settle_s ago, are reported by it once complete.
         self.watcher.start()  # starts the observer, then scans what is already there

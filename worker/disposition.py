@@ -116,17 +116,25 @@ def _rename_noreplace(src: Path | str, dst: Path | str, src_dir_fd: int | None =
 
 def _split_name(name: str) -> tuple[str, str]:
     stem, suffix = os.path.splitext(name)
-    if len(suffix.encode()) > 16:  # not a real extension: number the whole name
+    if len(os.fsencode(suffix)) > 16:  # not a real extension: number the whole name
         return name, ""
     return stem, suffix
 
 
 def _fit(stem: str, tail: str) -> str:
-    """`stem + tail`, with the stem shortened (on a character boundary) to fit NAME_MAX bytes."""
-    budget = NAME_MAX - len(tail.encode())
-    encoded = stem.encode()
+    """`stem + tail`, with the stem shortened to fit NAME_MAX bytes (on a character boundary, unless the
+    name is not UTF-8 there). Names are counted and cut as the bytes they are on disk (os.fsencode): a
+    name that is not UTF-8 (a Latin-1 upload) comes as surrogate escapes, which str.encode refuses."""
+    budget = NAME_MAX - len(os.fsencode(tail))
+    encoded = os.fsencode(stem)
     if len(encoded) > budget:
-        stem = encoded[: max(budget, 1)].decode(errors="ignore")
+        cut = encoded[: max(budget, 1)]
+        for drop in range(4):  # a UTF-8 character cut in two is dropped whole
+            try:
+                return cut[: len(cut) - drop].decode() + tail
+            except UnicodeDecodeError:
+                continue
+        stem = os.fsdecode(cut)
     return stem + tail
 
 

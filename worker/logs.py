@@ -34,7 +34,27 @@ def syslog_priority(levelno: int) -> int:
     return 7
 
 
-class JournalFormatter(logging.Formatter):
+#: Control characters and line breaks a message may carry in from outside (a file name may hold any byte
+#: but "/" and NUL), shown escaped so that one message stays one line: a dropped file named
+#: "a.jpg\\n… INFO …" could otherwise write a forged line into the log. Tab stays as it is.
+_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F, 0x85] if code != 0x09} | {
+    0x0A: "\\n", 0x0D: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks and control characters escaped (see _ESCAPES)."""
+    return text.translate(_ESCAPES)
+
+
+class OneLineFormatter(logging.Formatter):
+    """Formats each message as one line (`one_line`); a traceback after it keeps its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
+
+
+class JournalFormatter(OneLineFormatter):
     """`<N>name: message`, with the `<N>` repeated on every line of multi-line output (tracebacks).
 
     journald splits a stream on newlines and treats each line as a record, so each continuation line
@@ -78,7 +98,7 @@ def setup_logging(level: str = "INFO", stream: TextIO | None = None) -> logging.
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}; valid: DEBUG, INFO, WARNING, ERROR")
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(JournalFormatter() if under_journal(stream) else logging.Formatter(PLAIN_FORMAT))
+    handler.setFormatter(JournalFormatter() if under_journal(stream) else OneLineFormatter(PLAIN_FORMAT))
     setattr(handler, _HANDLER_MARK, True)
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:

@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 #: Back-off after a failed commit or move: first delay, doubled per failure, capped.
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 30.0
+WRITING_RECHECK_S = 1.0  # a file set aside while being written is looked at again this often until closed
 #: A retry that finds its path already queued (or the queue full) tries again after this long.
 REQUEUE_AGAIN_S = 0.5
 #: After the last path dropped by a full queue, wait settle_s plus this before the rescan that finds it.
@@ -280,6 +281,7 @@ class Prepared:
     error: str | None = None  # set: the file becomes a failed row
     skipped: str | None = None  # set: logged once and left alone, no row
     gone: bool = False  # vanished before it was read (moved away, or already disposed of)
+    writing: bool = False  # a writer had it open when it was read: set aside, its close reports it again
     skip_key: tuple[Any, ...] | None = None
     read_as: tuple[int, int, int, int] | None = None  # files.identity of the file that was read
     ctime_ns: int | None = None  # its ctime, recorded: tells it from a later file of the same name and bytes
@@ -420,6 +422,8 @@ class Pipeline:
         # row id). The retry takes the file for its row by these, not by its ctime, which a chmod or touch
         # during the back-off changes (Store.find_drop would then see a later file).
         self._unmoved: dict[Path, tuple[int, int, str | None, int]] = {}
+        # The watcher's InboxWatcher.being_written, set once it exists: a file a writer has open is not read.
+        self.being_written: Callable[[Path, os.stat_result | None], bool] | None = None
         self._failed_at = float("-inf")  # monotonic time of the last failed commit or inference
 
     # Input -------------------------------------------------------------------------------------------
@@ -750,7 +754,11 @@ class Pipeline:
         p = Prepared(item)
         try:
             p.file = relative_name(self.inbox, item.path)
+            if self._being_written(p):
+                return p
             data, st = read_image_file(self.inbox, item.path, self.config.files.max_file_bytes)
+            if self._being_written(p, st):  # what was read may be partial
+                return p
             p.read_as = identity(st)
             p.ctime_ns = st.st_ctime_ns
             p.size_bytes = st.st_size
@@ -768,9 +776,11 @@ class Pipeline:
                 p.skipped = str(exc)
                 p.skip_key = _skip_key(item.path)
         except ImageRejected as exc:
-            p.error = str(exc)
-            if p.size_bytes is None:  # refused before it was read (empty, too large, hard-linked…)
-                p.size_bytes, p.ctime_ns = _size_and_ctime(item.path)
+            st = _lstat(item.path)
+            if not self._being_written(p, st):  # else refused for what a writer has not finished yet
+                p.error = str(exc)
+                if p.size_bytes is None and st is not None:  # refused before it was read (empty, too large…)
+                    p.size_bytes, p.ctime_ns = st.st_size, st.st_ctime_ns
         except FileNotFoundError:
             p.gone = True
         except OSError as exc:
@@ -783,6 +793,12 @@ class Pipeline:
             p.file = item.path.name
         p.decode_ms = (time.perf_counter() - start) * 1000
         return p
+
+    def _being_written(self, p: Prepared, st: os.stat_result | None = None) -> bool:
+        """A writer has `p`'s file open (InboxWatcher.being_written; `st`: as read): nothing of it is
+        recorded or moved."""
+        p.writing = self.being_written is not None and self.being_written(p.item.path, st)
+        return p.writing
 
     def _match_early(self, p: Prepared) -> bool:
         """Look up `p`'s content while its batch window is open; True if it was recorded before.
@@ -862,7 +878,11 @@ class Pipeline:
                 self._log_skip(p)
             elif p.gone:
                 log.debug("%s is no longer in the inbox; nothing to do", p.item.path)
-        self._release_claims(p for p in batch if p.skipped is not None or p.gone)
+            elif p.writing:  # its close event queues it; looked at again meanwhile, in case that event
+                # came while this batch still held the path (the queue refuses a path in flight)
+                log.debug("%s is being written; set aside until it is closed", p.item.path)
+                self._look_again(p.item.path, WRITING_RECHECK_S)
+        self._release_claims(p for p in batch if p.skipped is not None or p.gone or p.writing)
         if not rows:
             return
         if inferred.crash is not None:
@@ -1211,9 +1231,10 @@ class Pipeline:
         until = max(0.0, min(dues) - time.monotonic())
         return until if timeout is None else min(timeout, until)
 
-    def _look_again(self, path: Path) -> None:
-        """Queue `path` again as soon as its batch lets go of it (not counted as a failed attempt)."""
-        self._retries.setdefault(path, _Retry()).due = time.monotonic()
+    def _look_again(self, path: Path, after_s: float = 0.0) -> None:
+        """Queue `path` again as soon as its batch lets go of it, or `after_s` later (not counted as a
+        failed attempt)."""
+        self._retries.setdefault(path, _Retry()).due = time.monotonic() + after_s
 
     def _remember_left(self, path: Path, read_as: tuple[int, int, int, int] | None = None) -> None:
         """`path` is done and stays in the inbox: rescans skip it while it is unchanged. `read_as`: its
@@ -1275,7 +1296,7 @@ def classify_files(
 
 def _rows(batch: list[Prepared]) -> list[Prepared]:
     """The files of `batch` that get a row (or are only moved): all but the skipped and the vanished."""
-    return [p for p in batch if p.skipped is None and not p.gone]
+    return [p for p in batch if p.skipped is None and not p.gone and not p.writing]
 
 
 def _earliest(first: float, second: float | None) -> float:
@@ -1313,11 +1334,10 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _size_and_ctime(path: Path) -> tuple[int | None, int | None]:
-    """Size and ctime of a file refused before it was read (both None when it cannot be looked at)."""
+def _lstat(path: Path) -> os.stat_result | None:
+    """The file's lstat, None when it cannot be looked at."""
     try:
-        st = os.lstat(path)
+        return os.lstat(path)
     except OSError:
-        return None, None
-    return st.st_size, st.st_ctime_ns
+        return None
 

@@ -44,7 +44,7 @@ from worker.config import Config
 from worker.disposition import _candidates, _rename_noreplace, unique_destination
 from worker.exceptions import StoreError
 from worker.migrations import BEGIN_MODE
-from worker.store import Store, results, workers
+from worker.store import Store, results, safe_text, stored_names, workers
 
 log = logging.getLogger(__name__)
 
@@ -110,26 +110,28 @@ def _recover(store: Store, config: Config, host: str, own_id: str) -> int:
                 results.c.location.startswith(inbox + os.sep, autoescape=True),
             )
             for row in conn.execute(query):
-                left = _lstat(row.location)
+                spellings = _spellings(row.location, row.file)
+                location, file, left = next(((loc, name, st) for loc, name in spellings
+                                             if (st := _lstat(loc)) is not None), (row.location, row.file, None))
                 if left is not None and stat.S_ISREG(left.st_mode) and left.st_nlink > 1:
-                    half_moved.append((row, left, folders))  # (linking changed its ctime: checked first)
+                    half_moved.append((row, location, file, left, folders))  # (linking changed its ctime)
                 elif left is None or (row.ctime_ns is not None and left.st_ctime_ns != row.ctime_ns
                                       and (folders.processed is not None or row.status == "failed")):
                     # Gone, or the name now holds a later drop; except where the worker left ok files in the
                     # inbox for good (or deleted them: the two look alike here), whose ctime a chmod changes.
-                    stale.append((row, folders))
+                    stale.append((row, [name for _, name in spellings] if left is None else [file], folders))
 
         assigned: set[Path] = set()
 
         def named(path: Path) -> bool:
             if path in assigned:
                 return True
-            query = sa.select(results.c.id).where(results.c.location == str(path)).limit(1)
+            query = sa.select(results.c.id).where(results.c.location == safe_text(str(path))).limit(1)
             return conn.execute(query).first() is not None
 
         fixes = []
-        for row, folders in stale:
-            found = _find(row.file, row.sha256, row.status, folders, named)
+        for row, names, folders in stale:
+            found = next((f for name in names if (f := _find(name, row.sha256, row.status, folders, named))), None)
             fixes.append((row.id, GONE if found is None else str(found)))
             if found is not None:
                 assigned.add(found)
@@ -138,8 +140,8 @@ def _recover(store: Store, config: Config, host: str, own_id: str) -> int:
                 log.warning("%s (row %d) was recorded in the inbox by a worker that crashed, and is neither "
                             "there nor in %s", row.file, row.id,
                             "its processed folder (it did not move ok files)" if folder is None else folder)
-        for row, left, folders in half_moved:
-            found = _finish_move(Path(row.location), left, row.file, row.status, folders, named)
+        for row, location, file, left, folders in half_moved:
+            found = _finish_move(Path(location), left, file, row.status, folders, named)
             if found is not None:
                 fixes.append((row.id, str(found)))
                 assigned.add(found)
@@ -158,6 +160,13 @@ def _recover(store: Store, config: Config, host: str, own_id: str) -> int:
                     .values(stopped_at=workers.c.heartbeat_at)
                 )
     return len(fixes)
+
+
+def _spellings(location: str, file: str) -> list[tuple[str, str]]:
+    """(location, file name) as a row stores them, then as names on disk where they differ: a name that is
+    not UTF-8 is stored with \\xNN escapes (worker.store.stored_names)."""
+    locations, names = stored_names(location), stored_names(file)
+    return list(zip(locations, names, strict=True)) if len(locations) == len(names) else [(location, file)]
 
 
 def _find(file: str, sha256: str | None, status: str, folders: Folders,

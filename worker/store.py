@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -212,6 +214,17 @@ def safe_text(value: str | None) -> str | None:
     except UnicodeEncodeError:
         value = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return value.replace("\x00", "\\x00")
+
+
+def stored_names(text: str) -> list[str]:
+    """The file names a stored name may stand for: itself, and, when it holds \\xNN escapes, the name with
+    those turned back into the bytes safe_text escaped (undecodable bytes of a Latin-1 name, say). The
+    first is tried first: a name may hold a literal "\\x41" of its own."""
+    if "\\x" not in text:
+        return [text]
+    raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), text.encode("utf-8"))
+    decoded = os.fsdecode(raw)
+    return [text] if decoded == text or "\x00" in decoded else [text, decoded]
 
 
 def _float(value: Any) -> float | None:

@@ -2,7 +2,12 @@
 
 A file is ready (``on_ready(path)`` is called) when:
 
-- inotify: its close-after-write event arrived (IN_CLOSE_WRITE, watchdog's FileClosedEvent);
+- inotify: its close-after-write event arrived (IN_CLOSE_WRITE, watchdog's FileClosedEvent). A file
+  written to again after it was reported (rewritten in place, truncated, appended to) is being written
+  until its next close: `being_written(path)` says so, and the worker sets aside what it read of it
+  meanwhile. Neither settling nor a rescan reports it before that close (only an mtime older than
+  MTIME_TRUSTED_AGE_S does: a writer gone without a close event), except after an inotify queue
+  overflow, when close events may have been lost and settling decides again;
 - it was renamed or moved into the inbox under a name that is not ignored (a temp name renamed to a final
   name counts; a folder moved in is scanned and all its files reported);
 - polling (``inbox.polling``, or inotify could not start): its size and mtime stayed unchanged for
@@ -124,7 +129,7 @@ class _OverflowHook(logging.Handler):
         with contextlib.suppress(Exception):
             if "overflow" in str(record.msg).lower():
                 log.warning("inotify events were lost (queue overflow); rescanning %s", self._watcher.inbox)
-                self._watcher.request_rescan()
+                self._watcher.events_lost()
 
 
 WATCHDOG_INOTIFY_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
@@ -180,6 +185,23 @@ class InboxWatcher:
         with self._cond:
             return len(self._candidates)
 
+    def being_written(self, path: Path | str, st: os.stat_result | None = None) -> bool:
+        """inotify: `path` was written to since its last close, so a writer still has it open: it is not
+        complete, whatever its size or age, and its close event reports it. Always False when polling.
+
+        `st`, the file as just read: also True when it differs from what was reported and changed less than
+        settle_s ago. Its write events may still be on their way through the observer's threads (a
+        photo overwritten in place right after its upload is read before they arrive)."""
+        with self._cond:
+            candidate = self._candidates.get(os.fspath(path))
+            if candidate is not None and candidate.written:
+                return True
+            recent = self._recent.get(os.fspath(path))
+        if st is None or recent is None or self._mode != "inotify":
+            return False
+        return (recent[0] != (st.st_ino, st.st_size, st.st_mtime_ns)
+                and time.time() - st.st_mtime < max(self._settle, MIN_RECHECK_S))
+
     @property
     def excluded(self) -> list[Path]:
         """Folders inside the inbox that are never reported (processed/failed when configured there)."""
@@ -230,8 +252,9 @@ class InboxWatcher:
         reported = settling = 0
         now_wall = time.time()
         for path, st in self._walk():
-            if now_wall - st.st_mtime >= max(self._settle, MTIME_TRUSTED_AGE_S) or self._settled(path, st):
-                if self._report(path, force=True):
+            old = now_wall - st.st_mtime >= max(self._settle, MTIME_TRUSTED_AGE_S)  # a writer, if any, is gone
+            if old or self._settled(path, st):
+                if self._report(path, force=True, closed=old):
                     reported += 1
             else:
                 self._track(path, st, written=False, scanned=True)
@@ -244,10 +267,12 @@ class InboxWatcher:
         signature = (st.st_ino, st.st_size, st.st_mtime_ns)
         now = time.monotonic()
         with self._cond:
+            candidate = self._candidates.get(path)
+            if candidate is not None and candidate.written:
+                return False  # a writer has it open: its close reports it
             recent = self._recent.get(path)
             if recent is not None and recent[0] == signature:
                 return True
-            candidate = self._candidates.get(path)
             return (candidate is not None and candidate.signature == signature
                     and now - candidate.stable_since >= self._settle)
 
@@ -256,6 +281,16 @@ class InboxWatcher:
         with self._cond:
             self._rescan_now = True
             self._cond.notify_all()
+
+    def events_lost(self) -> None:
+        """inotify dropped events: close events may be among them, so files waiting for one settle instead
+        (unchanged for settle_s), and a full rescan looks for what else was missed."""
+        now = time.monotonic()
+        with self._cond:
+            for candidate in self._candidates.values():
+                if candidate.written:
+                    candidate.written, candidate.check_at = False, now + self._settle
+        self.request_rescan()
 
     # Observer ----------------------------------------------------------------------------------------
     def _exclusions(self) -> list[str]:
@@ -325,35 +360,45 @@ class InboxWatcher:
     # Events --------------------------------------------------------------------------------------------
     def _on_event(self, event: FileSystemEvent) -> None:
         if isinstance(event, DirMovedEvent):
-            if event.dest_path:
-                self._scan_moved_folder(os.fsdecode(event.dest_path))
+            dest = os.fsdecode(event.dest_path) if event.dest_path else ""
+            self._move_written(os.fsdecode(event.src_path), dest)
+            if dest:
+                self._scan_moved_folder(dest)
             return
         if isinstance(event, DirCreatedEvent) or event.is_directory:
             return  # a new folder's files arrive as their own events (watchdog walks new folders)
         src = os.fsdecode(event.src_path)
         if isinstance(event, FileClosedEvent):
             if self._accepts(src):
-                self._report(src)
+                self._report(src, closed=True)
         elif isinstance(event, FileMovedEvent):
-            self._forget(src, gone=True)
+            moved = self._forget(src, gone=True)
             dest = os.fsdecode(event.dest_path) if event.dest_path else ""
             if dest and self._accepts(dest):
-                self._report(dest)
+                if moved is not None and moved.written:  # renamed while a writer has it open
+                    self._track(dest, None, written=True)
+                else:
+                    self._report(dest)
         elif isinstance(event, FileCreatedEvent):
             if self._accepts(src):
                 self._track(src, None, written=False)
         elif isinstance(event, FileModifiedEvent):
-            if self._mode == "polling":
-                if self._accepts(src):
-                    self._track(src, None, written=False)
-            else:
-                with self._cond:
-                    candidate = self._candidates.get(src)
-                    if candidate is not None:  # data written through an open descriptor: a close will come
-                        candidate.written = True
-                        candidate.check_at = float("inf")
+            # Polling: a change, settling decides. inotify: data written through an open descriptor, so a
+            # close will come; also for a file reported before (rewritten in place, or appended to).
+            if self._accepts(src):
+                self._track(src, None, written=self._mode != "polling")
         elif isinstance(event, FileDeletedEvent):
             self._forget(src, gone=True)
+
+    def _move_written(self, src: str, dest: str) -> None:
+        """A folder was renamed: files in it that a writer has open are still being written under their new
+        names (the other candidates are dropped: the moved folder is scanned)."""
+        prefix = src + os.sep
+        with self._cond:
+            for path in [p for p in self._candidates if p.startswith(prefix)]:
+                candidate = self._candidates.pop(path)
+                if candidate.written and dest and self._accepts(dest + path[len(src):]):
+                    self._candidates[dest + path[len(src):]] = candidate
 
     def _scan_moved_folder(self, folder: str) -> None:
         if not self._within(folder) or not self._recursive or self._excluded_path(folder):
@@ -390,28 +435,32 @@ class InboxWatcher:
         signature = (st.st_ino, st.st_size, st.st_mtime_ns)
         with self._cond:
             recent = self._recent.get(path)
-            if recent is not None and recent[0] == signature and now - recent[1] < self._recent_ttl:
-                return  # just reported as it is now
+            if not written and recent is not None and recent[0] == signature and now - recent[1] < self._recent_ttl:
+                return  # just reported as it is now (a write event, though, came after that report's close)
             candidate = self._candidates.get(path)
             if candidate is not None:
+                if written:
+                    candidate.written, candidate.check_at = True, float("inf")
                 if candidate.signature != signature:
                     candidate.signature, candidate.stable_since = signature, now
                     if not candidate.written:
                         candidate.check_at = now + self._recheck
                 return
-            self._candidates[path] = _Candidate(signature, now, now + self._settle, written, scanned)
+            check_at = float("inf") if written else now + self._settle
+            self._candidates[path] = _Candidate(signature, now, check_at, written, scanned)
             self._cond.notify_all()
 
-    def _forget(self, path: str, *, gone: bool = False) -> None:
-        """Stop watching `path` settle; `gone`: it left the inbox (moved away, deleted), so a file that
-        comes back under that name, even the same one, is a new arrival."""
+    def _forget(self, path: str, *, gone: bool = False) -> _Candidate | None:
+        """Stop watching `path` settle (returns its candidate, if any); `gone`: it left the inbox (moved
+        away, deleted), so a file that comes back under that name, even the same one, is a new arrival."""
         with self._cond:
-            self._candidates.pop(path, None)
             if gone:
                 self._recent.pop(path, None)
+            return self._candidates.pop(path, None)
 
-    def _report(self, path: str, *, force: bool = False) -> bool:
-        """Call on_ready for a regular file; False if it is gone, not regular, or just reported as is."""
+    def _report(self, path: str, *, force: bool = False, closed: bool = False) -> bool:
+        """Call on_ready for a regular file; False if it is gone, not regular, just reported as is, or
+        being written (unless `closed`: its writer closed it, or left it too long ago to wait for)."""
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -427,6 +476,9 @@ class InboxWatcher:
         signature = (st.st_ino, st.st_size, st.st_mtime_ns)
         now = time.monotonic()
         with self._cond:
+            candidate = self._candidates.get(path)
+            if candidate is not None and candidate.written and not closed:
+                return False
             recent = self._recent.get(path)
             fresh = recent is not None and recent[0] == signature and now - recent[1] < self._recent_ttl
             if fresh and not force:
