@@ -32,6 +32,7 @@ from workerproc import (
     sha256_file,
     tmpfs,
     wait_until,
+    without_file_permission_override,
     workers,
 )
 
@@ -148,3 +149,37 @@ def test_disk_full_under_processed(tmp_path: Path, workers, capsys) -> None:
         run_fault(site, workers, capsys, "disk full under processed/ (2 MB tmpfs)",
                   lambda: filler.append(fill_disk(site.processed)), lambda: filler and filler[0].unlink(),
                   rows_during_fault=True, words=["cannot dispose of", "in the inbox"])
+
+
+@pytest.mark.timeout(120)
+def test_a_photo_the_worker_may_not_read_waits_in_the_inbox_until_it_may(tmp_path: Path, workers, capsys) -> None:
+    """An upload the worker's user may not read (mode 000, or an upload server's umask that shuts the
+    group out) is an operations fault, not a bad image. It used to get a `failed` row at once and go to
+    failed/ for good; now it stays in the inbox without a row, is said so in one line, and is recorded
+    once its permissions are fixed (the worker tries again with back-off: here the rescan is 5 minutes
+    away). Root runs the worker without its permission override (setpriv), so the bits bind it."""
+    prefix = without_file_permission_override()
+    site = Site(tmp_path / "site")
+    worker = workers(site, prefix=prefix).wait_ready()
+    locked, other = distinct_images(site.root / "staging", 2, seed=3, prefix="perm")
+    locked.chmod(0o000)
+    move_into([locked, other], site.inbox)
+    wait_until(lambda: site.count() == 1 and "may not read it" in worker.log, 30, "the readable photo and the line")
+    time.sleep(3.0)  # retries meanwhile: still no row, still one line
+    rows_while_locked = site.count()
+    lines = [line for line in worker.log.splitlines() if "may not read it" in line]
+    (site.inbox / locked.name).chmod(0o644)
+    fixed = time.monotonic()
+    wait_until(lambda: site.count() == 2 and not site.inbox_files(), 60, "the photo once readable")
+    recovered_s = time.monotonic() - fixed
+    assert worker.stop() == 0, worker.log
+    rows = site.query("SELECT file, status FROM results ORDER BY id")
+    line = report(capsys, "a photo the worker may not read", rows_while_locked=rows_while_locked,
+                  lines=len(lines), recorded_after_chmod_s=round(recovered_s, 1), rows=rows,
+                  example=lines[0].split(": ", 1)[-1] if lines else "")
+    assert rows_while_locked == 1 and len(lines) == 1, line
+    assert lines[0].endswith(f"skipping {locked.name}: cannot open the file: Permission denied (the worker's "
+                             "user may not read it); left in the inbox and tried again"), line
+    assert rows == [(other.name, "ok"), (locked.name, "ok")], line
+    assert sorted(p.name for p in site.processed.iterdir()) == sorted([locked.name, other.name]), line
+    assert "Traceback" not in worker.log, worker.log

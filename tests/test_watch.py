@@ -172,6 +172,21 @@ def test_a_file_in_a_folder_renamed_while_it_is_written_waits_for_its_close(inbo
     assert reports.names(inbox) == ["d2/open.jpg"] and reports.calls[0][1] == 10_000
 
 
+def test_a_folder_moved_in_from_outside_leaves_files_settling_elsewhere_alone(inbox: Path, watch,
+                                                                              tmp_path: Path) -> None:
+    # Found by the hostile-inputs test: a folder moved in from outside the inbox comes with no source path,
+    # and the candidates "below" it (every one) were dropped: files found by the start-up scan and
+    # settling then waited for the next rescan.
+    write_image(inbox / "settling.jpg", noise_seed=1)  # young mtime: the start-up scan lets it settle
+    watcher, reports = watch()
+    assert watcher.pending == 1
+    outside = tmp_path / "outside-folder"
+    outside.mkdir()
+    write_image(outside / "in-folder.jpg", noise_seed=2)
+    outside.rename(inbox / "moved-in")
+    assert wait_for(lambda: sorted(reports.names(inbox)) == ["moved-in/in-folder.jpg", "settling.jpg"])
+
+
 def test_after_lost_events_a_file_held_open_settles(inbox: Path, watch) -> None:
     # An inotify queue overflow may have dropped the close event: settling decides again.
     watcher, reports = watch()

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import struct
@@ -201,12 +202,13 @@ class Site:
 class WorkerProc:
     """`python -m worker run [args]` in a site, stdout+stderr in a log file."""
 
-    def __init__(self, site: Site, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, site: Site, *args: str, env: dict[str, str] | None = None,
+                 prefix: tuple[str, ...] = ()) -> None:
         self.site = site
         self.log_path = site.root / f"worker-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker", "run", *args], cwd=site.root,
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "worker", "run", *args], cwd=site.root,
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
 
@@ -254,8 +256,8 @@ def workers() -> Iterator[Callable[..., WorkerProc]]:
     """Start workers with `workers(site, *args)`; any still running at the end are killed."""
     started: list[WorkerProc] = []
 
-    def start(site: Site, *args: str, env: dict[str, str] | None = None) -> WorkerProc:
-        proc = WorkerProc(site, *args, env=env)
+    def start(site: Site, *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()) -> WorkerProc:
+        proc = WorkerProc(site, *args, env=env, prefix=prefix)
         started.append(proc)
         return proc
 
@@ -265,6 +267,18 @@ def workers() -> Iterator[Callable[..., WorkerProc]]:
 
 
 # Faults the tests inject for real ----------------------------------------------------------------------
+def without_file_permission_override() -> tuple[str, ...]:
+    """A command prefix under which file permission bits bind the process: for root, setpriv drops
+    CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set (so from what the command gets); a
+    normal user is bound anyway. Skips the test where root has no setpriv."""
+    if os.geteuid() != 0:
+        return ()
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root without setpriv: a chmod 000 file would still be readable")
+    return (setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--")
+
+
 FS_IOC_GETFLAGS = 0x80086601
 FS_IOC_SETFLAGS = 0x40086602
 FS_IMMUTABLE_FL = 0x10

@@ -47,6 +47,14 @@ class FileSkipped(FashionWorkerError):
     """
 
 
+class FileUnreadable(FileSkipped):
+    """An inbox file the worker's user may not read (its permissions): an operations fault, not a bad image.
+
+    No row either: it stays in the inbox and is tried again with back-off, so it is classified once its
+    permissions are fixed.
+    """
+
+
 class MissingExtra(FashionWorkerError):
     """A command needs packages of an install extra that is not installed (torch for training…)."""
 

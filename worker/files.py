@@ -17,7 +17,7 @@ import os
 import stat
 from pathlib import Path, PurePosixPath
 
-from worker.exceptions import FileSkipped, ImageRejected
+from worker.exceptions import FileSkipped, FileUnreadable, ImageRejected
 
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -84,8 +84,9 @@ def read_image_file(inbox: Path, path: Path, max_bytes: int) -> tuple[bytes, os.
 
     Raises FileSkipped (no result row; log and leave it) for anything that is not a regular file below the
     inbox reached without symlinks: a symlink, a symlinked or vanished folder, a FIFO, socket, device or
-    directory, a file that disappeared. Raises ImageRejected (a `failed` row) for a regular file that must
-    not be classified: hard-linked, empty, larger than `max_bytes`, unreadable.
+    directory, a file that disappeared; FileUnreadable (a FileSkipped, tried again later) for a file the
+    worker's user may not open. Raises ImageRejected (a `failed` row) for a regular file that must not be
+    classified: hard-linked, empty, larger than `max_bytes`, unreadable for another reason (an I/O error).
     """
     dir_fd, name = open_parent(inbox, path)
     try:
@@ -147,6 +148,9 @@ def _read_at(dir_fd: int, name: str, max_bytes: int) -> tuple[bytes, os.stat_res
             raise FileSkipped("a socket, not a regular file; left alone") from None
         if exc.errno == errno.ENOENT:
             raise FileSkipped("file no longer exists") from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise FileUnreadable(f"cannot open the file: {exc.strerror} (the worker's user may not read it); "
+                                 "left in the inbox and tried again") from None
         raise ImageRejected(f"cannot open the file: {exc.strerror}") from None
     try:
         st = os.fstat(fd)

@@ -33,7 +33,9 @@
 - **Several workers** (PostgreSQL, worker.claims): the feeder claims a batch's files in the database
   before they are read and keeps those it wins; see `Pipeline`.
 - **Faults**: a file that cannot be decoded becomes a `failed` row and goes to `failed/`; one bad file
-  never fails its batch. A FIFO, socket, symlink… (`FileSkipped`) is logged once and left alone. When the
+  never fails its batch. A FIFO, socket, symlink… (`FileSkipped`) is logged once and left alone; a file
+  the worker may not read (`FileUnreadable`) too, and is tried again with back-off. A file a writer has
+  open (the watcher's `being_written`) is set aside until its close. When the
   commit fails (the store already retried), the batch's files stay in the inbox and are retried after a
   back-off during which no new batch is formed (batches already formed still run, without lengthening
   the back-off). When a move fails (e.g. `processed/` not writable) the file stays in the inbox and is
@@ -60,7 +62,7 @@ import numpy as np
 from worker.claims import ClaimOutcome, Claims, Granted, drop_key
 from worker.config import Config
 from worker.disposition import FileChanged, dispose, left_in_place
-from worker.exceptions import FileSkipped, ImageRejected, StoreError
+from worker.exceptions import FileSkipped, FileUnreadable, ImageRejected, StoreError
 from worker.files import identity, read_image_file, relative_name, sha256_hex
 from worker.model import Model, Prediction
 from worker.preprocess import load_pixels, open_image
@@ -283,6 +285,7 @@ class Prepared:
     gone: bool = False  # vanished before it was read (moved away, or already disposed of)
     writing: bool = False  # a writer had it open when it was read: set aside, its close reports it again
     skip_key: tuple[Any, ...] | None = None
+    unreadable: bool = False  # skipped because the worker may not read it: tried again with back-off
     read_as: tuple[int, int, int, int] | None = None  # files.identity of the file that was read
     ctime_ns: int | None = None  # its ctime, recorded: tells it from a later file of the same name and bytes
     decode_ms: float = 0.0
@@ -775,6 +778,7 @@ class Pipeline:
             else:
                 p.skipped = str(exc)
                 p.skip_key = _skip_key(item.path)
+                p.unreadable = isinstance(exc, FileUnreadable)
         except ImageRejected as exc:
             st = _lstat(item.path)
             if not self._being_written(p, st):  # else refused for what a writer has not finished yet
@@ -876,6 +880,8 @@ class Pipeline:
         for p in batch:
             if p.skipped is not None:
                 self._log_skip(p)
+                if p.unreadable:  # its permissions may be fixed: not left to the next rescan alone
+                    self._schedule_retry(p.item.path)
             elif p.gone:
                 log.debug("%s is no longer in the inbox; nothing to do", p.item.path)
             elif p.writing:  # its close event queues it; looked at again meanwhile, in case that event

@@ -392,7 +392,10 @@ class InboxWatcher:
 
     def _move_written(self, src: str, dest: str) -> None:
         """A folder was renamed: files in it that a writer has open are still being written under their new
-        names (the other candidates are dropped: the moved folder is scanned)."""
+        names (the other candidates are dropped: the moved folder is scanned). A folder moved in from
+        outside has no `src` here (nothing of it was known)."""
+        if not src or not self._within(src):
+            return
         prefix = src + os.sep
         with self._cond:
             for path in [p for p in self._candidates if p.startswith(prefix)]:
