@@ -349,6 +349,9 @@ def test_user_mistakes_print_one_line_and_exit_2(tmp_path: Path, args: list[str]
         (["results", "--limit", "-1"], "argument --limit: expected a number of at least 0, got -1"),
         (["results", "--since", "yesterday"], "argument --since: 'yesterday' is not a time; use ISO 8601 "
          "(2025-01-31 or 2025-01-31T12:00:00+00:00) or a duration back from now (90s, 15m, 2h, 7d)"),
+        (["results", "--since", "9999999d"], "argument --since: '9999999d' is out of range (years 1 to 9999)"),
+        (["results", "--until", "0001-01-01T00:00+01:00"],
+         "argument --until: '0001-01-01T00:00+01:00' is out of range (years 1 to 9999)"),
         (["bench", "photos", "--burst", "0"], "argument --burst: expected a number of at least 1, got 0"),
         (["bench", "photos", "--idle-seconds", "0"], "argument --idle-seconds: expected more than 0 seconds, got 0"),
         (["bench", "photos", "--decode-threads", "-1"],
@@ -363,7 +366,8 @@ def test_user_mistakes_print_one_line_and_exit_2(tmp_path: Path, args: list[str]
          "argument --instance: expected a worker number 1, 2, ... without leading zeros, got '0'"),
         (["install-service", "--instances", "0"], "argument --instances: expected a number of at least 1, got 0"),
     ],
-    ids=["choice", "confidence", "limit", "since", "burst", "idle", "threads", "batch-sizes", "level",
+    ids=["choice", "confidence", "limit", "since", "since-overflow", "until-overflow", "burst", "idle", "threads",
+         "batch-sizes", "level",
          "instance-zero-padded", "instance-zero", "instances-zero"],
 )
 def test_a_bad_flag_is_one_line_naming_the_flag(site: Path, capsys: pytest.CaptureFixture[str], argv: list[str],

@@ -65,10 +65,23 @@ def test_overrides_apply_after_the_file(tmp_path: Path) -> None:
         ("[files]\non_success = 'keep'\n",
          "config.toml: files.on_success must be one of move, leave, delete, got 'keep'"),
         ("[batch]\nmax_queue = 2\n", "config.toml: batch.max_queue (2) must be >= batch.max_batch (16)"),
-        ("[database]\nbusy_timeout_ms = -1\n", "config.toml: database.busy_timeout_ms must be >= 0, got -1"),
+        ("[database]\nbusy_timeout_ms = -1\n", "config.toml: database.busy_timeout_ms must be 0..86400000, got -1"),
+        # Values that hung the worker (a CLI review): 100,000 onnxruntime threads, a batch window past
+        # time_t, a settle time of inf; and an array of mixed types, which ended in a traceback.
+        ("[model]\nintra_op_threads = 100000\n", "config.toml: model.intra_op_threads must be 0..1024, got 100000"),
+        ("[model]\ninter_op_threads = -3\n", "config.toml: model.inter_op_threads must be 0..1024, got -3"),
+        ("[batch]\nmax_wait_ms = 9999999999999\n",
+         "config.toml: batch.max_wait_ms must be 0..60000, got 9999999999999"),
+        ("[inbox]\nsettle_s = inf\n", "config.toml: inbox.settle_s must be 0..86400, got inf"),
+        ("[inbox]\nrescan_interval_s = nan\n", "config.toml: inbox.rescan_interval_s must be 0..86400, got nan"),
+        ("[model]\nproviders = ['cuda', 3]\n", "config.toml: model.providers must be an array of strings, got "
+                                              '["cuda", 3]'),
         ("[database]\nurl = 'sqlite://data/results.db'\n",
          "config.toml: database.url 'sqlite://data/results.db' has two slashes: a SQLite URL has three before a "
          "relative path (sqlite:///data/results.db) and four before an absolute one"),
+        ("[database]\nurl = 'sqlite:///:memory:'\n",  # run kept nothing; doctor said OK (a CLI review)
+         "config.toml: database.url 'sqlite:///:memory:' is a database in memory, gone when the worker stops (and "
+         "one per connection): name a file (sqlite:///data/results.db)"),
         ("x = [", "config file {path} is not valid TOML"),
         (b"\xff\xfe[batch]\n", "config file {path} is not UTF-8 text (byte 0)"),
     ],

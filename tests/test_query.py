@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -134,6 +135,16 @@ def test_limit(store: Store) -> None:
     assert len(files(store, limit=None)) == 6
     with pytest.raises(ConfigError, match="limit must be a whole number"):
         results(store, ResultFilter(limit=-1))
+    with pytest.raises(ConfigError, match=r"limit 9223372036854775808 is too large \(at most 9223372036854775807; "
+                                          r"0 = no limit\)"):  # a traceback from the driver before
+        results(store, ResultFilter(limit=2**63))
+
+
+def test_a_name_that_is_not_utf8_is_found_as_typed(store: Store) -> None:
+    # Stored with \xNN escapes (Store.safe_text); `--file $'caf\xe9'` used to end in UnicodeEncodeError.
+    name = os.fsdecode(b"caf\xe9.jpg")
+    store.add_results([rec(name, "7" * 64, "shirt", 0.9)])
+    assert files(store, file=os.fsdecode(b"caf\xe9")) == ["caf\\xe9.jpg"]
 
 
 def test_filters_combine(store: Store) -> None:

@@ -261,6 +261,21 @@ def test_uninstall_removes_the_unit_and_keeps_the_data(site):
         "# NOTE: the inbox, processed and failed folders, the database and the config are kept\n")
 
 
+@pytest.mark.parametrize(("user", "installed", "message"), [
+    ("root", False, "--remove-user: 'root' (uid 0) is not a system account the installer makes (uid 1 to 999); "
+                    "nothing deleted"),
+    ("daemon", True, "--remove-user: the installed unit runs as 'fashion-worker', not 'daemon'; nothing deleted"),
+], ids=["root", "not-the-units"])
+def test_uninstall_deletes_no_user_but_the_units_own(site, user, installed, message):
+    """A mistyped --user with --remove-user planned `userdel root` (found by a review of the CLI)."""
+    config, _, root = site
+    if installed:
+        install_service(config, venv=VENV, root=root)
+    with pytest.raises(FashionWorkerError) as refused:
+        uninstall_service(root=root, user=user, remove_user=True, dry_run=True)
+    assert str(refused.value) == message
+
+
 PG_URL = "postgresql+psycopg://fashion@db.internal/fashion"
 
 
@@ -424,7 +439,16 @@ def test_bad_settings_are_one_clear_line():
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--memory-max", "lots"], "--memory-max 'lots' is not a size systemd takes (e.g. 4G, 512M, 50%, infinity)"),
+        (["--memory-max", "lots"], "--memory-max 'lots' is not a size systemd takes, above zero (e.g. 4G, 512M, "
+                                   "50%, infinity)"),
+        (["--memory-max", "0"], "--memory-max '0' is not a size systemd takes, above zero (e.g. 4G, 512M, 50%, "
+                                "infinity)"),
+        (["--user", "root"], "--user 'root' is root's: the service runs as an unprivileged system user (default "
+                             "fashion-worker)"),
+        (["--uploaders-group", "root"], "--uploaders-group 'root' is root's group: the service user would join it "
+                                        "(default uploaders)"),
+        (["--inbox", ""], "--inbox must not be empty (it would make the current folder the inbox)"),
+        (["--inbox", "/etc/passwd"], "inbox /etc/passwd exists and is not a folder"),
         (["--user", "bad;user"], "--user 'bad;user' is not a valid user or group name (lower-case letters, "
                                  "digits, _ and -, starting with a letter or _, at most 32)"),
         (["--uploaders-group", "Shop"],
@@ -435,7 +459,8 @@ def test_bad_settings_are_one_clear_line():
                                "workers share one inbox; the default config has "
                                "sqlite:////var/lib/fashion-worker/results.db"),
     ],
-    ids=["memory", "user", "group", "venv", "instances-sqlite"],
+    ids=["memory", "memory-zero", "user", "user-root", "group-root", "inbox-empty", "inbox-file", "group", "venv",
+         "instances-sqlite"],
 )
 def test_install_flags_are_checked_before_anything_is_planned(tmp_path, flags, message):
     result = subprocess.run([sys.executable, "-m", "worker", "install-service", "--dry-run",

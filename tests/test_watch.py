@@ -199,6 +199,23 @@ def test_after_lost_events_a_file_held_open_settles(inbox: Path, watch) -> None:
         assert wait_for(lambda: reports.count(inbox, "held.jpg") == 1)
 
 
+def test_a_write_never_closed_is_taken_as_complete_once_idle(inbox: Path, watch, monkeypatch, caplog) -> None:
+    # truncate(2) by path makes a write event and no close (so does a close lost in an overflow): after
+    # WRITER_IDLE_S unchanged (60 s; 0.5 s here) the file is reported all the same, not held for good.
+    from worker import watch as watch_mod
+
+    monkeypatch.setattr(watch_mod, "WRITER_IDLE_S", 0.5)
+    watcher, reports = watch()
+    path = write_image(inbox / "a.jpg", noise_seed=1)
+    assert wait_for(lambda: reports.count(inbox, "a.jpg") == 1)
+    with caplog.at_level(logging.INFO, logger="worker.watch"):
+        os.truncate(path, 100)
+        assert wait_for(lambda: watcher.being_written(path), 5)
+        assert wait_for(lambda: reports.count(inbox, "a.jpg") == 2, 5)
+    assert reports.calls[1][1] == 100 and not watcher.being_written(path)
+    assert "written to but not closed, and unchanged for 0.5 s: taken as complete" in caplog.text
+
+
 def test_being_written_also_tells_a_change_whose_events_have_not_arrived(inbox: Path, watch) -> None:
     # Given the file as just read, a change since its report less than settle_s old counts as being
     # written: its write events may still be on their way through watchdog's threads. Made certain here
@@ -213,6 +230,9 @@ def test_being_written_also_tells_a_change_whose_events_have_not_arrived(inbox: 
     assert not watcher.being_written(path) and watcher.being_written(path, path.stat())
     an_hour_ago = time.time() - 3600
     os.utime(path, (an_hour_ago, an_hour_ago))  # a change long ago (a touch, say): no writer to wait for
+    assert not watcher.being_written(path, path.stat())
+    in_an_hour = time.time() + 3600  # stamped by a clock ahead of ours (scp -p): no writer either
+    os.utime(path, (in_an_hour, in_an_hour))
     assert not watcher.being_written(path, path.stat())
 
 

@@ -193,9 +193,10 @@ def _coerce(name: str, default: Any, value: Any, source: str) -> Any:
     expected = type(default)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if expected is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value
-    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+    if expected is list:  # (an array of mixed types is a list too)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    elif isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{source}: {name} must be {TOML_TYPES[expected]}, got {_toml(value)}")
 
@@ -221,45 +222,62 @@ def _toml(value: Any) -> str:
 def sqlite_url_problem(url: str) -> str | None:
     """What is wrong with a SQLite URL of two slashes ("sqlite://data/results.db" names a host, "data"), or
     None; checked by the config and by the store."""
+    if re.fullmatch(r"sqlite(\+\w+)?://(/:memory:)?(\?.*)?", url):
+        return (f"{url!r} is a database in memory, gone when the worker stops (and one per connection): name a "
+                "file (sqlite:///data/results.db)")
     if not re.match(r"sqlite(\+\w+)?://[^/]", url):
         return None
     return (f"{url!r} has two slashes: a SQLite URL has three before a relative path (sqlite:///data/results.db) "
             "and four before an absolute one (sqlite:////var/lib/fashion-worker/r.db)")
 
 
+#: Upper bounds of the settings that have no natural one: far above any sensible value, below what hangs
+#: the worker (onnxruntime starting 100,000 threads; a batch window past time_t; a settle time of inf).
+MAX_THREADS = 1024
+MAX_WAIT_MS = 60_000
+MAX_SECONDS = 86_400
+
+
 def validate(config: Config, source: str = "") -> None:
     """Check the values' ranges and choices; `source` (the file, or "command line") prefixes the message."""
+    def within(value: float, low: float, high: float) -> bool:  # also False for nan and inf
+        return low <= value <= high
+
     checks = [
         (config.files.on_success in ON_SUCCESS,
          f"files.on_success must be one of {', '.join(ON_SUCCESS)}, got {config.files.on_success!r}"),
         (config.service.log_level.upper() in LOG_LEVELS,
          f"service.log_level must be one of {', '.join(LOG_LEVELS)}, got {config.service.log_level!r}"),
         (config.batch.max_batch >= 1, f"batch.max_batch must be at least 1, got {config.batch.max_batch}"),
-        (config.batch.max_wait_ms >= 0, f"batch.max_wait_ms must be >= 0, got {config.batch.max_wait_ms}"),
+        (within(config.batch.max_wait_ms, 0, MAX_WAIT_MS),
+         f"batch.max_wait_ms must be 0..{MAX_WAIT_MS}, got {config.batch.max_wait_ms}"),
         (config.batch.max_queue >= config.batch.max_batch,
          f"batch.max_queue ({config.batch.max_queue}) must be >= batch.max_batch ({config.batch.max_batch})"),
-        (config.batch.decode_threads >= 1,
-         f"batch.decode_threads must be at least 1, got {config.batch.decode_threads}"),
+        (within(config.batch.decode_threads, 1, MAX_THREADS),
+         f"batch.decode_threads must be 1..{MAX_THREADS}, got {config.batch.decode_threads}"),
         (config.batch.decode_on in DECODE_ON,
          f"batch.decode_on must be one of {', '.join(DECODE_ON)}, got {config.batch.decode_on!r}"),
         (config.files.max_pixels > 0, f"files.max_pixels must be positive, got {config.files.max_pixels}"),
         (config.files.max_file_bytes > 0,
          f"files.max_file_bytes must be positive, got {config.files.max_file_bytes}"),
-        (config.inbox.settle_s >= 0, f"inbox.settle_s must be >= 0, got {config.inbox.settle_s}"),
-        (config.database.claim_lease_s > 0,
-         f"database.claim_lease_s must be positive, got {config.database.claim_lease_s}"),
-        (config.inbox.poll_interval_s > 0,
-         f"inbox.poll_interval_s must be positive, got {config.inbox.poll_interval_s}"),
-        (config.inbox.rescan_interval_s >= 0,
-         f"inbox.rescan_interval_s must be >= 0, got {config.inbox.rescan_interval_s}"),
+        (within(config.inbox.settle_s, 0, MAX_SECONDS),
+         f"inbox.settle_s must be 0..{MAX_SECONDS}, got {config.inbox.settle_s}"),
+        (within(config.database.claim_lease_s, 0.001, MAX_SECONDS),
+         f"database.claim_lease_s must be positive, at most {MAX_SECONDS}, got {config.database.claim_lease_s}"),
+        (within(config.inbox.poll_interval_s, 0.001, MAX_SECONDS),
+         f"inbox.poll_interval_s must be positive, at most {MAX_SECONDS}, got {config.inbox.poll_interval_s}"),
+        (within(config.inbox.rescan_interval_s, 0, MAX_SECONDS),
+         f"inbox.rescan_interval_s must be 0..{MAX_SECONDS}, got {config.inbox.rescan_interval_s}"),
         (0 <= config.service.metrics_port <= 65535,
          f"service.metrics_port must be 0..65535, got {config.service.metrics_port}"),
-        (config.model.intra_op_threads >= 0,
-         f"model.intra_op_threads must be >= 0, got {config.model.intra_op_threads}"),
-        (config.model.concurrent_batches >= 0,
-         f"model.concurrent_batches must be >= 0, got {config.model.concurrent_batches}"),
-        (config.database.busy_timeout_ms >= 0,
-         f"database.busy_timeout_ms must be >= 0, got {config.database.busy_timeout_ms}"),
+        (within(config.model.intra_op_threads, 0, MAX_THREADS),
+         f"model.intra_op_threads must be 0..{MAX_THREADS}, got {config.model.intra_op_threads}"),
+        (within(config.model.inter_op_threads, 0, MAX_THREADS),
+         f"model.inter_op_threads must be 0..{MAX_THREADS}, got {config.model.inter_op_threads}"),
+        (within(config.model.concurrent_batches, 0, MAX_THREADS),
+         f"model.concurrent_batches must be 0..{MAX_THREADS}, got {config.model.concurrent_batches}"),
+        (within(config.database.busy_timeout_ms, 0, MAX_SECONDS * 1000),
+         f"database.busy_timeout_ms must be 0..{MAX_SECONDS * 1000}, got {config.database.busy_timeout_ms}"),
         (sqlite_url_problem(config.database.url) is None,
          f"database.url {sqlite_url_problem(config.database.url)}"),
     ]

@@ -118,6 +118,9 @@ def open_parent(inbox: Path, path: Path) -> tuple[int, str]:
                 raise FileSkipped(f"folder {folder!r} is a symlink or not a folder; not followed") from None
             if exc.errno == errno.ENOENT:
                 raise FileSkipped(f"folder {folder!r} no longer exists") from None
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise FileUnreadable(f"cannot open folder {folder!r}: {exc.strerror} (the worker's user may not "
+                                     "read it); left in the inbox and tried again") from None
             raise FileSkipped(f"cannot open folder {folder!r}: {exc.strerror}") from None
         os.close(dir_fd)
         dir_fd = next_fd

@@ -28,7 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from worker.exceptions import ConfigError
-from worker.store import STATUSES, Store, decode_top3, utcnow
+from worker.store import STATUSES, Store, decode_top3, safe_text, utcnow
 from worker.store import claims as claims_table
 from worker.store import results as results_table
 from worker.store import workers as workers_table
@@ -44,6 +44,7 @@ THROUGHPUT_WINDOWS_MIN = (1, 5, 60)
 # A duration back from now: "90s", "2h", or "-2h" (a leading minus says the same, "2 hours ago").
 _DURATION = re.compile(r"^\s*-?\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+MAX_LIMIT = 2**63 - 1  # the largest LIMIT SQLite and PostgreSQL take
 
 
 @dataclass
@@ -65,11 +66,14 @@ def parse_time(value: datetime | str, *, now: datetime | None = None, name: str 
     else:
         text = str(value).strip()
         match = _DURATION.match(text)
-        if match:
-            amount, unit = float(match.group(1)), match.group(2).lower()
-            return (now or utcnow()) - timedelta(**{_UNITS[unit]: amount})
         try:
-            parsed = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+            if match:
+                amount, unit = float(match.group(1)), match.group(2).lower()
+                return (now or utcnow()) - timedelta(**{_UNITS[unit]: amount})
+            parsed = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text)
+            return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+        except OverflowError:  # 9999999d, or 9999-12-31T23:59-12:00 (past year 9999 in UTC)
+            raise ConfigError(f"{name} {value!r} is out of range (years 1 to 9999)") from None
         except ValueError:
             raise ConfigError(
                 f"{name} {value!r} is not a time; use ISO 8601 (2025-01-31 or 2025-01-31T12:00:00+00:00) "
@@ -100,11 +104,14 @@ def validate(flt: ResultFilter, *, now: datetime | None = None) -> ResultFilter:
     if flt.limit is not None and (isinstance(flt.limit, bool) or not isinstance(flt.limit, int)
                                   or flt.limit < 0):
         raise ConfigError(f"limit must be a whole number >= 0 (0 = no limit), got {flt.limit!r}")
+    if flt.limit is not None and flt.limit > MAX_LIMIT:
+        raise ConfigError(f"limit {flt.limit} is too large (at most {MAX_LIMIT}; 0 = no limit)")
     if flt.category is not None and not isinstance(flt.category, str):
         raise ConfigError(f"category must be text, got {flt.category!r}")
     if flt.file is not None and not isinstance(flt.file, str):
         raise ConfigError(f"file must be text, got {flt.file!r}")
-    return replace(flt, since=since, until=until)
+    # A name that is not UTF-8 is stored with \\xNN escapes (Store.safe_text): matched the same way.
+    return replace(flt, since=since, until=until, file=safe_text(flt.file))
 
 
 def _like_pattern(text: str) -> str:

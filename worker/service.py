@@ -416,15 +416,48 @@ NAME_PATTERN = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 MEMORY_PATTERN = re.compile(r"(\d+(\.\d+)?[KMGTP]?|\d+(\.\d+)?%|infinity)")
 
 
+#: A system account as useradd --system makes one (Debian's SYS_UID_MAX): the only kind uninstall deletes.
+SYSTEM_UID_MAX = 999
+
+
 def _check_names(*, user: str, uploaders_group: str, memory_max: str) -> None:
-    """One clear line for a value systemd or useradd would refuse later, half-way through an install."""
+    """One clear line for a value systemd or useradd would refuse later, half-way through an install, or
+    that would hand the service (or the uploaders) root's powers."""
     for flag, name in (("--user", user), ("--uploaders-group", uploaders_group)):
         if not NAME_PATTERN.fullmatch(name):
             raise FashionWorkerError(f"{flag} {name!r} is not a valid user or group name (lower-case letters, "
                                      "digits, _ and -, starting with a letter or _, at most 32)")
-    if not MEMORY_PATTERN.fullmatch(memory_max):
-        raise FashionWorkerError(f"--memory-max {memory_max!r} is not a size systemd takes (e.g. 4G, 512M, "
-                                 "50%, infinity)")
+    if _account_id(pwd.getpwnam, user) == 0 or _account_id(grp.getgrnam, user) == 0:
+        raise FashionWorkerError(f"--user {user!r} is root's: the service runs as an unprivileged system user "
+                                 f"(default {DEFAULT_USER})")
+    if _account_id(grp.getgrnam, uploaders_group) == 0:
+        raise FashionWorkerError(f"--uploaders-group {uploaders_group!r} is root's group: the service user "
+                                 f"would join it (default {DEFAULT_UPLOADERS})")
+    if not MEMORY_PATTERN.fullmatch(memory_max) or not re.search(r"[1-9]", memory_max):
+        raise FashionWorkerError(f"--memory-max {memory_max!r} is not a size systemd takes, above zero (e.g. "
+                                 "4G, 512M, 50%, infinity)")
+
+
+def _account_id(lookup: Callable[[str], object], name: str) -> int | None:
+    """The uid (pwd.getpwnam) or gid (grp.getgrnam) of `name` on this host; None when there is none."""
+    try:
+        entry = lookup(name)
+    except KeyError:
+        return None
+    return entry[2]  # type: ignore[index]  # pw_uid / gr_gid
+
+
+def _check_removable_user(user: str, installed: str | None) -> None:
+    """`uninstall-service --remove-user` deletes only the unprivileged system user the unit runs as."""
+    if not NAME_PATTERN.fullmatch(user):
+        raise FashionWorkerError(f"--user {user!r} is not a valid user name")
+    if installed is not None and installed != user:
+        raise FashionWorkerError(f"--remove-user: the installed unit runs as {installed!r}, not {user!r}; "
+                                 "nothing deleted")
+    uid = _account_id(pwd.getpwnam, user)
+    if uid is not None and not 0 < uid <= SYSTEM_UID_MAX:
+        raise FashionWorkerError(f"--remove-user: {user!r} (uid {uid}) is not a system account the installer "
+                                 f"makes (uid 1 to {SYSTEM_UID_MAX}); nothing deleted")
 
 
 def install_service(
@@ -496,7 +529,11 @@ def install_service(
         config_mod.validate(cfg)
     else:
         cfg = config_mod.load(config_path)
+    if inbox is not None and not str(inbox).strip():
+        raise FashionWorkerError("--inbox must not be empty (it would make the current folder the inbox)")
     inbox_path = Path(os.path.abspath(inbox)) if inbox is not None else cfg.inbox_path
+    if _rooted(root, inbox_path).exists() and not _rooted(root, inbox_path).is_dir():
+        raise FashionWorkerError(f"inbox {inbox_path} exists and is not a folder")
     processed, failed = cfg.processed_path, cfg.failed_path
     group = user
 
@@ -692,6 +729,9 @@ def uninstall_service(
         plan.steps += _remove_template(unit_name, template_path, target_path)
     plan.steps.append(Step("reload systemd", ["systemctl", "daemon-reload"], host_only=True))
     if remove_user:
+        unit = _rooted(root, template_path if template and not _rooted(root, single_path).exists() else single_path)
+        users = re.findall(r"^User=(.+)$", unit.read_text(), re.MULTILINE) if unit.is_file() else []
+        _check_removable_user(user, users[-1].strip() if users else None)
         plan.steps.append(Step(f"delete the user {user}", ["userdel", user], host_only=True))
     plan.notes.append("the inbox, processed and failed folders, the database and the config are kept")
     if not dry_run:

@@ -477,9 +477,10 @@ class Store:
                         if not is_read_only(exc):
                             raise
                         # A connection the pool opened while the database could not be written (for a read
-                        # during a fault) would refuse every write once the fault is over: drop it, and try
-                        # once on a new connection.
+                        # during a fault) would refuse every write once the fault is over: drop it and the
+                        # pool's others (any of them may be such), and try once on a new connection.
                         conn.invalidate()
+                        self.engine.dispose()
                         if fresh:
                             raise
             raise AssertionError("unreachable")

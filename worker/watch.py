@@ -74,6 +74,11 @@ SUPERVISE_INTERVAL_S = 60.0  # how often the timer thread checks that the observ
 RECENT_TTL_MIN_S = 10.0  # a report is not repeated for the same file (same inode, size, mtime) this long
 EMPTY_DIR_PRUNE_AGE_S = 60.0  # periodic rescans remove inbox subfolders empty and unchanged this long
 MIN_RECHECK_S = 0.05  # shortest delay between two checks of one candidate
+#: inotify: a file written to and not closed, unchanged this long (or settle_s, if longer), is taken as
+#: complete after all: its close event was lost (a queue overflow, an observer restart), it was changed
+#: without a descriptor (truncate(2) by path), or its writer hangs. Before, such a file was read after
+#: settle_s; a writer pausing longer than this with the file open is still read half-written.
+WRITER_IDLE_S = 60.0
 #: A scan reports a file at once only when its mtime is older than this; a younger one is reported once
 #: seen unchanged for settle_s by this host's own clock. The mtime comes from the file server's clock: one
 #: behind this host's by more than settle_s made files still being uploaded look settled (read half-written,
@@ -156,6 +161,7 @@ class InboxWatcher:
         self._excluded = self._exclusions()
         self._recent_ttl = max(RECENT_TTL_MIN_S, 5 * self._settle)
         self._recheck = max(self._settle, MIN_RECHECK_S)  # never re-check in a tight loop, even at settle 0
+        self._writer_idle = max(WRITER_IDLE_S, self._settle)
 
         self._cond = threading.Condition()
         self._candidates: dict[str, _Candidate] = {}
@@ -194,13 +200,19 @@ class InboxWatcher:
         photo overwritten in place right after its upload is read before they arrive)."""
         with self._cond:
             candidate = self._candidates.get(os.fspath(path))
-            if candidate is not None and candidate.written:
+            if candidate is not None and self._writing(candidate, time.monotonic()):
                 return True
             recent = self._recent.get(os.fspath(path))
         if st is None or recent is None or self._mode != "inotify":
             return False
+        if time.monotonic() - recent[1] >= self._recent_ttl:
+            return False  # reported too long ago to compare with
         return (recent[0] != (st.st_ino, st.st_size, st.st_mtime_ns)
-                and time.time() - st.st_mtime < max(self._settle, MIN_RECHECK_S))
+                and 0 <= time.time() - st.st_mtime < max(self._settle, MIN_RECHECK_S))
+
+    def _writing(self, candidate: _Candidate, now: float) -> bool:
+        """A writer has the candidate open: written to since its last close, and not idle for WRITER_IDLE_S."""
+        return candidate.written and now - candidate.stable_since < self._writer_idle
 
     @property
     def excluded(self) -> list[Path]:
@@ -268,8 +280,8 @@ class InboxWatcher:
         now = time.monotonic()
         with self._cond:
             candidate = self._candidates.get(path)
-            if candidate is not None and candidate.written:
-                return False  # a writer has it open: its close reports it
+            if candidate is not None and candidate.written:  # a writer has it open: its close reports it
+                return candidate.signature == signature and not self._writing(candidate, now)
             recent = self._recent.get(path)
             if recent is not None and recent[0] == signature:
                 return True
@@ -442,14 +454,14 @@ class InboxWatcher:
                 return  # just reported as it is now (a write event, though, came after that report's close)
             candidate = self._candidates.get(path)
             if candidate is not None:
-                if written:
-                    candidate.written, candidate.check_at = True, float("inf")
                 if candidate.signature != signature:
                     candidate.signature, candidate.stable_since = signature, now
-                    if not candidate.written:
+                    if not candidate.written and not written:
                         candidate.check_at = now + self._recheck
+                if written or candidate.written:  # its close reports it; else the idle check
+                    candidate.written, candidate.check_at = True, candidate.stable_since + self._writer_idle
                 return
-            check_at = float("inf") if written else now + self._settle
+            check_at = now + (self._writer_idle if written else self._settle)
             self._candidates[path] = _Candidate(signature, now, check_at, written, scanned)
             self._cond.notify_all()
 
@@ -480,7 +492,7 @@ class InboxWatcher:
         now = time.monotonic()
         with self._cond:
             candidate = self._candidates.get(path)
-            if candidate is not None and candidate.written and not closed:
+            if candidate is not None and not closed and self._writing(candidate, now):
                 return False
             recent = self._recent.get(path)
             fresh = recent is not None and recent[0] == signature and now - recent[1] < self._recent_ttl
@@ -538,12 +550,18 @@ class InboxWatcher:
                 return
             if signature != candidate.signature:
                 candidate.signature, candidate.stable_since = signature, now
-                candidate.check_at = now + self._recheck
+                candidate.check_at = now + (self._writer_idle if candidate.written else self._recheck)
                 return
-            if now - candidate.stable_since < self._settle:
+            if candidate.written:  # only here once idle for WRITER_IDLE_S: taken as complete
+                if self._writing(candidate, now):
+                    candidate.check_at = candidate.stable_since + self._writer_idle
+                    return
+                log.info("%r was written to but not closed, and unchanged for %g s: taken as complete",
+                         path, self._writer_idle)
+            elif now - candidate.stable_since < self._settle:
                 candidate.check_at = candidate.stable_since + self._recheck
                 return
-            if self._mode == "inotify" and signature[1] == 0 and not candidate.scanned:
+            elif self._mode == "inotify" and signature[1] == 0 and not candidate.scanned:
                 # Created but nothing written yet: a writer may not have started; its close event decides.
                 # (One a scan found has had its close event before the watch, if it had one: reported.)
                 candidate.check_at = float("inf")
