@@ -358,6 +358,8 @@ def test_user_mistakes_print_one_line_and_exit_2(tmp_path: Path, args: list[str]
          "argument --decode-threads: expected a number of at least 1, got -1"),
         (["bench", "photos", "--batch-sizes", "a,b"],
          "argument --batch-sizes: expected comma-separated whole numbers, got 'a,b'"),
+        (["bench", "photos", "--batch-sizes", "8,100000000"],  # a traceback from numpy: 18.4 TiB
+         "argument --batch-sizes: expected numbers from 1 to 4096, got '8,100000000'"),
         (["run", "--log-level", "loud"],
          "argument --log-level: invalid level 'loud'; valid: DEBUG, INFO, WARNING, ERROR"),
         (["run", "--instance", "01"],
@@ -367,7 +369,7 @@ def test_user_mistakes_print_one_line_and_exit_2(tmp_path: Path, args: list[str]
         (["install-service", "--instances", "0"], "argument --instances: expected a number of at least 1, got 0"),
     ],
     ids=["choice", "confidence", "limit", "since", "since-overflow", "until-overflow", "burst", "idle", "threads",
-         "batch-sizes", "level",
+         "batch-sizes", "batch-sizes-huge", "level",
          "instance-zero-padded", "instance-zero", "instances-zero"],
 )
 def test_a_bad_flag_is_one_line_naming_the_flag(site: Path, capsys: pytest.CaptureFixture[str], argv: list[str],

@@ -82,6 +82,8 @@ def test_overrides_apply_after_the_file(tmp_path: Path) -> None:
         ("[database]\nurl = 'sqlite:///:memory:'\n",  # run kept nothing; doctor said OK (a CLI review)
          "config.toml: database.url 'sqlite:///:memory:' is a database in memory, gone when the worker stops (and "
          "one per connection): name a file (sqlite:///data/results.db)"),
+        ("[files]\nprocessed_dir = ''\n",  # classified photos landed beside config.toml (a CLI review)
+         "config.toml: files.processed_dir must not be empty (it would be the config file's own folder)"),
         ("x = [", "config file {path} is not valid TOML"),
         (b"\xff\xfe[batch]\n", "config file {path} is not UTF-8 text (byte 0)"),
     ],

@@ -322,9 +322,12 @@ def _int_list(value: str) -> list[int]:
         numbers = [int(part) for part in value.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {value!r}") from None
-    if not numbers or min(numbers) < 1:
-        raise argparse.ArgumentTypeError(f"expected numbers of at least 1, got {value!r}")
+    if not numbers or min(numbers) < 1 or max(numbers) > MAX_BATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"expected numbers from 1 to {MAX_BATCH_SIZE}, got {value!r}")
     return numbers
+
+
+MAX_BATCH_SIZE = 4096  # bench --batch-sizes: far above any useful batch, below an allocation of terabytes
 
 
 #: The shared options each command takes: only those it uses, so that none is silently ignored.

@@ -244,6 +244,9 @@ def validate(config: Config, source: str = "") -> None:
         return low <= value <= high
 
     checks = [
+        *[(bool(folder.strip()), f"{name} must not be empty (it would be the config file's own folder)")
+          for name, folder in (("inbox.path", config.inbox.path), ("files.processed_dir", config.files.processed_dir),
+                               ("files.failed_dir", config.files.failed_dir))],
         (config.files.on_success in ON_SUCCESS,
          f"files.on_success must be one of {', '.join(ON_SUCCESS)}, got {config.files.on_success!r}"),
         (config.service.log_level.upper() in LOG_LEVELS,
