@@ -438,15 +438,6 @@ def _check_names(*, user: str, uploaders_group: str, memory_max: str) -> None:
                                  "4G, 512M, 50%, infinity)")
 
 
-def _account_id(lookup: Callable[[str], object], name: str) -> int | None:
-    """The uid (pwd.getpwnam) or gid (grp.getgrnam) of `name` on this host; None when there is none."""
-    try:
-        entry = lookup(name)
-    except KeyError:
-        return None
-    return entry[2]  # type: ignore[index]  # pw_uid / gr_gid
-
-
 def _check_removable_user(user: str, installed: str | None) -> None:
     """`uninstall-service --remove-user` deletes only the unprivileged system user the unit runs as."""
     if not NAME_PATTERN.fullmatch(user):
@@ -617,10 +608,10 @@ def install_service(
 
     # Users and groups.
     nologin = "/usr/sbin/nologin" if Path("/usr/sbin/nologin").exists() else "/bin/false"
-    if not _group_exists(uploaders_group) or not on_host:
+    if _account_id(grp.getgrnam, uploaders_group) is None or not on_host:
         plan.steps.append(Step(f"create the uploaders' group {uploaders_group}",
                                ["groupadd", "--system", uploaders_group], host_only=True))
-    if not _user_exists(user) or not on_host:
+    if _account_id(pwd.getpwnam, user) is None or not on_host:
         plan.steps.append(Step(
             f"create the system user {user}",
             ["useradd", "--system", "--user-group", "--home-dir", str(state_dir), "--no-create-home",
@@ -815,20 +806,14 @@ def _remove_template(unit_name: str, template_path: Path, target_path: Path, why
 
 
 # Helpers --------------------------------------------------------------------------------------------
-def _user_exists(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
 
-
-def _group_exists(name: str) -> bool:
+def _account_id(lookup: Callable[[str], object], name: str) -> int | None:
+    """The uid (pwd.getpwnam) or gid (grp.getgrnam) of `name` on this host; None when there is none."""
     try:
-        grp.getgrnam(name)
+        entry = lookup(name)
     except KeyError:
-        return False
-    return True
+        return None
+    return entry[2]  # type: ignore[index]  # pw_uid / gr_gid
 
 
 def _require_host() -> None:
