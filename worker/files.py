@@ -127,6 +127,12 @@ def open_parent(inbox: Path, path: Path) -> tuple[int, str]:
     return dir_fd, parts[-1]
 
 
+def file_signature(st: os.stat_result) -> tuple[int, int, int]:
+    """What tells a file changed since it was last seen: inode, size, mtime (ns); compared by the watcher
+    (settling, reports) and the worker (files left in place)."""
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def identity(st: os.stat_result) -> tuple[int, int, int, int]:
     """What tells one inbox file from its replacement or a rewrite: device, inode, size, mtime."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)

@@ -63,7 +63,7 @@ from worker.claims import ClaimOutcome, Claims, Granted, drop_key
 from worker.config import Config
 from worker.disposition import FileChanged, dispose, left_in_place
 from worker.exceptions import FileSkipped, FileUnreadable, ImageRejected, StoreError
-from worker.files import identity, read_image_file, relative_name, sha256_hex
+from worker.files import file_signature, identity, read_image_file, relative_name, sha256_hex
 from worker.model import Model, Prediction
 from worker.preprocess import load_pixels, open_image
 from worker.store import ResultRecord, Store, StoredResult
@@ -1325,19 +1325,13 @@ def _load_for_classify(
 
 
 def _skip_key(path: Path) -> tuple[Any, ...]:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return (path,)
-    return (path, st.st_ino, st.st_mtime_ns)
+    st = _lstat(path)
+    return (path,) if st is None else (path, st.st_ino, st.st_mtime_ns)
 
 
 def _signature(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+    st = _lstat(path)
+    return None if st is None else file_signature(st)
 
 
 def _lstat(path: Path) -> os.stat_result | None:

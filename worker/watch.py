@@ -5,9 +5,10 @@ A file is ready (``on_ready(path)`` is called) when:
 - inotify: its close-after-write event arrived (IN_CLOSE_WRITE, watchdog's FileClosedEvent). A file
   written to again after it was reported (rewritten in place, truncated, appended to) is being written
   until its next close: `being_written(path)` says so, and the worker sets aside what it read of it
-  meanwhile. Neither settling nor a rescan reports it before that close (only an mtime older than
-  MTIME_TRUSTED_AGE_S does: a writer gone without a close event), except after an inotify queue
-  overflow, when close events may have been lost and settling decides again;
+  meanwhile. Neither settling nor a rescan reports it before that close, unless it stays unchanged for
+  WRITER_IDLE_S (its close event was lost, or its writer hangs) or a scan finds its mtime older than
+  MTIME_TRUSTED_AGE_S; after an inotify queue overflow, close events may have been lost, and settling
+  decides again;
 - it was renamed or moved into the inbox under a name that is not ignored (a temp name renamed to a final
   name counts; a folder moved in is scanned and all its files reported);
 - polling (``inbox.polling``, or inotify could not start): its size and mtime stayed unchanged for
@@ -62,7 +63,7 @@ from watchdog.observers.polling import PollingObserverVFS
 from worker.config import Config
 from worker.disposition import prune_empty_dirs
 from worker.exceptions import ConfigError
-from worker.files import describe_entry, is_ignored
+from worker.files import describe_entry, file_signature, is_ignored
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ class InboxWatcher:
             return False
         if time.monotonic() - recent[1] >= self._recent_ttl:
             return False  # reported too long ago to compare with
-        return (recent[0] != (st.st_ino, st.st_size, st.st_mtime_ns)
+        return (recent[0] != file_signature(st)
                 and 0 <= time.time() - st.st_mtime < max(self._settle, MIN_RECHECK_S))
 
     def _writing(self, candidate: _Candidate, now: float) -> bool:
@@ -276,7 +277,7 @@ class InboxWatcher:
     def _settled(self, path: str, st: os.stat_result) -> bool:
         """`path` is as it was when reported before (a report the full queue dropped: rescans are how
         those files come back), or a candidate seen unchanged for settle_s."""
-        signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+        signature = file_signature(st)
         now = time.monotonic()
         with self._cond:
             candidate = self._candidates.get(path)
@@ -447,7 +448,7 @@ class InboxWatcher:
             except FileNotFoundError:
                 return
         now = time.monotonic()
-        signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+        signature = file_signature(st)
         with self._cond:
             recent = self._recent.get(path)
             if not written and recent is not None and recent[0] == signature and now - recent[1] < self._recent_ttl:
@@ -488,7 +489,7 @@ class InboxWatcher:
             self._forget(path)
             self._log_skip(path, st)
             return False
-        signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+        signature = file_signature(st)
         now = time.monotonic()
         with self._cond:
             candidate = self._candidates.get(path)
@@ -544,7 +545,7 @@ class InboxWatcher:
             self._forget(path)
             self._log_skip(path, st)
             return
-        signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+        signature = file_signature(st)
         with self._cond:
             if self._candidates.get(path) is not candidate:
                 return
