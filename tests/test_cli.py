@@ -388,8 +388,14 @@ def test_a_bad_flag_is_one_line_naming_the_flag(site: Path, capsys: pytest.Captu
         (["bench", "inbox", "--int8-model", "none.onnx"], "--int8-model none.onnx does not exist"),
         (["bench", "inbox", "--json", "nowhere/bench.json"],
          "--json nowhere/bench.json: its folder does not exist or is not writable"),
+        (["bench", "inbox", "--workers", "2"], "--workers 2 needs --database URL: several workers share an inbox "
+         "through PostgreSQL only, e.g. --database postgresql+psycopg://user@host/dbname"),
+        (["bench", "inbox", "--workers", "3", "--database", "sqlite:///x.db"],
+         "--database sqlite:///x.db: --workers 3 needs a PostgreSQL URL (postgresql+psycopg://user@host/dbname)"),
+        (["bench", "inbox", "--workers", "65", "--database", "postgresql+psycopg://u:secret@h/d"],
+         "--workers must be 1 to 64, got 65"),
     ],
-    ids=["images-a-file", "int8-model", "json-folder"],
+    ids=["images-a-file", "int8-model", "json-folder", "workers-no-database", "workers-sqlite", "workers-many"],
 )
 def test_bench_checks_its_paths_before_it_starts(site: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
                                                  message: str) -> None:

@@ -225,7 +225,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         decode_threads=args.decode_threads or cfg.batch.decode_threads, max_queue=cfg.batch.max_queue,
         decode_on=cfg.batch.decode_on, spin_wait=cfg.model.spin_wait,
         concurrent_batches=cfg.model.concurrent_batches, idle_seconds=args.idle_seconds, naive=args.naive,
-        ceiling=args.ceiling,
+        ceiling=args.ceiling, workers=args.workers, database=args.database,
         progress=lambda message: print(f"bench: {message}", file=sys.stderr, flush=True),
     )
     report = run(options)
@@ -389,7 +389,8 @@ COMMANDS: list[tuple[str, str, str]] = [
      "prints one line per check (OK or FAIL); exit status 1 when any check fails"),
     ("bench", "Measure speed on this machine: model, decoding, the real worker end to end.",
      "examples:\n  fashion-worker bench ../shared/data/clothing-dataset-small/validation\n"
-     "  fashion-worker bench photos/ --burst 2000 --json bench.json --naive\n\n"
+     "  fashion-worker bench photos/ --burst 2000 --json bench.json --naive\n"
+     "  fashion-worker bench photos/ --config gpu.toml --workers 4 --database postgresql+psycopg://fw@db/bench\n\n"
      "runs the real worker (a subprocess) on a temp inbox; batch settings come from the config"),
     ("install-service", "Install, enable and start the systemd service (as root).",
      "examples:\n  sudo fashion-worker install-service --dry-run\n"
@@ -486,6 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ceiling", action="store_true",
                        help="also run the burst with a model doing no work: what decoding and bookkeeping allow "
                             "(needs the onnx package: the train or test extra)")
+    bench.add_argument("--workers", type=_at_least(1), default=1, metavar="N",
+                       help="also run the burst with N worker processes sharing the inbox, as install-service "
+                            "--instances N does (needs --database; default: %(default)s, none)")
+    bench.add_argument("--database", default=None, metavar="URL",
+                       help="PostgreSQL URL the --workers share (their rows stay in its results table)")
     bench.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
 
     inst = sub["install-service"]
