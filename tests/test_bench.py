@@ -183,3 +183,18 @@ def test_percentile_and_per_batch() -> None:
     stages = per_batch(before, after)
     assert stages["batches"] == 2 and stages["images_per_batch"] == 16.0
     assert stages["inference_ms"] == 200.0  # 0.4 s over 2 batches
+
+
+def test_the_workers_config_carries_the_bench_settings(tmp_path) -> None:
+    """The config bench writes for its worker(s) loads, and passes on the model and batch settings, the
+    inference threads included (model.intra_op_threads of the config given to bench)."""
+    from worker.bench import write_config
+    from worker.config import load
+
+    options = BenchOptions(images=Path("."), max_batch=64, decode_threads=8, max_queue=8192, decode_on="cpu",
+                           intra_op_threads=4, spin_wait=True)
+    path = write_config(tmp_path, tmp_path / "m.onnx", options, "postgresql+psycopg://u@h/d", 9100)
+    config = load(path)
+    assert (config.model.intra_op_threads, config.model.spin_wait) == (4, True)
+    assert (config.batch.max_batch, config.batch.decode_threads, config.batch.max_queue) == (64, 8, 8192)
+    assert (config.database.url, config.service.metrics_port) == ("postgresql+psycopg://u@h/d", 9100)

@@ -356,3 +356,20 @@ def test_explicit_cuda_listed_but_unusable_falls_back_to_the_cpu(gpu_listing, ca
     assert _warnings(caplog) == [CPU_FALLBACK]
     _assert_cpu_session(model, tiny_model, tiny_model.read_bytes())
     assert model.predict(np.zeros((2, 32, 32, 3), dtype=np.uint8))[0].top3[0][0] == "red"  # ties: label order
+
+
+def test_each_padded_batch_size_gets_a_session_of_its_own(tiny_model) -> None:
+    """On a GPU, onnxruntime's CUDA Conv keeps cuDNN plans for the last input shape only and rebuilds them
+    (seconds) at every change: the model keeps one session per padded batch size. No GPU here, so the
+    selection is checked on real CPU sessions made the same way; the GPU path that calls it needs a GPU host
+    (measured there: README, GPU)."""
+    model = Model(tiny_model, providers=["CPUExecutionProvider"])
+    first = model._session_for(64)
+    assert first is model.session  # the first size uses the session already made
+    assert model._session_for(64) is first
+    one = model._session_for(1)
+    assert one is not first and model._session_for(1) is one
+    batch = np.random.default_rng(0).integers(0, 256, (1, *model.input_size, 3), dtype=np.uint8)
+    same = [s.run(["probabilities"], {"images": batch})[0] for s in (first, one)]
+    np.testing.assert_array_equal(*same)  # the same model and options, only a separate plan cache
+    assert set(model._by_rows) == {1, 64}

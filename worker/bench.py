@@ -81,6 +81,7 @@ class BenchOptions:
     max_queue: int = 1024
     decode_on: str = "cpu"  # the worker's batch.decode_on: cpu | gpu (nvJPEG)
     spin_wait: bool = False  # the worker's model.spin_wait
+    intra_op_threads: int = 0  # the worker's model.intra_op_threads (0 = its default for the device)
     concurrent_batches: int = 0  # the worker's model.concurrent_batches (0 = 2 on 2 cores or more)
     idle_seconds: float = 10.0
     naive: bool = False  # also time a per-image PyTorch eager loop (needs the train extra)
@@ -432,7 +433,8 @@ def write_config(root: Path, model: Path, options: BenchOptions, database_url: s
     config.write_text(
         f'[inbox]\npath = "inbox"\n\n'
         f'[model]\npath = "{model}"\nproviders = {json.dumps(options.providers)}\n'
-        f"spin_wait = {str(options.spin_wait).lower()}\nconcurrent_batches = {options.concurrent_batches}\n\n"
+        f"spin_wait = {str(options.spin_wait).lower()}\nconcurrent_batches = {options.concurrent_batches}\n"
+        f"intra_op_threads = {options.intra_op_threads}\n\n"
         f"[batch]\nmax_batch = {options.max_batch}\nmax_wait_ms = {options.max_wait_ms}\n"
         f"decode_threads = {options.decode_threads}\nmax_queue = {options.max_queue}\n"
         f'decode_on = "{options.decode_on}"\n\n'

@@ -223,7 +223,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         int8_model=Path(args.int8_model) if args.int8_model else None, providers=cfg.model.providers,
         max_batch=args.max_batch or cfg.batch.max_batch, max_wait_ms=cfg.batch.max_wait_ms,
         decode_threads=args.decode_threads or cfg.batch.decode_threads, max_queue=cfg.batch.max_queue,
-        decode_on=cfg.batch.decode_on, spin_wait=cfg.model.spin_wait,
+        decode_on=cfg.batch.decode_on, spin_wait=cfg.model.spin_wait, intra_op_threads=cfg.model.intra_op_threads,
         concurrent_batches=cfg.model.concurrent_batches, idle_seconds=args.idle_seconds, naive=args.naive,
         ceiling=args.ceiling, workers=args.workers, database=args.database,
         progress=lambda message: print(f"bench: {message}", file=sys.stderr, flush=True),

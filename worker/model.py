@@ -241,6 +241,9 @@ class Model:
         self.device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
         self.placement = placement
         self._outputs: dict[int, ort.OrtValue] = {}
+        # On a GPU, one session per padded batch size (see _session_for); the first is self.session.
+        self._by_rows: dict[int, ort.InferenceSession] = {}
+        self._session_args = (data, options)
         self._lanes: list[tuple[ort.InferenceSession, Placement]] = []
         if self.providers == ["CPUExecutionProvider"]:  # lanes are plain CPU sessions: never for other EPs
             self._lanes = self._lane_sessions(data, concurrent_batches, inter_op_threads, spin_wait)
@@ -300,8 +303,8 @@ class Model:
             finally:
                 self._give_back(lane)
             return probs
-        # cuDNN picks its algorithms per input shape, slowly, the first time it meets one: batches are
-        # padded to a power of two so that a few shapes, all met in warm_up(), serve every batch size.
+        # cuDNN plans its kernels per input shape, slowly: batches are padded to a power of two so that a
+        # few shapes, each run by a session of its own (_session_for) warmed in warm_up(), serve every size.
         rows = len(images)
         on_device = hasattr(images, "data_ptr")  # a torch tensor on the GPU (worker.gpudecode)
         bucket = 1 << max(rows - 1, 0).bit_length()
@@ -310,7 +313,8 @@ class Model:
                 else np.zeros((bucket, *images.shape[1:]), dtype=np.uint8)
             padded[:rows] = images
             images = padded
-        binding = self.session.io_binding()
+        session = self._session_for(bucket)
+        binding = session.io_binding()
         if on_device:  # read where it is
             images = images.contiguous()
             binding.bind_input(INPUT_NAME, "cuda", images.device.index or 0, np.uint8, list(images.shape),
@@ -318,8 +322,30 @@ class Model:
         else:
             binding.bind_cpu_input(INPUT_NAME, np.ascontiguousarray(images))
         binding.bind_ortvalue_output(OUTPUT_NAME, self._output(bucket))
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()[:rows]
+
+    def _session_for(self, rows: int) -> ort.InferenceSession:
+        """The GPU session that runs batches of `rows` (a padded size), made on first use.
+
+        onnxruntime's CUDA Conv (cuDNN 9) keeps the execution plan of the last input shape it met, one per
+        Conv node, and builds a new one, through cuDNN's heuristics and run-time compilation (NVRTC), at
+        every change of shape: seconds for this model in fp16. One session fed several batch sizes rebuilt
+        all its plans whenever the size changed (a burst's last, partial batch; a lone drop), which made
+        in-worker inference 20-40x slower than the same batch timed alone (measured on an H100 with py-spy:
+        the time went to cudnnBackendFinalize and nvrtcCompileProgram). A session per size keeps each
+        size's plans; the device memory is the weights again (10 MB in fp16) and each size's activations.
+        """
+        session = self._by_rows.get(rows)
+        if session is None:
+            with self._lock:
+                session = self._by_rows.get(rows)
+                if session is None:
+                    data, options = self._session_args
+                    session = self.session if not self._by_rows else \
+                        ort.InferenceSession(data, options, providers=self.providers)
+                    self._by_rows[rows] = session
+        return session
 
     def _take_lane(self) -> int | None:
         """The lane for a run starting now: None (the main session, every core) when nothing else runs."""
@@ -352,8 +378,8 @@ class Model:
         return Prediction(top3[0][0], top3[0][1], top3)
 
     def warm_up(self, max_batch: int = 1) -> None:
-        """Run dummy batches so the first real images do not pay for lazy initialisation (on a GPU: every
-        padded batch shape up to `max_batch`)."""
+        """Run dummy batches so the first real images do not pay for lazy initialisation (on a GPU: the
+        session of every padded batch size up to `max_batch`, and its cuDNN plans)."""
         height, width = self.input_size
         sizes = [1]
         while self.device != "cpu" and sizes[-1] < max_batch:
