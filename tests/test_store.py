@@ -513,3 +513,65 @@ def test_a_postgresql_connection_left_read_only_is_replaced() -> None:
         with store.engine.connect() as conn:
             assert conn.exec_driver_sql("SHOW transaction_read_only").scalar() == "off"
             assert conn.exec_driver_sql("SELECT count(*) FROM results").scalar() == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(120)
+def test_two_writer_processes_agree_on_first_rows_on_postgresql() -> None:
+    """As above, on a real PostgreSQL server, where duplicate detection is serialised per content
+    (lock_contents): of rows with the same content exactly one is the first, and it has the lowest id."""
+    from pgserver import postgres_server
+
+    with postgres_server() as url:
+        Store(url).close()
+        shas = [f"{i % 13:064x}" for i in range(60)]
+        ctx = multiprocessing.get_context("fork")
+        start = ctx.Event()
+        procs = [ctx.Process(target=_write_batches, args=(url, f"w{n}", shas, start)) for n in range(3)]
+        for proc in procs:
+            proc.start()
+        start.set()
+        for proc in procs:
+            proc.join(100)
+        assert [proc.exitcode for proc in procs] == [0, 0, 0]
+        with sa.create_engine(url).connect() as conn:
+            total, firsts, distinct = conn.execute(sa.text(
+                "SELECT count(*), count(*) FILTER (WHERE duplicate_of IS NULL), count(DISTINCT sha256) "
+                "FROM results")).one()
+            wrong = conn.execute(sa.text(
+                "SELECT count(*) FROM results r JOIN results f ON r.duplicate_of = f.id "
+                "WHERE f.sha256 != r.sha256 OR f.duplicate_of IS NOT NULL OR f.id > r.id")).scalar_one()
+    assert (total, firsts, distinct, wrong) == (180, 13, 13, 0)
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(60)
+def test_batches_without_a_content_in_common_commit_while_another_holds_its_contents() -> None:
+    """Only batches sharing a content wait for each other: with a transaction holding content X's lock
+    open (as a slow commit of another worker would), a batch of content Y commits, and a batch of X waits
+    until that transaction ends."""
+    from pgserver import postgres_server
+
+    from worker.store import lock_contents
+
+    x, y = "a" * 64, "b" * 64
+    with postgres_server() as url, Store(url) as store:
+        store.add_results([record("warm.jpg", "c" * 64)])  # schema made, pool warm
+        holder = sa.create_engine(url)
+        with holder.connect() as conn:
+            lock_contents(conn, [record("held.jpg", x)])  # transaction left open
+            other = threading.Thread(target=lambda: store.add_results([record("y.jpg", y)]))
+            same = threading.Thread(target=lambda: store.add_results([record("x.jpg", x)]))
+            other.start()
+            other.join(30)
+            same.start()
+            assert not other.is_alive()  # committed while X was held
+            same.join(1.0)
+            assert same.is_alive()  # waits for the holder, not for a timeout of its own
+            conn.rollback()
+        same.join(30)
+        assert not same.is_alive()
+        holder.dispose()
+        with store.engine.connect() as conn:
+            rows = dict(conn.execute(sa.select(results.c.file, results.c.duplicate_of)).all())
+    assert rows == {"warm.jpg": None, "y.jpg": None, "x.jpg": None}

@@ -24,6 +24,7 @@ work, and a full decode each. 12-megapixel photos are re-encoded with one pixel 
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import logging
@@ -493,7 +494,10 @@ class WorkerGroup:
                     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as reply:
                         if reply.status == 200:
                             del waiting[instance]
-                except OSError:  # not listening yet, or 503 while starting
+                except (OSError, http.client.HTTPException):
+                    # not listening yet, or 503 while starting. A connect to a loopback port nobody listens
+                    # on can also meet itself (the kernel picks that port as the source: TCP self-connect)
+                    # and read back its own request: BadStatusLine, seen once on a 16-core host.
                     pass
             if waiting and time.monotonic() > deadline:
                 raise RuntimeError(f"workers {sorted(waiting)} not ready after {timeout:.0f} s; see {self.root}")
