@@ -575,3 +575,31 @@ def test_batches_without_a_content_in_common_commit_while_another_holds_its_cont
         with store.engine.connect() as conn:
             rows = dict(conn.execute(sa.select(results.c.file, results.c.duplicate_of)).all())
     assert rows == {"warm.jpg": None, "y.jpg": None, "x.jpg": None}
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(60)
+def test_a_batch_of_more_contents_than_the_lock_limit_locks_the_whole_table() -> None:
+    """Each content lock takes an entry of PostgreSQL's shared lock table: a batch of more contents than
+    CONTENT_LOCKS_MAX takes the table-wide key exclusively instead, so it waits for any batch in progress
+    and commits once that ends."""
+    from pgserver import postgres_server
+
+    from worker.store import CONTENT_LOCKS_MAX, lock_contents
+
+    big = [record(f"{i}.jpg", f"{i:064x}") for i in range(CONTENT_LOCKS_MAX + 1)]
+    with postgres_server() as url, Store(url) as store:
+        store.add_results([record("warm.jpg", "c" * 64)])
+        holder = sa.create_engine(url)
+        with holder.connect() as conn:
+            lock_contents(conn, [record("held.jpg", "a" * 64)])  # another worker's batch in progress
+            writer = threading.Thread(target=lambda: store.add_results(big))
+            writer.start()
+            writer.join(1.0)
+            assert writer.is_alive()  # waits for the batch in progress, though no content is shared
+            conn.rollback()
+        writer.join(30)
+        assert not writer.is_alive()
+        holder.dispose()
+        with store.engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(results)).scalar_one() == len(big) + 1

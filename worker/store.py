@@ -146,6 +146,8 @@ _INSERT = sa.insert(results)
 # PostgreSQL: the results lock shared, then each content of the batch exclusively, in key order (see
 # lock_contents). unnest reads a one-dimensional array out in its order, so the locks follow the sort.
 _LOCK_RESULTS_SHARED = sa.text("SELECT pg_advisory_xact_lock_shared(:key)")
+_LOCK_RESULTS = sa.text("SELECT pg_advisory_xact_lock(:key)")
+CONTENT_LOCKS_MAX = 256  # contents locked one by one in a batch; more: the whole table (lock_contents)
 _LOCK_CONTENTS = sa.text("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:keys AS bigint[])) AS k")
 _INSERT_RETURNING_ID = sa.insert(results).returning(results.c.id)
 _SET_DUPLICATE = (sa.update(results).where(results.c.id == sa.bindparam("row_id"))
@@ -171,9 +173,16 @@ def lock_contents(conn: Connection, records: list[ResultRecord]) -> None:
     and 142 ms with four.) Locks are taken in key order, so two batches cannot wait for each other in a cycle. The
     table-wide key is taken shared, so a worker of an older version, which takes it exclusively, still
     excludes all others during a rolling upgrade.
+
+    Each advisory lock takes an entry of PostgreSQL's shared lock table (max_locks_per_transaction x
+    max_connections entries, 6,400 by default): a batch of more than CONTENT_LOCKS_MAX contents takes the
+    table-wide key exclusively instead, as all batches did before.
     """
-    conn.execute(_LOCK_RESULTS_SHARED, {"key": RESULTS_LOCK_KEY})
     keys = content_lock_keys(records)
+    if len(keys) > CONTENT_LOCKS_MAX:
+        conn.execute(_LOCK_RESULTS, {"key": RESULTS_LOCK_KEY})
+        return
+    conn.execute(_LOCK_RESULTS_SHARED, {"key": RESULTS_LOCK_KEY})
     if keys:
         conn.execute(_LOCK_CONTENTS, {"keys": keys})
 
