@@ -408,6 +408,47 @@ def test_a_restarted_instance_waits_for_the_session_its_gone_process_left(
 
 
 @pytest.mark.timeout(120)
+def test_a_worker_gone_during_its_start_up_is_waited_for_by_its_restart(
+        tmp_path: Path, pg_url: str, workers: Workers) -> None:
+    """As above, but the first process is cut off and killed while it is still starting (its model is a FIFO
+    nobody writes, so it blocks loading it, after taking its id; on a GPU, warming the model up takes tens
+    of seconds). It names itself in the workers table as soon as it holds its id, so the restart knows the
+    holder is a gone process of this host and waits, instead of refusing an unknown holder with exit 2."""
+    from test_lock import ClientCutProxy
+
+    site = make_site(tmp_path / "site")
+    (site / "model.onnx").unlink()
+    os.mkfifo(site / "model.onnx")
+    proxy = ClientCutProxy(make_url(pg_url).port)
+    try:
+        first = workers.start(site, make_url(pg_url).set(port=proxy.port).render_as_string(hide_password=False),
+                              "--instance", "1")
+        def named() -> bool:
+            try:
+                return query(pg_url, "SELECT pid FROM workers") == [(first.pid,)]
+            except sa.exc.ProgrammingError:  # the worker has not made the tables yet
+                return False
+
+        wait_until(lambda: named() or first.poll() is not None, 60, "the first worker to name itself")
+        assert first.poll() is None and "watching inbox" not in workers.log(first), workers.log(first)
+        proxy.cut()
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        (site / "model.onnx").unlink()
+        make_model(site / "model.onnx")
+        again = workers.start(site, pg_url, "--instance", "1")
+        wait_until(lambda: "waiting up to" in workers.log(again) or again.poll() is not None, 60,
+                   "the restarted worker to wait for the old session")
+        assert again.poll() is None, workers.log(again)
+        assert f"(pid {first.pid}), which is gone; waiting up to 40 s" in workers.log(again)
+    finally:
+        proxy.close()  # the server sees its side close and ends the session: the lock is free
+    workers.wait_ready(again)
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(timeout=20) == 0, workers.log(again)
+
+
+@pytest.mark.timeout(120)
 def test_a_worker_whose_id_another_process_took_stops_with_one_line(
         tmp_path: Path, pg_url: str, workers: Workers) -> None:
     """A network cut long enough to end the session that holds a worker's id lock, while another process

@@ -142,6 +142,10 @@ class Worker:
             if config.service.lock:
                 self.worker_lock = WorkerIdLock(self.store, self.worker_id, stopping=lambda: self.stop_requested)
                 self.worker_lock.acquire()
+                # The id's row names this process from now on, not only once the model is warm (tens of
+                # seconds on a GPU): a restart after a host reset during start-up then finds a gone process
+                # holding the id and waits for its session to end, instead of refusing an unknown holder.
+                self._heartbeat()
             self.claims = Claims(self.store, self.worker_id, self.host, lease_s=config.database.claim_lease_s)
             self.claims.start()
         elif config.service.lock:
