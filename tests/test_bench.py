@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import socket
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +84,8 @@ def test_bench_times_several_workers_sharing_the_inbox_through_postgresql(tmp_pa
     group = json.loads(out.read_text())["workers"]
     assert (group["workers"], group["images"], group["rows"], group["files"]) == (2, 24, 24, 24)
     assert group["failed_rows"] == 0 and group["worker_exit_codes"] == [0, 0]
-    assert set(group["rows_per_worker"]) <= {f"{socket.gethostname()}@1", f"{socket.gethostname()}@2"}
+    assert len(group["rows_per_worker"]) in (1, 2)  # ids of their own, never a production worker's HOST@i
+    assert all(re.fullmatch(r"bench-\d+-\d+@[12]", worker) for worker in group["rows_per_worker"])
     assert sum(group["rows_per_worker"].values()) == 24
     assert group["images_per_s"] > 0 and group["cpu_ms_per_image"] > 0 and group["peak_rss_mb_per_worker"] > 0
     assert group["per_batch"]["batches"] >= 6 and group["per_batch"]["inference_ms"] > 0
@@ -93,8 +94,8 @@ def test_bench_times_several_workers_sharing_the_inbox_through_postgresql(tmp_pa
     assert "one row per photo" in result.stdout
     assert "bench: 2 workers sharing the inbox: burst of 24" in result.stderr
     assert (again["images"], again["rows"], again["files"], again["worker_exit_codes"]) == (6, 6, 6, [0, 0])
-    assert total == 24 + 2 + 6 + 2  # each run's burst and one warm-up photo per worker; the bench's own
-    # single-worker figures went to its temp SQLite file
+    assert total == 24 + 2 + 6 + 2  # each run's burst and as many warm-up photos as workers (whichever
+    # workers take them); the bench's own single-worker figures went to its temp SQLite file
 
 
 def test_bench_names_a_missing_image_folder(tmp_path):

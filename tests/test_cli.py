@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -510,3 +511,18 @@ def test_install_service_dry_run_prints_the_plan_and_changes_nothing(
     assert not config.exists()
     code, out, _ = run_cli(capsys, "uninstall-service", "--dry-run")
     assert code == 0 and "systemctl disable --now fashion-worker.service\n" in out
+
+
+def test_bench_workers_with_a_database_it_cannot_reach_stop_before_measuring(
+        site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--workers checks its database first (a real connection attempt to a closed loopback port), so a
+    wrong URL costs seconds, not the minutes of the other measurements, and ends in one line."""
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"postgresql+psycopg://fw:secret@127.0.0.1:{port}/bench"
+    code, out, err = run_cli(capsys, "bench", "inbox", "--workers", "2", "--database", url)
+    assert (code, out) == (2, "")
+    assert err.startswith(f"fashion-worker: error: --database postgresql+psycopg://fw:***@127.0.0.1:{port}/bench: "
+                          "cannot connect: ")
+    assert len(err.splitlines()) == 1 and "secret" not in err

@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import sqlite3
@@ -42,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
@@ -174,6 +176,15 @@ def check_workers(options: BenchOptions) -> None:
     if backend != "postgresql":
         raise ConfigError(f"--database {redacted(options.database)}: --workers {options.workers} needs a "
                           "PostgreSQL URL (postgresql+psycopg://user@host/dbname)")
+    engine = sa.create_engine(options.database, poolclass=sa.pool.NullPool)
+    try:  # before minutes of other measurements, not after them
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except (sa.exc.SQLAlchemyError, ImportError) as exc:
+        first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"--database {redacted(options.database)}: cannot connect: {first}") from None
+    finally:
+        engine.dispose()
 
 
 def redacted(url: str) -> str:
@@ -428,8 +439,10 @@ class WorkerProcess:
         return code
 
 
-def write_config(root: Path, model: Path, options: BenchOptions, database_url: str, metrics_port: int) -> Path:
-    """The config.toml of the bench's worker(s): inbox `root`/inbox, the options' batch and model settings."""
+def write_config(root: Path, model: Path, options: BenchOptions, database_url: str, metrics_port: int,
+                 worker_id: str = "") -> Path:
+    """The config.toml of the bench's worker(s): inbox `root`/inbox, the options' batch and model settings;
+    `worker_id` as service.worker_id (empty: the worker's default)."""
     config = root / "config.toml"
     config.write_text(
         f'[inbox]\npath = "inbox"\n\n'
@@ -440,7 +453,7 @@ def write_config(root: Path, model: Path, options: BenchOptions, database_url: s
         f"decode_threads = {options.decode_threads}\nmax_queue = {options.max_queue}\n"
         f'decode_on = "{options.decode_on}"\n\n'
         f"[database]\nurl = {json.dumps(database_url)}\n\n[service]\nlog_level = \"WARNING\"\n"
-        f"metrics_port = {metrics_port}\n"
+        f"metrics_port = {metrics_port}\nworker_id = {json.dumps(worker_id)}\n"
     )
     return config
 
@@ -467,21 +480,31 @@ def stage_totals(metrics_port: int) -> dict[str, tuple[float, float]]:
 
 class WorkerGroup:
     """`count` real workers (`python -m worker run --instance i`, as `install-service --instances N` starts
-    them) on one temp inbox, sharing a PostgreSQL database: worker ids HOST@1..N, metrics ports base..+N-1.
-    Rows are told apart from other runs' by the file-name prefix `tag`."""
+    them) on one temp inbox, sharing a PostgreSQL database: worker ids TAG@1..N (never a production worker's
+    HOST@i), metrics ports base..+N-1. Rows are told apart from other runs' by the file-name prefix `tag`
+    and, once the workers are ready, by ids above the table's highest (the primary key's index: polling
+    does not scan a large production table)."""
 
     def __init__(self, root: Path, model: Path, options: BenchOptions, count: int, tag: str) -> None:
         self.root, self.tag = root, tag
         self.inbox = root / "inbox"
         self.inbox.mkdir(parents=True)
         self.ports = free_ports(count)
-        config = write_config(root, model, options, str(options.database), self.ports[0])
-        self.engine = sa.create_engine(str(options.database), poolclass=sa.pool.NullPool)
-        self.logs = [open(root / f"worker-{i}.log", "w") for i in range(1, count + 1)]  # noqa: SIM115 (stop())
-        self.processes = [
-            subprocess.Popen([sys.executable, "-m", "worker", "run", "--config", str(config), "--instance", str(i)],
-                             stdout=log, stderr=subprocess.STDOUT, cwd=root)
-            for i, log in enumerate(self.logs, start=1)]
+        self.after_id = 0
+        config = write_config(root, model, options, str(options.database), self.ports[0], tag.rstrip("-"))
+        # One connection, kept: a new one per poll starts a server process each time.
+        self.engine = sa.create_engine(str(options.database), pool_size=1, max_overflow=0)
+        self.logs: list[Any] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
+        try:
+            for i in range(1, count + 1):
+                self.logs.append(open(root / f"worker-{i}.log", "w"))  # noqa: SIM115 (closed in stop())
+                self.processes.append(subprocess.Popen(
+                    [sys.executable, "-m", "worker", "run", "--config", str(config), "--instance", str(i)],
+                    stdout=self.logs[-1], stderr=subprocess.STDOUT, cwd=root))
+        except BaseException:  # a failed start, or Ctrl-C meanwhile: none of those started is left running
+            self.stop()
+            raise
 
     def wait_ready(self, timeout: float) -> None:
         """Until every worker's /healthz answers 200 (model warmed up, watching the inbox)."""
@@ -502,6 +525,10 @@ class WorkerGroup:
             if waiting and time.monotonic() > deadline:
                 raise RuntimeError(f"workers {sorted(waiting)} not ready after {timeout:.0f} s; see {self.root}")
             time.sleep(0.05)
+        from worker.store import results
+
+        with self.engine.connect() as conn:  # the workers have made the tables by now
+            self.after_id = conn.execute(sa.select(sa.func.coalesce(sa.func.max(results.c.id), 0))).scalar_one()
 
     def _check_alive(self) -> None:
         for instance, process in enumerate(self.processes, start=1):
@@ -512,7 +539,7 @@ class WorkerGroup:
     def _mine(self, prefix: str = "") -> sa.ColumnElement[bool]:
         from worker.store import results
 
-        return results.c.file.startswith(self.tag + prefix, autoescape=True)
+        return sa.and_(results.c.id > self.after_id, results.c.file.startswith(self.tag + prefix, autoescape=True))
 
     def rows(self) -> int:
         from worker.store import results
@@ -526,7 +553,7 @@ class WorkerGroup:
             self._check_alive()
             if time.monotonic() > deadline:
                 raise RuntimeError(f"timed out waiting for {count} rows (have {have})")
-            time.sleep(0.02)
+            time.sleep(0.05)
 
     def summary(self, prefix: str) -> dict:
         """Rows, distinct files, failed rows, rows per worker and the last commit time of this run's files
@@ -545,13 +572,21 @@ class WorkerGroup:
                 "last_commit": parse_time(last) if last is not None else None}
 
     def stage_totals(self) -> dict[str, tuple[float, float]]:
-        """stage_totals() summed over the workers."""
-        summed: dict[str, tuple[float, float]] = {}
-        for port in self.ports:
-            for key, (seconds, count) in stage_totals(port).items():
-                before = summed.get(key, (0.0, 0.0))
-                summed[key] = (before[0] + seconds, before[1] + count)
-        return summed
+        """stage_totals() summed over the workers, once their commit timings are all in: a worker records a
+        batch's commit and moves just after them, so its last rows can be visible before their timing (read
+        until the number of timed commits stays the same for 0.2 s, 5 s at most)."""
+        deadline = time.monotonic() + 5.0
+        last: dict[str, tuple[float, float]] | None = None
+        while True:
+            summed: dict[str, tuple[float, float]] = {}
+            for port in self.ports:
+                for key, (seconds, count) in stage_totals(port).items():
+                    before = summed.get(key, (0.0, 0.0))
+                    summed[key] = (before[0] + seconds, before[1] + count)
+            if last is not None and (last.get("dispose") == summed.get("dispose") or time.monotonic() > deadline):
+                return summed
+            last = summed
+            time.sleep(0.2)
 
     def cpu_seconds(self) -> float:
         return sum(process_cpu_seconds(p.pid) for p in self.processes)
@@ -560,20 +595,25 @@ class WorkerGroup:
         return max(process_peak_rss_mb(p.pid) for p in self.processes)
 
     def stop(self) -> list[int]:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        codes = []
-        for process in self.processes:
-            try:
-                codes.append(process.wait(timeout=30))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                codes.append(process.wait())
-        for log in self.logs:
-            log.close()
-        self.engine.dispose()
-        return codes
+        try:
+            for process in self.processes:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            codes = []
+            for process in self.processes:
+                try:
+                    codes.append(process.wait(timeout=30))
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    codes.append(process.wait())
+            return codes
+        finally:  # also on a second Ctrl-C during the wait
+            for process in self.processes:
+                if process.poll() is None:
+                    process.kill()
+            for log in self.logs:
+                log.close()
+            self.engine.dispose()
 
 
 def several_workers(root: Path, files: list[Path], model: Path, options: BenchOptions) -> dict:
@@ -588,8 +628,8 @@ def several_workers(root: Path, files: list[Path], model: Path, options: BenchOp
     group = WorkerGroup(root, model, options, count, tag)
     try:
         group.wait_ready(timeout=300)
-        for path in warm:  # a first batch through each stage (the claims table, the first commit)
-            os.rename(path, group.inbox / path.name)
+        for path in warm:  # first batches through the claims table and the first commits (whichever
+            os.rename(path, group.inbox / path.name)  # workers take them; each warmed its model at start)
         group.wait_rows(len(warm), timeout=120)
         before, cpu = group.stage_totals(), group.cpu_seconds()
         started = time.time()
@@ -625,13 +665,19 @@ def process_peak_rss_mb(pid: int) -> float:
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` consecutive free loopback ports (instance i listens on base + i - 1)."""
-    for _ in range(100):
-        base = free_port()
+    """`count` consecutive free loopback ports (instance i listens on base + i - 1), below the kernel's
+    ephemeral range where it has room there: a port of that range, free now, can become the source port of
+    a worker's own connection (to the database) before that worker listens on it."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    for attempt in range(100):
+        base = random.randrange(10000, low - count) if low - count > 10000 and attempt < 90 else free_port()
         if base + count > 65536:
             continue
         try:
-            for port in range(base + 1, base + count):
+            for port in range(base, base + count):
                 with socket.socket() as probe:
                     probe.bind(("127.0.0.1", port))
         except OSError:
