@@ -445,27 +445,35 @@ def _write_batches(url: str, worker: str, shas: list[str], start: Any) -> None:
     store.close()
 
 
-@pytest.mark.timeout(60)
-def test_two_writer_processes_agree_on_first_rows(db_path: Path) -> None:
-    url = sqlite_url(db_path)
+def _first_rows_of_concurrent_writers(url: str, writers: int, shas: list[str]) -> tuple[int, int, int, int]:
+    """`writers` processes each record `shas` at once in batches of 5 (_write_batches); then (rows, rows
+    marked first, distinct contents, rows whose duplicate_of is not the lowest-id first row of their content)."""
     Store(url).close()
-    shas = [f"{i % 13:064d}" for i in range(60)]  # both processes write the same 13 contents
     ctx = multiprocessing.get_context("fork")
     start = ctx.Event()
-    procs = [ctx.Process(target=_write_batches, args=(url, f"w{n}", shas, start)) for n in range(2)]
+    procs = [ctx.Process(target=_write_batches, args=(url, f"w{n}", shas, start)) for n in range(writers)]
     for proc in procs:
         proc.start()
     start.set()
     for proc in procs:
         proc.join(50)
-    assert [proc.exitcode for proc in procs] == [0, 0]
-    with sqlite3.connect(db_path) as conn:
-        total, firsts, distinct = conn.execute(
-            "SELECT count(*), sum(duplicate_of IS NULL), count(DISTINCT sha256) FROM results").fetchone()
-        wrong = conn.execute(
+    assert [proc.exitcode for proc in procs] == [0] * writers
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        total, firsts, distinct = conn.execute(sa.text(
+            "SELECT count(*), sum(CASE WHEN duplicate_of IS NULL THEN 1 ELSE 0 END), count(DISTINCT sha256) "
+            "FROM results")).one()
+        wrong = conn.execute(sa.text(
             "SELECT count(*) FROM results r JOIN results f ON r.duplicate_of = f.id "
-            "WHERE f.sha256 != r.sha256 OR f.duplicate_of IS NOT NULL OR f.id > r.id").fetchone()[0]
-    assert (total, firsts, distinct, wrong) == (120, 13, 13, 0)
+            "WHERE f.sha256 != r.sha256 OR f.duplicate_of IS NOT NULL OR f.id > r.id")).scalar_one()
+    engine.dispose()
+    return total, firsts, distinct, wrong
+
+
+@pytest.mark.timeout(60)
+def test_two_writer_processes_agree_on_first_rows(db_path: Path) -> None:
+    shas = [f"{i % 13:064d}" for i in range(60)]  # both processes write the same 13 contents
+    assert _first_rows_of_concurrent_writers(sqlite_url(db_path), 2, shas) == (120, 13, 13, 0)
 
 
 def test_a_lost_commit_answer_with_an_undecodable_file_name_is_not_recorded_twice(db_path: Path) -> None:
@@ -523,25 +531,8 @@ def test_two_writer_processes_agree_on_first_rows_on_postgresql() -> None:
     from pgserver import postgres_server
 
     with postgres_server() as url:
-        Store(url).close()
         shas = [f"{i % 13:064x}" for i in range(60)]
-        ctx = multiprocessing.get_context("fork")
-        start = ctx.Event()
-        procs = [ctx.Process(target=_write_batches, args=(url, f"w{n}", shas, start)) for n in range(3)]
-        for proc in procs:
-            proc.start()
-        start.set()
-        for proc in procs:
-            proc.join(100)
-        assert [proc.exitcode for proc in procs] == [0, 0, 0]
-        with sa.create_engine(url).connect() as conn:
-            total, firsts, distinct = conn.execute(sa.text(
-                "SELECT count(*), count(*) FILTER (WHERE duplicate_of IS NULL), count(DISTINCT sha256) "
-                "FROM results")).one()
-            wrong = conn.execute(sa.text(
-                "SELECT count(*) FROM results r JOIN results f ON r.duplicate_of = f.id "
-                "WHERE f.sha256 != r.sha256 OR f.duplicate_of IS NOT NULL OR f.id > r.id")).scalar_one()
-    assert (total, firsts, distinct, wrong) == (180, 13, 13, 0)
+        assert _first_rows_of_concurrent_writers(url, 3, shas) == (180, 13, 13, 0)
 
 
 @pytest.mark.postgres

@@ -411,13 +411,11 @@ class WorkerProcess:
             return {name: parse_time(value) for name, value in found}
 
     def wait_rows(self, count: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.rows() < count:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.process.returncode}; see {self.root / 'worker.log'}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"timed out waiting for {count} rows (have {self.rows()})")
-            time.sleep(0.01)
+        wait_for_rows(self.rows, self._check_alive, count, timeout, interval=0.01)
+
+    def _check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"worker exited with {self.process.returncode}; see {self.root / 'worker.log'}")
 
     def cpu_seconds(self) -> float:
         return process_cpu_seconds(self.process.pid)
@@ -429,14 +427,42 @@ class WorkerProcess:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-        self.process.send_signal(signal.SIGTERM)
         try:
-            code = self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait()
-        self.log.close()
-        return code
+            return stop_processes([self.process])[0]
+        finally:
+            self.log.close()
+
+
+def stop_processes(processes: list[subprocess.Popen[bytes]]) -> list[int]:
+    """SIGTERM the workers still running, wait up to 30 s for each (then SIGKILL); their exit codes. None is
+    left running, also when a second Ctrl-C interrupts the wait."""
+    try:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        codes = []
+        for process in processes:
+            try:
+                codes.append(process.wait(timeout=30))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                codes.append(process.wait())
+        return codes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+
+
+def wait_for_rows(rows: Callable[[], int], check_alive: Callable[[], None], count: int, timeout: float,
+                  interval: float) -> None:
+    """Poll `rows()` every `interval` s until it reaches `count`; `check_alive` raises if a worker died."""
+    deadline = time.monotonic() + timeout
+    while (have := rows()) < count:
+        check_alive()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {count} rows (have {have})")
+        time.sleep(interval)
 
 
 def write_config(root: Path, model: Path, options: BenchOptions, database_url: str, metrics_port: int,
@@ -548,12 +574,7 @@ class WorkerGroup:
             return conn.execute(sa.select(sa.func.count()).select_from(results).where(self._mine())).scalar_one()
 
     def wait_rows(self, count: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while (have := self.rows()) < count:
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"timed out waiting for {count} rows (have {have})")
-            time.sleep(0.05)
+        wait_for_rows(self.rows, self._check_alive, count, timeout, interval=0.05)
 
     def summary(self, prefix: str) -> dict:
         """Rows, distinct files, failed rows, rows per worker and the last commit time of this run's files
@@ -596,21 +617,8 @@ class WorkerGroup:
 
     def stop(self) -> list[int]:
         try:
-            for process in self.processes:
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
-            codes = []
-            for process in self.processes:
-                try:
-                    codes.append(process.wait(timeout=30))
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    codes.append(process.wait())
-            return codes
-        finally:  # also on a second Ctrl-C during the wait
-            for process in self.processes:
-                if process.poll() is None:
-                    process.kill()
+            return stop_processes(self.processes)
+        finally:
             for log in self.logs:
                 log.close()
             self.engine.dispose()

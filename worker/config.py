@@ -240,8 +240,11 @@ MAX_SECONDS = 86_400
 
 def validate(config: Config, source: str = "") -> None:
     """Check the values' ranges and choices; `source` (the file, or "command line") prefixes the message."""
-    def within(value: float, low: float, high: float) -> bool:  # also False for nan and inf
-        return low <= value <= high
+    def ranged(name: str, low: float, high: float, bounds: str = "") -> tuple[bool, str]:
+        """The check that setting `name` ("section.key") is within low..high (False for nan and inf too)."""
+        section, key = name.split(".")
+        value = getattr(getattr(config, section), key)
+        return low <= value <= high, f"{name} must be {bounds or f'{low}..{high}'}, got {value}"
 
     checks = [
         *[(bool(folder.strip()), f"{name} must not be empty (it would be the config file's own folder)")
@@ -252,35 +255,25 @@ def validate(config: Config, source: str = "") -> None:
         (config.service.log_level.upper() in LOG_LEVELS,
          f"service.log_level must be one of {', '.join(LOG_LEVELS)}, got {config.service.log_level!r}"),
         (config.batch.max_batch >= 1, f"batch.max_batch must be at least 1, got {config.batch.max_batch}"),
-        (within(config.batch.max_wait_ms, 0, MAX_WAIT_MS),
-         f"batch.max_wait_ms must be 0..{MAX_WAIT_MS}, got {config.batch.max_wait_ms}"),
+        ranged("batch.max_wait_ms", 0, MAX_WAIT_MS),
         (config.batch.max_queue >= config.batch.max_batch,
          f"batch.max_queue ({config.batch.max_queue}) must be >= batch.max_batch ({config.batch.max_batch})"),
-        (within(config.batch.decode_threads, 1, MAX_THREADS),
-         f"batch.decode_threads must be 1..{MAX_THREADS}, got {config.batch.decode_threads}"),
+        ranged("batch.decode_threads", 1, MAX_THREADS),
         (config.batch.decode_on in DECODE_ON,
          f"batch.decode_on must be one of {', '.join(DECODE_ON)}, got {config.batch.decode_on!r}"),
         (config.files.max_pixels > 0, f"files.max_pixels must be positive, got {config.files.max_pixels}"),
         (config.files.max_file_bytes > 0,
          f"files.max_file_bytes must be positive, got {config.files.max_file_bytes}"),
-        (within(config.inbox.settle_s, 0, MAX_SECONDS),
-         f"inbox.settle_s must be 0..{MAX_SECONDS}, got {config.inbox.settle_s}"),
-        (within(config.database.claim_lease_s, 0.001, MAX_SECONDS),
-         f"database.claim_lease_s must be positive, at most {MAX_SECONDS}, got {config.database.claim_lease_s}"),
-        (within(config.inbox.poll_interval_s, 0.001, MAX_SECONDS),
-         f"inbox.poll_interval_s must be positive, at most {MAX_SECONDS}, got {config.inbox.poll_interval_s}"),
-        (within(config.inbox.rescan_interval_s, 0, MAX_SECONDS),
-         f"inbox.rescan_interval_s must be 0..{MAX_SECONDS}, got {config.inbox.rescan_interval_s}"),
+        ranged("inbox.settle_s", 0, MAX_SECONDS),
+        ranged("database.claim_lease_s", 0.001, MAX_SECONDS, f"positive, at most {MAX_SECONDS}"),
+        ranged("inbox.poll_interval_s", 0.001, MAX_SECONDS, f"positive, at most {MAX_SECONDS}"),
+        ranged("inbox.rescan_interval_s", 0, MAX_SECONDS),
         (0 <= config.service.metrics_port <= 65535,
          f"service.metrics_port must be 0..65535, got {config.service.metrics_port}"),
-        (within(config.model.intra_op_threads, 0, MAX_THREADS),
-         f"model.intra_op_threads must be 0..{MAX_THREADS}, got {config.model.intra_op_threads}"),
-        (within(config.model.inter_op_threads, 0, MAX_THREADS),
-         f"model.inter_op_threads must be 0..{MAX_THREADS}, got {config.model.inter_op_threads}"),
-        (within(config.model.concurrent_batches, 0, MAX_THREADS),
-         f"model.concurrent_batches must be 0..{MAX_THREADS}, got {config.model.concurrent_batches}"),
-        (within(config.database.busy_timeout_ms, 0, MAX_SECONDS * 1000),
-         f"database.busy_timeout_ms must be 0..{MAX_SECONDS * 1000}, got {config.database.busy_timeout_ms}"),
+        ranged("model.intra_op_threads", 0, MAX_THREADS),
+        ranged("model.inter_op_threads", 0, MAX_THREADS),
+        ranged("model.concurrent_batches", 0, MAX_THREADS),
+        ranged("database.busy_timeout_ms", 0, MAX_SECONDS * 1000),
         (sqlite_url_problem(config.database.url) is None,
          f"database.url {sqlite_url_problem(config.database.url)}"),
     ]

@@ -127,6 +127,14 @@ def open_parent(inbox: Path, path: Path) -> tuple[int, str]:
     return dir_fd, parts[-1]
 
 
+def lstat_or_none(path: Path | str) -> os.stat_result | None:
+    """The file's lstat, None when it cannot be looked at (gone, or a folder on its way not searchable)."""
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
+
+
 def file_signature(st: os.stat_result) -> tuple[int, int, int]:
     """What tells a file changed since it was last seen: inode, size, mtime (ns); compared by the watcher
     (settling, reports) and the worker (files left in place)."""

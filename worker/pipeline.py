@@ -63,7 +63,7 @@ from worker.claims import ClaimOutcome, Claims, Granted, drop_key
 from worker.config import Config
 from worker.disposition import FileChanged, dispose, left_in_place
 from worker.exceptions import FileSkipped, FileUnreadable, ImageRejected, StoreError
-from worker.files import file_signature, identity, read_image_file, relative_name, sha256_hex
+from worker.files import file_signature, identity, lstat_or_none, read_image_file, relative_name, sha256_hex
 from worker.model import Model, Prediction
 from worker.preprocess import load_pixels, open_image
 from worker.store import ResultRecord, Store, StoredResult
@@ -780,7 +780,7 @@ class Pipeline:
                 p.skip_key = _skip_key(item.path)
                 p.unreadable = isinstance(exc, FileUnreadable)
         except ImageRejected as exc:
-            st = _lstat(item.path)
+            st = lstat_or_none(item.path)
             if not self._being_written(p, st):  # else refused for what a writer has not finished yet
                 p.error = str(exc)
                 if p.size_bytes is None and st is not None:  # refused before it was read (empty, too large…)
@@ -1325,19 +1325,10 @@ def _load_for_classify(
 
 
 def _skip_key(path: Path) -> tuple[Any, ...]:
-    st = _lstat(path)
+    st = lstat_or_none(path)
     return (path,) if st is None else (path, st.st_ino, st.st_mtime_ns)
 
 
 def _signature(path: Path) -> tuple[int, int, int] | None:
-    st = _lstat(path)
+    st = lstat_or_none(path)
     return None if st is None else file_signature(st)
-
-
-def _lstat(path: Path) -> os.stat_result | None:
-    """The file's lstat, None when it cannot be looked at."""
-    try:
-        return os.lstat(path)
-    except OSError:
-        return None
-

@@ -43,6 +43,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from worker.config import Config
 from worker.disposition import _candidates, _rename_noreplace, unique_destination
 from worker.exceptions import StoreError
+from worker.files import lstat_or_none
 from worker.migrations import BEGIN_MODE
 from worker.store import Store, results, safe_text, stored_names, workers
 
@@ -112,7 +113,7 @@ def _recover(store: Store, config: Config, host: str, own_id: str) -> int:
             for row in conn.execute(query):
                 spellings = _spellings(row.location, row.file)
                 location, file, left = next(((loc, name, st) for loc, name in spellings
-                                             if (st := _lstat(loc)) is not None), (row.location, row.file, None))
+                                             if (st := lstat_or_none(loc)) is not None), (row.location, row.file, None))
                 if left is not None and stat.S_ISREG(left.st_mode) and left.st_nlink > 1:
                     half_moved.append((row, location, file, left, folders))  # (linking changed its ctime)
                 elif left is None or (row.ctime_ns is not None and left.st_ctime_ns != row.ctime_ns
@@ -226,15 +227,8 @@ def _finish_move(inbox_name: Path, left: os.stat_result, file: str, status: str,
 
 
 def _same_file(path: Path, left: os.stat_result) -> bool:
-    there = _lstat(path)
+    there = lstat_or_none(path)
     return there is not None and (there.st_dev, there.st_ino) == (left.st_dev, left.st_ino)
-
-
-def _lstat(path: Path | str) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except OSError:
-        return None
 
 
 def _sha256(path: Path) -> str | None:

@@ -523,7 +523,7 @@ def install_service(
     if inbox is not None and not str(inbox).strip():
         raise FashionWorkerError("--inbox must not be empty (it would make the current folder the inbox)")
     inbox_path = Path(os.path.abspath(inbox)) if inbox is not None else cfg.inbox_path
-    if _rooted(root, inbox_path).exists() and not _rooted(root, inbox_path).is_dir():
+    if (inbox_there := _rooted(root, inbox_path)).exists() and not inbox_there.is_dir():
         raise FashionWorkerError(f"inbox {inbox_path} exists and is not a folder")
     processed, failed = cfg.processed_path, cfg.failed_path
     group = user

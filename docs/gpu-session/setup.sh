@@ -21,17 +21,8 @@ if ! /tmp/pg/pginstall/bin/pg_isready -h 127.0.0.1 -p 55432 >/dev/null 2>&1; the
   runuser -u pgrun -- $B/createdb -h 127.0.0.1 -p 55432 -U fashion fashion
 fi
 PG=postgresql+psycopg://fashion@127.0.0.1:55432/fashion
-cat > /tmp/gpu.toml <<'T'
-[batch]
-max_batch = 64
-decode_threads = 8
-max_queue = 8192
-decode_on = "gpu"
-T
-cat > /tmp/gpucpu.toml <<'T'
-[batch]
-max_batch = 64
-decode_threads = 8
-max_queue = 8192
-decode_on = "cpu"
-T
+# The README's GPU config (JPEGs decoded by nvJPEG), and the same decoding on the CPU.
+for decode in gpu cpu; do
+  file=/tmp/gpu.toml && [ $decode = cpu ] && file=/tmp/gpucpu.toml
+  printf '[batch]\nmax_batch = 64\ndecode_threads = 8\nmax_queue = 8192\ndecode_on = "%s"\n' $decode >$file
+done
