@@ -11,10 +11,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import pytest
+import sqlalchemy as sa
 from onnx import TensorProto, helper
 from PIL import Image
 
@@ -158,3 +160,18 @@ def run_without(package: str, command: str, *args: str) -> subprocess.CompletedP
     code = (f"import sys; sys.modules[{package!r}] = None\n"
             f"from {command}.__main__ import main; sys.exit(main({list(args)!r}))")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+@contextlib.contextmanager
+def statements_of(store: Any) -> Iterator[list[str]]:
+    """The SQL texts a worker.store.Store sends to its database meanwhile (BEGIN and COMMIT are not statements)."""
+    sent: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        sent.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", note)
+    try:
+        yield sent
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", note)

@@ -1,4 +1,5 @@
-"""worker.store on real SQLite files: schema, WAL, duplicates, crash-recovery look-ups, locks, retries."""
+"""worker.store on real SQLite files (and, where the statements differ, a real PostgreSQL server): schema, WAL,
+duplicates, crash-recovery look-ups, locks, retries."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import multiprocessing
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from conftest import unwritable
+from conftest import statements_of, unwritable
 
 from worker import query
 from worker.exceptions import StoreError
@@ -52,6 +54,28 @@ def db_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def store(db_path: Path):
     with Store(sqlite_url(db_path)) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[str]:
+    from pgserver import postgres_server  # starts a throw-away server; skips without the binaries
+
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A Store on a fresh SQLite file, and on a fresh database of a real PostgreSQL server (one per module):
+    the statements differ (PostgreSQL's take a batch as arrays), what they record must not."""
+    if request.param == "sqlite":
+        url = sqlite_url(tmp_path / "data" / "results.db")
+    else:
+        from pgserver import fresh_database
+
+        url = fresh_database(request.getfixturevalue("pg_server"))
+    with Store(url) as opened:
         yield opened
 
 
@@ -179,16 +203,16 @@ def test_a_reader_reads_a_closed_database_in_a_folder_it_cannot_write(db_path: P
 
 
 # Writing -------------------------------------------------------------------------------------------
-def test_add_results_stores_every_field(store: Store, db_path: Path) -> None:
+def test_add_results_stores_every_field(any_store: Store) -> None:
     created = datetime(2025, 1, 31, 12, 0, 0, 123456, tzinfo=UTC)
     before = datetime.now(UTC)
     ok = record("shirts/red shirt.jpg", size_bytes=1234, decode_ms=np.float32(1.5),
                 inference_ms=2.25, total_ms=4.0, created_at=created,
                 confidence=np.float32(0.75), top3=[("red", np.float32(0.75)), ("green", 0.25)])
     bad = record("broken.png", sha="b" * 64, status="failed", error="truncated PNG")
-    ids = store.add_results([ok, bad])
+    ids = any_store.add_results([ok, bad])
     assert ids == [1, 2]
-    with store.engine.connect() as conn:
+    with any_store.engine.connect() as conn:
         rows = conn.execute(sa.select(results).order_by(results.c.id)).mappings().all()
     first = rows[0]
     assert first["file"] == "shirts/red shirt.jpg" and first["location"] == "/inbox/shirts/red shirt.jpg"
@@ -201,30 +225,32 @@ def test_add_results_stores_every_field(store: Store, db_path: Path) -> None:
     assert before <= first["processed_at"] <= datetime.now(UTC)
     assert first["duplicate_of"] is None
     assert (rows[1]["status"], rows[1]["error"], rows[1]["category"]) == ("failed", "truncated PNG", None)
+    if any_store.dialect != "sqlite":
+        return
     # Plain sqlite3 sees UTC text that sorts and compares as a timestamp.
-    with sqlite3.connect(db_path) as conn:
+    with sqlite3.connect(any_store.engine.url.database) as conn:
         raw = conn.execute("SELECT created_at, top3 FROM results WHERE id = 1").fetchone()
     assert raw == ("2025-01-31 12:00:00.123456", '[["red", 0.75], ["green", 0.25]]')
 
 
-def test_naive_created_at_is_taken_as_utc(store: Store) -> None:
-    store.add_results([record("a.jpg", created_at=datetime(2025, 1, 1, 8, 30))])
-    with store.engine.connect() as conn:
+def test_naive_created_at_is_taken_as_utc(any_store: Store) -> None:
+    any_store.add_results([record("a.jpg", created_at=datetime(2025, 1, 1, 8, 30))])
+    with any_store.engine.connect() as conn:
         created = conn.execute(sa.select(results.c.created_at)).scalar_one()
     assert created == datetime(2025, 1, 1, 8, 30, tzinfo=UTC)
 
 
-def test_duplicate_of_within_a_batch_and_across_batches(store: Store) -> None:
+def test_duplicate_of_within_a_batch_and_across_batches(any_store: Store) -> None:
     a, b, c = "a" * 64, "b" * 64, "c" * 64
     batch1 = [record("1.jpg", a), record("2.jpg", b), record("3.jpg", a), record("4.jpg", a)]
-    assert store.add_results(batch1) == [1, 2, 3, 4]
+    assert any_store.add_results(batch1) == [1, 2, 3, 4]
     assert [r.duplicate_of for r in batch1] == [None, None, 1, 1]
     other_model = record("5.jpg", a, model_id="x" * 64)
     batch2 = [record("6.jpg", b), record("7.jpg", c), record("8.jpg", a), other_model, record("9.jpg", c),
               record("10.jpg", None, status="failed"), record("11.jpg", None, status="failed")]
-    assert store.add_results(batch2) == [5, 6, 7, 8, 9, 10, 11]
+    assert any_store.add_results(batch2) == [5, 6, 7, 8, 9, 10, 11]
     assert [r.duplicate_of for r in batch2] == [2, None, 1, None, 6, None, None]
-    with store.engine.connect() as conn:
+    with any_store.engine.connect() as conn:
         stored = dict(conn.execute(sa.select(results.c.id, results.c.duplicate_of)).all())
     assert stored == {1: None, 2: None, 3: 1, 4: 1, 5: 2, 6: None, 7: 1, 8: None, 9: 6, 10: None, 11: None}
 
@@ -245,67 +271,67 @@ def test_a_failing_row_writes_nothing_of_its_batch(store: Store, db_path: Path) 
     assert store.add_results([record("after.jpg", "x" * 64)]) == [2]  # the id sequence was not disturbed
 
 
-def test_odd_names_are_stored(store: Store) -> None:
+def test_odd_names_are_stored(any_store: Store) -> None:
     names = ["new\nline.jpg", "quote'\"s.jpg", "ünïcødé 画像.jpg", "spaces  in name.jpg",
              "bad-\udcff-byte.jpg"]  # the last one: an undecodable byte, as os.listdir returns it
-    ids = store.add_results([record(n, f"{i}" * 64) for i, n in enumerate(names)])
-    with store.engine.connect() as conn:
+    ids = any_store.add_results([record(n, f"{i}" * 64) for i, n in enumerate(names)])
+    with any_store.engine.connect() as conn:
         stored = conn.execute(sa.select(results.c.file).order_by(results.c.id)).scalars().all()
     assert stored == [*names[:4], "bad-\\xff-byte.jpg"]
-    assert store.find_drop(names[4], "4" * 64, MODEL, f"/inbox/{names[4]}") == ids[4]
+    assert any_store.find_drop(names[4], "4" * 64, MODEL, f"/inbox/{names[4]}") == ids[4]
 
 
 # Look-ups for the worker ---------------------------------------------------------------------------
-def test_first_by_content(store: Store) -> None:
+def test_first_by_content(any_store: Store) -> None:
     a, b = "a" * 64, "b" * 64
-    store.add_results([record("1.jpg", a), record("2.png", b, status="failed"), record("3.jpg", a)])
-    store.add_results([record("4.jpg", a, model_id="x" * 64)])
-    found = store.first_by_content([a, b, "c" * 64, a], MODEL)
+    any_store.add_results([record("1.jpg", a), record("2.png", b, status="failed"), record("3.jpg", a)])
+    any_store.add_results([record("4.jpg", a, model_id="x" * 64)])
+    found = any_store.first_by_content([a, b, "c" * 64, a], MODEL)
     assert set(found) == {a, b}
     assert (found[a].id, found[a].file, found[a].status, found[a].category) == (1, "1.jpg", "ok", "red")
     assert found[a].top3 == [("red", 0.9), ("green", 0.06), ("blue", 0.04)]
     assert (found[b].id, found[b].status, found[b].error) == (2, "failed", "not an image")
     assert found[b].top3 is None
-    assert store.first_by_content([a], "x" * 64)[a].id == 4
-    assert store.first_by_content([], MODEL) == {}
+    assert any_store.first_by_content([a], "x" * 64)[a].id == 4
+    assert any_store.first_by_content([], MODEL) == {}
 
 
-def test_find_drop_and_set_locations(store: Store) -> None:
+def test_find_drop_and_set_locations(any_store: Store) -> None:
     a = "a" * 64
-    [row_id] = store.add_results([record("in/a.jpg", a, location="/inbox/in/a.jpg")])
+    [row_id] = any_store.add_results([record("in/a.jpg", a, location="/inbox/in/a.jpg")])
     # Committed but not moved yet (a crash here): the drop is found.
-    assert store.find_drop("in/a.jpg", a, MODEL, "/inbox/in/a.jpg") == row_id
-    assert store.find_drop("in/a.jpg", "b" * 64, MODEL, "/inbox/in/a.jpg") is None  # other content
-    assert store.find_drop("in/a.jpg", a, "x" * 64, "/inbox/in/a.jpg") is None  # other model
-    assert store.find_drop("other.jpg", a, MODEL, "/inbox/in/a.jpg") is None  # other name
-    store.set_locations([(row_id, "/processed/in/a.jpg")])
+    assert any_store.find_drop("in/a.jpg", a, MODEL, "/inbox/in/a.jpg") == row_id
+    assert any_store.find_drop("in/a.jpg", "b" * 64, MODEL, "/inbox/in/a.jpg") is None  # other content
+    assert any_store.find_drop("in/a.jpg", a, "x" * 64, "/inbox/in/a.jpg") is None  # other model
+    assert any_store.find_drop("other.jpg", a, MODEL, "/inbox/in/a.jpg") is None  # other name
+    any_store.set_locations([(row_id, "/processed/in/a.jpg")])
     # Moved and recorded: a new drop of the same name and bytes is a new drop, not a recovery.
-    assert store.find_drop("in/a.jpg", a, MODEL, "/inbox/in/a.jpg") is None
-    with store.engine.connect() as conn:
+    assert any_store.find_drop("in/a.jpg", a, MODEL, "/inbox/in/a.jpg") is None
+    with any_store.engine.connect() as conn:
         assert conn.execute(sa.select(results.c.location)).scalar_one() == "/processed/in/a.jpg"
-    [failed_id] = store.add_results([record("x.bin", None, status="failed", location="/inbox/x.bin")])
-    assert store.find_drop("x.bin", None, MODEL, "/inbox/x.bin") == failed_id
-    store.set_locations([])
+    [failed_id] = any_store.add_results([record("x.bin", None, status="failed", location="/inbox/x.bin")])
+    assert any_store.find_drop("x.bin", None, MODEL, "/inbox/x.bin") == failed_id
+    any_store.set_locations([])
 
 
-def test_find_drop_tells_the_recorded_file_from_another_of_the_same_name_and_bytes(store: Store) -> None:
+def test_find_drop_tells_the_recorded_file_from_another_of_the_same_name_and_bytes(any_store: Store) -> None:
     a = "a" * 64
     ctime = 1_795_000_000_123_456_789  # ns: the file read, as the worker recorded it
-    [row_id] = store.add_results([ResultRecord(
+    [row_id] = any_store.add_results([ResultRecord(
         file="a.jpg", location="/inbox/a.jpg", status="ok", sha256=a, model_id=MODEL, model_name="m",
         worker="w", ctime_ns=ctime)])
-    with store.engine.connect() as conn:
+    with any_store.engine.connect() as conn:
         assert conn.execute(sa.select(results.c.ctime_ns)).scalar_one() == ctime
-    assert store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg", ctime) == row_id  # the file recorded
-    assert store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg", ctime + 1) is None  # a later upload
-    assert store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg") == row_id  # ctime unknown: as before
+    assert any_store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg", ctime) == row_id  # the file recorded
+    assert any_store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg", ctime + 1) is None  # a later upload
+    assert any_store.find_drop("a.jpg", a, MODEL, "/inbox/a.jpg") == row_id  # ctime unknown: as before
     # A row from before schema version 4 has no ctime: matched whatever the file's.
-    [old_id] = store.add_results([record("b.jpg", a, location="/inbox/b.jpg")])
-    assert store.find_drop("b.jpg", a, MODEL, "/inbox/b.jpg", ctime + 1) == old_id
+    [old_id] = any_store.add_results([record("b.jpg", a, location="/inbox/b.jpg")])
+    assert any_store.find_drop("b.jpg", a, MODEL, "/inbox/b.jpg", ctime + 1) == old_id
     # A file refused before it was read (no sha256) is told apart the same way.
-    [refused] = store.add_results([record("c.jpg", None, status="failed", location="/inbox/c.jpg", ctime_ns=ctime)])
-    assert store.find_drop("c.jpg", None, MODEL, "/inbox/c.jpg", ctime) == refused
-    assert store.find_drop("c.jpg", None, MODEL, "/inbox/c.jpg", ctime + 1) is None
+    [refused] = any_store.add_results([record("c.jpg", None, status="failed", location="/inbox/c.jpg", ctime_ns=ctime)])
+    assert any_store.find_drop("c.jpg", None, MODEL, "/inbox/c.jpg", ctime) == refused
+    assert any_store.find_drop("c.jpg", None, MODEL, "/inbox/c.jpg", ctime + 1) is None
 
 
 def test_lookups_that_the_database_refuses_raise_store_error(store: Store, db_path: Path) -> None:
@@ -503,6 +529,32 @@ def test_a_connection_opened_while_the_database_was_read_only_is_not_kept(store:
     for n in range(6):  # the pool hands out both connections in turn
         store.add_results([record(f"after{n}.jpg", f"{n + 1}" * 64)])
     assert count_rows(db_path) == 7
+
+
+@pytest.mark.postgres
+def test_on_postgresql_a_batch_takes_the_same_statements_whatever_its_size(pg_server: str) -> None:
+    """A batch's values travel as arrays: recording, looking up and moving 2 or 200 files sends the same
+    statement texts, one each, so SQLAlchemy compiles and psycopg converts each once (a parameter per value
+    made both do it again for every batch). The ids still follow the batch's order, as duplicate_of needs."""
+    from pgserver import fresh_database
+
+    with Store(fresh_database(pg_server)) as store:
+        sent = []
+        for size in (2, 200):
+            half = size // 2  # each content twice: the second row of each points at the first
+            batch = [record(f"{size}-{i}.jpg", f"{size:04d}{i % half:04d}".ljust(64, "0")) for i in range(size)]
+            with statements_of(store) as statements:
+                ids = store.add_results(batch)
+                store.first_by_content([r.sha256 for r in batch], MODEL)
+                store.set_locations([(row_id, f"/processed/{r.file}") for row_id, r in zip(ids, batch, strict=True)])
+            sent.append(statements)
+            assert ids == sorted(ids) and len(set(ids)) == size
+            assert [r.duplicate_of for r in batch] == [None] * half + ids[:half]
+        assert sent[0] == sent[1]
+        assert sum(text.startswith("INSERT INTO results") for text in sent[1]) == 1
+        with store.engine.connect() as conn:
+            locations = conn.execute(sa.select(results.c.file, results.c.location)).all()
+        assert len(locations) == 202 and all(loc == f"/processed/{file}" for file, loc in locations)
 
 
 @pytest.mark.postgres
