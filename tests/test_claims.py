@@ -10,6 +10,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -20,6 +21,7 @@ from worker.claims import Claims, drop_key
 from worker.exceptions import StoreError
 from worker.store import ResultRecord, Store
 from worker.store import claims as claims_table
+from worker.store import results as results_table
 
 pytestmark = pytest.mark.postgres
 
@@ -285,23 +287,37 @@ def test_with_claims_a_record_without_a_claim_is_not_written(store: Store) -> No
 
 
 def test_a_batch_of_claims_takes_the_same_statements_whatever_its_size(store: Store) -> None:
-    """Claiming, checking at commit, marking recorded and releasing 2 or 200 drops sends the same statement
-    texts (the keys travel as arrays): SQLAlchemy compiles each once and psycopg converts it once, where an
-    INSERT with a VALUES list was compiled again for every batch (15 ms of a batch of 64)."""
+    """Claiming (free drops, taken-over ones, held ones), checking at commit, marking recorded and releasing
+    2 or 200 drops sends the same statement texts (the keys travel as arrays): SQLAlchemy compiles each
+    once and psycopg converts it once, where an INSERT with a VALUES list was compiled again for every
+    batch (15 ms of a batch of 64)."""
     a = Claims(store, "a", "host-a", lease_s=30)
+    b = Claims(store, "b", "host-b", lease_s=30)
     sent = []
     for size in (2, 200):
         drops = keys(*[f"{size}-{i}.jpg" for i in range(size)])
+        held_by_b = dict(list(drops.items())[: size // 2])  # b's lease lapses on the first half: a takes it
+        b.claim(held_by_b)
+        with store.engine.begin() as conn:
+            conn.execute(claims_table.update().where(claims_table.c.drop_key.in_(list(held_by_b)))
+                         .values(lease_until=sa.func.now() - timedelta(seconds=1)))
+        also_held = keys(f"{size}-held.jpg")
+        b.claim(also_held)  # live: a learns who holds it
         batch = [record(name, a, key, f"{size:04d}{i:04d}".ljust(64, "0"))
                  for i, (key, name) in enumerate(drops.items())]
         with statements_of(store) as statements:
-            assert set(a.claim(drops).granted) == set(drops)
+            outcome = a.claim({**drops, **also_held})
             ids = store.add_results(batch, claims=a)
-            recorded = {name: row[1] for name, row in claim_rows(store).items()}
+        recorded = {name: row[1] for name, row in claim_rows(store).items() if name in drops.values()}
+        with statements_of(store) as releasing:
             store.set_locations([(i, f"/processed/{r.file}") for i, r in zip(ids, batch, strict=True)],
                                 also=lambda conn, drops=drops: a.release_in(conn, list(drops)))
-        sent.append([text for text in statements if "FROM claims" not in text or "FOR UPDATE" in text])
-        assert recorded == {r.file: i for r, i in zip(batch, ids, strict=True)}  # each claim got its own row
-        assert claim_rows(store) == {} and a.held == 0
+        sent.append(statements + releasing)
+        assert set(outcome.granted) == set(drops) and set(outcome.held) == set(also_held)
+        assert sum(g.taken_over for g in outcome.granted.values()) == size // 2
+        with store.engine.connect() as conn:  # each claim got its own drop's row
+            files = dict(conn.execute(sa.select(results_table.c.id, results_table.c.file)).all())
+        assert {name: files[row_id] for name, row_id in recorded.items()} == {n: n for n in drops.values()}
+        assert not set(claim_rows(store)) & set(drops.values()) and a.held == 0  # b's live claim stays
     assert sent[0] == sent[1]
-
+    assert {text.split()[0] for text in sent[1]} == {"INSERT", "UPDATE", "SELECT", "DELETE"}

@@ -309,6 +309,9 @@ def test_find_drop_and_set_locations(any_store: Store) -> None:
     assert any_store.find_drop("in/a.jpg", a, MODEL, "/inbox/in/a.jpg") is None
     with any_store.engine.connect() as conn:
         assert conn.execute(sa.select(results.c.location)).scalar_one() == "/processed/in/a.jpg"
+    any_store.set_locations([(row_id, "/processed/in/a (1).jpg"), (row_id, "/processed/in/a.jpg")])  # last wins
+    with any_store.engine.connect() as conn:
+        assert conn.execute(sa.select(results.c.location)).scalar_one() == "/processed/in/a.jpg"
     [failed_id] = any_store.add_results([record("x.bin", None, status="failed", location="/inbox/x.bin")])
     assert any_store.find_drop("x.bin", None, MODEL, "/inbox/x.bin") == failed_id
     any_store.set_locations([])
@@ -531,6 +534,15 @@ def test_a_connection_opened_while_the_database_was_read_only_is_not_kept(store:
     assert count_rows(db_path) == 7
 
 
+def test_a_column_type_without_a_postgresql_array_type_is_refused_when_the_statements_are_built() -> None:
+    from worker.store import pg_array_type
+
+    assert [pg_array_type(c) for c in (results.c.file, results.c.id, results.c.confidence,
+                                       results.c.created_at)] == ["text[]", "bigint[]", "float8[]", "timestamptz[]"]
+    with pytest.raises(TypeError, match="no PostgreSQL array type for column ok of type Boolean"):
+        pg_array_type(sa.Column("ok", sa.Boolean))
+
+
 @pytest.mark.postgres
 def test_on_postgresql_a_batch_takes_the_same_statements_whatever_its_size(pg_server: str) -> None:
     """A batch's values travel as arrays: recording, looking up and moving 2 or 200 files sends the same
@@ -548,13 +560,18 @@ def test_on_postgresql_a_batch_takes_the_same_statements_whatever_its_size(pg_se
                 store.first_by_content([r.sha256 for r in batch], MODEL)
                 store.set_locations([(row_id, f"/processed/{r.file}") for row_id, r in zip(ids, batch, strict=True)])
             sent.append(statements)
-            assert ids == sorted(ids) and len(set(ids)) == size
+            with store.engine.connect() as conn:
+                stored = conn.execute(sa.select(results.c.id, results.c.file, results.c.duplicate_of,
+                                                results.c.location).where(results.c.id.in_(ids))
+                                      .order_by(results.c.id)).all()
+            # In the database: the rows in the batch's order, each content's second row pointing at its first.
+            assert [row.file for row in stored] == [r.file for r in batch]
+            assert [row.id for row in stored] == ids
+            assert [row.duplicate_of for row in stored] == [None] * half + ids[:half]
             assert [r.duplicate_of for r in batch] == [None] * half + ids[:half]
+            assert all(row.location == f"/processed/{row.file}" for row in stored)
         assert sent[0] == sent[1]
         assert sum(text.startswith("INSERT INTO results") for text in sent[1]) == 1
-        with store.engine.connect() as conn:
-            locations = conn.execute(sa.select(results.c.file, results.c.location)).all()
-        assert len(locations) == 202 and all(loc == f"/processed/{file}" for file, loc in locations)
 
 
 @pytest.mark.postgres

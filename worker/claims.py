@@ -161,7 +161,6 @@ class Claims:
         self.owner = owner or secrets.token_hex(16)  # this process; a restart under the same id is another
         self.takeovers = 0  # claims taken over from other processes
         self._lease = timedelta(seconds=self.lease_s)
-        self._identity = {"worker_id": worker_id, "host": safe_text(host), "owner": self.owner}
         self._mine: set[str] = set()  # keys granted and not released (for takeover detection and counts)
         self._handed_on: set[str] = set()  # keys of files this process recorded but could not move (stuck)
         # Releases the database refused (see release_later): drops finished here, and drops left in place.
@@ -171,6 +170,10 @@ class Claims:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _me(self) -> dict[str, str | None]:
+        """This process's parameters of the claim and takeover statements."""
+        return {"worker_id": self.worker_id, "host": safe_text(self.host), "owner": self.owner}
 
     @property
     def held(self) -> int:
@@ -196,13 +199,13 @@ class Claims:
             # 1. Free drops: inserted. A drop claimed by someone else is skipped without locking its row, so
             #    a worker losing the race never makes the winner's commit wait.
             fresh = conn.execute(_CLAIM, {"drop_key": keys, "file": [safe_text(drops[key]) for key in keys],
-                                          **self._identity, "lease": self._lease})
+                                          **self._me(), "lease": self._lease})
             for key in fresh.scalars():
                 outcome.granted[key] = Granted(key, None, False)
             # 2. Lapsed claims, and this worker id's own (from its previous, dead process): taken over.
             rest = [key for key in keys if key not in outcome.granted]
             if rest:
-                takeover = conn.execute(_TAKE_OVER, {"keys": rest, **self._identity, "lease": self._lease,
+                takeover = conn.execute(_TAKE_OVER, {"keys": rest, **self._me(), "lease": self._lease,
                                                      "stuck": STUCK_OWNER})
                 with self._lock:
                     for key, result_id in takeover:
