@@ -484,6 +484,20 @@ def write_config(root: Path, model: Path, options: BenchOptions, database_url: s
     return config
 
 
+def settled(read: Callable[[], dict[str, tuple[float, float]]]) -> dict[str, tuple[float, float]]:
+    """`read()` (stage totals) once the last batch's timings are in: a worker records a batch's commit and
+    moves just after them, so its last rows can be visible before their timing. Read until the number of
+    timed dispositions stays the same for 0.2 s (5 s at most)."""
+    deadline = time.monotonic() + 5.0
+    last = read()
+    while True:
+        time.sleep(0.2)
+        now = read()
+        if last.get("dispose") == now.get("dispose") or time.monotonic() > deadline:
+            return now
+        last = now
+
+
 def stage_totals(metrics_port: int) -> dict[str, tuple[float, float]]:
     """{stage: (seconds, batches)} so far, from a worker's Prometheus metrics, plus "images" as (images in
     batches, batches)."""
@@ -593,21 +607,16 @@ class WorkerGroup:
                 "last_commit": parse_time(last) if last is not None else None}
 
     def stage_totals(self) -> dict[str, tuple[float, float]]:
-        """stage_totals() summed over the workers, once their commit timings are all in: a worker records a
-        batch's commit and moves just after them, so its last rows can be visible before their timing (read
-        until the number of timed commits stays the same for 0.2 s, 5 s at most)."""
-        deadline = time.monotonic() + 5.0
-        last: dict[str, tuple[float, float]] | None = None
-        while True:
-            summed: dict[str, tuple[float, float]] = {}
+        """stage_totals() summed over the workers, once their timings are all in (see `settled`)."""
+        def summed() -> dict[str, tuple[float, float]]:
+            out: dict[str, tuple[float, float]] = {}
             for port in self.ports:
                 for key, (seconds, count) in stage_totals(port).items():
-                    before = summed.get(key, (0.0, 0.0))
-                    summed[key] = (before[0] + seconds, before[1] + count)
-            if last is not None and (last.get("dispose") == summed.get("dispose") or time.monotonic() > deadline):
-                return summed
-            last = summed
-            time.sleep(0.2)
+                    before = out.get(key, (0.0, 0.0))
+                    out[key] = (before[0] + seconds, before[1] + count)
+            return out
+
+        return settled(summed)
 
     def cpu_seconds(self) -> float:
         return sum(process_cpu_seconds(p.pid) for p in self.processes)
@@ -787,7 +796,7 @@ def time_burst(worker: WorkerProcess, batch: list[Path], expected_rows: int) -> 
     seconds = max(worker.processed_at([p.name for p in batch]).values()) - started
     return {"images": len(batch), "seconds": round(seconds, 2), "images_per_s": round(len(batch) / seconds, 1),
             "ms_per_image": round(1000 * seconds / len(batch), 2),
-            "per_batch": per_batch(before, worker.stage_totals())}
+            "per_batch": per_batch(before, settled(worker.stage_totals))}
 
 
 def ceiling(root: Path, files: list[Path], model: Model, options: BenchOptions) -> dict:
