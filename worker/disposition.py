@@ -272,34 +272,49 @@ def _same_bytes(dir_fd: int | None, name: str, expect: tuple[int, int, int, int]
 
 def _move(dir_fd: int, name: str, src: Path, directory: Path, rel: str,
           expect: tuple[int, int, int, int] | None, sha256: str | None = None) -> Path:
-    first = next(_candidates(directory, rel))
+    folder = next(_candidates(directory, rel)).parent
     try:
-        first.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DispositionError(
-            exc.errno, f"cannot create folder {first.parent!s} to move {rel!r} into: {exc.strerror}",
-            str(first.parent),
-        ) from None
-    try:
-        for candidate in _candidates(directory, rel):
-            try:
-                _rename_noreplace(name, candidate, src_dir_fd=dir_fd)
-            except FileExistsError:
-                continue
-            if (expect is not None and _identity_of(candidate) != expect
-                    and _same_bytes(None, str(candidate), expect, sha256) is None):
-                _put_back(candidate, dir_fd, name, rel, src)  # swapped in between the check and the rename
-            log.debug("moved %r to %s", rel, candidate)
-            return candidate
+        try:
+            return _rename_to_free_name(dir_fd, name, src, directory, rel, expect, sha256)
+        except (FileNotFoundError, NotADirectoryError):
+            # The folder is missing (the first file to go there, or someone removed it) or a file is in its
+            # way: made, and tried once more. Making it before every move took two system calls and an
+            # exception a file, in the thread that also commits.
+            _make_folder(folder, rel)
+            return _rename_to_free_name(dir_fd, name, src, directory, rel, expect, sha256)
     except OSError as exc:
         if isinstance(exc, DispositionError):
             raise
         if exc.errno == errno.EXDEV:
             return _copy_across(dir_fd, name, src, directory, rel, expect, sha256)
         raise DispositionError(
-            exc.errno, f"cannot move {rel!r} into {first.parent!s}: {exc.strerror}", str(src)
+            exc.errno, f"cannot move {rel!r} into {folder!s}: {exc.strerror}", str(src)
         ) from None
+
+
+def _rename_to_free_name(dir_fd: int, name: str, src: Path, directory: Path, rel: str,
+                         expect: tuple[int, int, int, int] | None, sha256: str | None) -> Path:
+    """Rename the file to the first free name for `rel` under `directory` (OSError as the rename raises)."""
+    for candidate in _candidates(directory, rel):
+        try:
+            _rename_noreplace(name, candidate, src_dir_fd=dir_fd)
+        except FileExistsError:
+            continue
+        if (expect is not None and _identity_of(candidate) != expect
+                and _same_bytes(None, str(candidate), expect, sha256) is None):
+            _put_back(candidate, dir_fd, name, rel, src)  # swapped in between the check and the rename
+        log.debug("moved %r to %s", rel, candidate)
+        return candidate
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _make_folder(folder: Path, rel: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DispositionError(
+            exc.errno, f"cannot create folder {folder!s} to move {rel!r} into: {exc.strerror}", str(folder),
+        ) from None
 
 
 def _identity_of(path: Path) -> tuple[int, int, int, int] | None:
@@ -323,6 +338,7 @@ def _copy_across(dir_fd: int, name: str, src: Path, directory: Path, rel: str,
                  expect: tuple[int, int, int, int] | None, sha256: str | None = None) -> Path:
     """Move to another filesystem: copy to a hidden O_EXCL temp, fsync, no-clobber rename, unlink src."""
     parent = next(_candidates(directory, rel)).parent
+    _make_folder(parent, rel)
     temp = parent / _fit(f".{PurePosixPath(rel).name}", f".{secrets.token_hex(4)}.fw-partial")
     placed: Path | None = None
     try:
