@@ -225,19 +225,28 @@ def test_destination_blocked_by_a_file_keeps_the_source(inbox: Path, tmp_path: P
     assert path.exists()
 
 
-def test_a_destination_folder_removed_meanwhile_is_made_again(inbox: Path, tmp_path: Path) -> None:
-    """The folder is made when a move finds it missing (not before every move): the first file into a
-    subfolder, and the first after someone removed processed/ while the worker runs."""
+def test_a_destination_folder_removed_meanwhile_is_made_again(inbox: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder is made when a move finds it missing, not before every move: the first file into a
+    folder, and the first after someone removed processed/ while the worker runs. (The real _make_folder
+    runs; the wrapper only counts its calls.)"""
+    made: list[Path] = []
+    real = disposition._make_folder
+    monkeypatch.setattr(disposition, "_make_folder", lambda folder, rel: (made.append(folder), real(folder, rel)))
     config = make_config(tmp_path)
     first = dispose(write_image(inbox / "a.jpg", noise_seed=1), inbox, "ok", config)
-    assert first == tmp_path / "processed" / "a.jpg"
+    assert first == tmp_path / "processed" / "a.jpg" and made == [tmp_path / "processed"]
+    dispose(write_image(inbox / "c.jpg", noise_seed=4), inbox, "ok", config)
+    assert len(made) == 1  # the folder is there: no mkdir
     shutil.rmtree(tmp_path / "processed")
     path = write_image(inbox / "sub" / "b.jpg", noise_seed=2)
     content = path.read_bytes()
     assert dispose(path, inbox, "ok", config) == tmp_path / "processed" / "sub" / "b.jpg"
     assert (tmp_path / "processed" / "sub" / "b.jpg").read_bytes() == content and not path.exists()
+    assert made[1:] == [tmp_path / "processed" / "sub"]
     again = dispose(write_image(inbox / "sub" / "b.jpg", noise_seed=3), inbox, "ok", config)
     assert again == tmp_path / "processed" / "sub" / "b (1).jpg"  # the folder there: no clobbering either
+    assert len(made) == 2
 
 
 def test_vanished_source_raises(inbox: Path, tmp_path: Path) -> None:

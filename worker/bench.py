@@ -486,14 +486,16 @@ def write_config(root: Path, model: Path, options: BenchOptions, database_url: s
 
 def settled(read: Callable[[], dict[str, tuple[float, float]]]) -> dict[str, tuple[float, float]]:
     """`read()` (stage totals) once the last batch's timings are in: a worker records a batch's commit and
-    moves just after them, so its last rows can be visible before their timing. Read until the number of
-    timed dispositions stays the same for 0.2 s (5 s at most)."""
+    moves just after them, so its last rows can be visible before their timing. Read until every timed
+    commit has its timed moves and their number stays the same for 0.2 s (5 s at most)."""
     deadline = time.monotonic() + 5.0
     last = read()
     while True:
         time.sleep(0.2)
         now = read()
-        if last.get("dispose") == now.get("dispose") or time.monotonic() > deadline:
+        disposed = now.get("dispose", (0.0, 0.0))[1]
+        if ((last.get("dispose") == now.get("dispose") and disposed >= now.get("commit", (0.0, 0.0))[1])
+                or time.monotonic() > deadline):
             return now
         last = now
 
@@ -788,7 +790,7 @@ def end_to_end(root: Path, files: list[Path], model: Path, options: BenchOptions
 def time_burst(worker: WorkerProcess, batch: list[Path], expected_rows: int) -> dict:
     """Rename `batch` into the worker's inbox at once and time it until its last row is committed (the
     worker then holds `expected_rows` rows); with the worker's per-batch stage times for the burst."""
-    before = worker.stage_totals()
+    before = settled(worker.stage_totals)  # the warm-up batch's moves are not the burst's
     started = time.time()
     for path in batch:
         os.rename(path, worker.inbox / path.name)
