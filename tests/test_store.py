@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 from conftest import statements_of, unwritable
+from pgserver import fresh_database, postgres_server
 
 from worker import query
 from worker.exceptions import StoreError
@@ -59,8 +60,8 @@ def store(db_path: Path):
 
 @pytest.fixture(scope="module")
 def pg_server() -> Iterator[str]:
-    from pgserver import postgres_server  # starts a throw-away server; skips without the binaries
-
+    """One throw-away PostgreSQL server for the module (skips without the binaries); tests take a fresh
+    database on it (fresh_database)."""
     with postgres_server() as url:
         yield url
 
@@ -72,8 +73,6 @@ def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]
     if request.param == "sqlite":
         url = sqlite_url(tmp_path / "data" / "results.db")
     else:
-        from pgserver import fresh_database
-
         url = fresh_database(request.getfixturevalue("pg_server"))
     with Store(url) as opened:
         yield opened
@@ -548,8 +547,6 @@ def test_on_postgresql_a_batch_takes_the_same_statements_whatever_its_size(pg_se
     """A batch's values travel as arrays: recording, looking up and moving 2 or 200 files sends the same
     statement texts, one each, so SQLAlchemy compiles and psycopg converts each once (a parameter per value
     made both do it again for every batch). The ids still follow the batch's order, as duplicate_of needs."""
-    from pgserver import fresh_database
-
     with Store(fresh_database(pg_server)) as store:
         sent = []
         for size in (2, 200):
@@ -575,13 +572,11 @@ def test_on_postgresql_a_batch_takes_the_same_statements_whatever_its_size(pg_se
 
 
 @pytest.mark.postgres
-def test_a_postgresql_connection_left_read_only_is_replaced() -> None:
+def test_a_postgresql_connection_left_read_only_is_replaced(pg_server: str) -> None:
     """The same for PostgreSQL: a pooled connection to a server that became a standby (a fail-over behind a
     name or a pooler) refuses writes with SQLSTATE 25006 for good; pool_pre_ping does not notice. Made real
     here by a session set read-only on the pooled connection; the batch goes through on a new connection."""
-    from pgserver import postgres_server  # starts a throw-away server; skips without the binaries
-
-    with postgres_server() as url, Store(url) as store:
+    with Store(fresh_database(pg_server)) as store:
         with store.engine.connect() as conn:
             conn.exec_driver_sql("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
             conn.commit()
@@ -594,28 +589,24 @@ def test_a_postgresql_connection_left_read_only_is_replaced() -> None:
 
 @pytest.mark.postgres
 @pytest.mark.timeout(120)
-def test_two_writer_processes_agree_on_first_rows_on_postgresql() -> None:
+def test_two_writer_processes_agree_on_first_rows_on_postgresql(pg_server: str) -> None:
     """As above, on a real PostgreSQL server, where duplicate detection is serialised per content
     (lock_contents): of rows with the same content exactly one is the first, and it has the lowest id."""
-    from pgserver import postgres_server
-
-    with postgres_server() as url:
-        shas = [f"{i % 13:064x}" for i in range(60)]
-        assert _first_rows_of_concurrent_writers(url, 3, shas) == (180, 13, 13, 0)
+    shas = [f"{i % 13:064x}" for i in range(60)]
+    assert _first_rows_of_concurrent_writers(fresh_database(pg_server), 3, shas) == (180, 13, 13, 0)
 
 
 @pytest.mark.postgres
 @pytest.mark.timeout(60)
-def test_batches_without_a_content_in_common_commit_while_another_holds_its_contents() -> None:
+def test_batches_without_a_content_in_common_commit_while_another_holds_its_contents(pg_server: str) -> None:
     """Only batches sharing a content wait for each other: with a transaction holding content X's lock
     open (as a slow commit of another worker would), a batch of content Y commits, and a batch of X waits
     until that transaction ends."""
-    from pgserver import postgres_server
-
     from worker.store import lock_contents
 
     x, y = "a" * 64, "b" * 64
-    with postgres_server() as url, Store(url) as store:
+    url = fresh_database(pg_server)
+    with Store(url) as store:
         store.add_results([record("warm.jpg", "c" * 64)])  # schema made, pool warm
         holder = sa.create_engine(url)
         with holder.connect() as conn:
@@ -639,16 +630,15 @@ def test_batches_without_a_content_in_common_commit_while_another_holds_its_cont
 
 @pytest.mark.postgres
 @pytest.mark.timeout(60)
-def test_a_batch_of_more_contents_than_the_lock_limit_locks_the_whole_table() -> None:
+def test_a_batch_of_more_contents_than_the_lock_limit_locks_the_whole_table(pg_server: str) -> None:
     """Each content lock takes an entry of PostgreSQL's shared lock table: a batch of more contents than
     CONTENT_LOCKS_MAX takes the table-wide key exclusively instead, so it waits for any batch in progress
     and commits once that ends."""
-    from pgserver import postgres_server
-
     from worker.store import CONTENT_LOCKS_MAX, lock_contents
 
     big = [record(f"{i}.jpg", f"{i:064x}") for i in range(CONTENT_LOCKS_MAX + 1)]
-    with postgres_server() as url, Store(url) as store:
+    url = fresh_database(pg_server)
+    with Store(url) as store:
         store.add_results([record("warm.jpg", "c" * 64)])
         holder = sa.create_engine(url)
         with holder.connect() as conn:

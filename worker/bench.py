@@ -60,11 +60,14 @@ from worker.model import (
     model_file,
 )
 from worker.preprocess import load_pixels
+from worker.store import results
 
 log = logging.getLogger(__name__)
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 MAX_PIXELS = 100_000_000
 MAX_WORKERS = 64  # bench --workers: more processes than any host here has cores
+PER_BATCH_LINE = ("    per batch ({images_per_batch} images): waiting for decoding {wait_ms} ms, earlier results "
+                  "{match_ms} ms, inference {inference_ms} ms, commit {commit_ms} ms, moves {dispose_ms} ms")
 
 
 @dataclass
@@ -567,8 +570,6 @@ class WorkerGroup:
             if waiting and time.monotonic() > deadline:
                 raise RuntimeError(f"workers {sorted(waiting)} not ready after {timeout:.0f} s; see {self.root}")
             time.sleep(0.05)
-        from worker.store import results
-
         with self.engine.connect() as conn:  # the workers have made the tables by now
             self.after_id = conn.execute(sa.select(sa.func.coalesce(sa.func.max(results.c.id), 0))).scalar_one()
 
@@ -579,13 +580,9 @@ class WorkerGroup:
                                    f"see {self.root / f'worker-{instance}.log'}")
 
     def _mine(self, prefix: str = "") -> sa.ColumnElement[bool]:
-        from worker.store import results
-
         return sa.and_(results.c.id > self.after_id, results.c.file.startswith(self.tag + prefix, autoescape=True))
 
     def rows(self) -> int:
-        from worker.store import results
-
         with self.engine.connect() as conn:
             return conn.execute(sa.select(sa.func.count()).select_from(results).where(self._mine())).scalar_one()
 
@@ -595,8 +592,6 @@ class WorkerGroup:
     def summary(self, prefix: str) -> dict:
         """Rows, distinct files, failed rows, rows per worker and the last commit time of this run's files
         whose names start with `prefix` (after the tag)."""
-        from worker.store import results
-
         with self.engine.connect() as conn:
             mine = self._mine(prefix)
             rows, files, failed, last = conn.execute(
@@ -981,9 +976,7 @@ def format_report(report: dict) -> str:
     e2e = report["end_to_end"]
     lines += ["", "end to end (real worker, inbox -> committed row):",
               f"  burst of {e2e['burst']['images']}: {e2e['burst']['images_per_s']:.1f} images/s",
-              "    per batch ({images_per_batch} images): waiting for decoding {wait_ms} ms, earlier results "
-              "{match_ms} ms, inference {inference_ms} ms, commit {commit_ms} ms, moves {dispose_ms} ms"
-              .format(**e2e["burst"]["per_batch"]),
+              PER_BATCH_LINE.format(**e2e["burst"]["per_batch"]),
               f"  12 MP burst of {e2e['large_burst']['images']}: {e2e['large_burst']['images_per_s']:.1f} images/s",
               f"  single-drop latency: p50 {e2e['latency_ms']['p50']:.1f} ms, p95 {e2e['latency_ms']['p95']:.1f} ms",
               f"  idle CPU: {e2e['idle_cpu_percent']:.2f} %   peak RSS: {e2e['peak_rss_mb']:.0f} MB"]
@@ -999,9 +992,7 @@ def format_report(report: dict) -> str:
                   f"{group['images_per_s']:.1f} images/s; rows per worker {shares}; "
                   + ("one row per photo" if one_each else f"{group['rows']} rows for {group['files']} of "
                                                           f"{group['images']} photos"),
-                  "    per batch ({images_per_batch} images): waiting for decoding {wait_ms} ms, earlier results "
-                  "{match_ms} ms, inference {inference_ms} ms, commit {commit_ms} ms, moves {dispose_ms} ms"
-                  .format(**group["per_batch"]),
+                  PER_BATCH_LINE.format(**group["per_batch"]),
                   f"    CPU: {group['cpu_ms_per_image']} core-ms a photo (all workers); "
                   f"peak RSS {group['peak_rss_mb_per_worker']:.0f} MB per worker"]
     slow = report["bottleneck"]

@@ -35,7 +35,7 @@ from pathlib import Path, PurePosixPath
 
 from worker.config import Config
 from worker.exceptions import FileSkipped
-from worker.files import identity, open_parent, real_inbox, relative_name
+from worker.files import identity, lstat_or_none, open_parent, real_inbox, relative_name
 
 log = logging.getLogger(__name__)
 
@@ -318,10 +318,8 @@ def _make_folder(folder: Path, rel: str) -> None:
 
 
 def _identity_of(path: Path) -> tuple[int, int, int, int] | None:
-    try:
-        return identity(os.lstat(path))
-    except OSError:
-        return None
+    st = lstat_or_none(path)
+    return None if st is None else identity(st)
 
 
 def _put_back(moved: Path, dir_fd: int, name: str, rel: str, src: Path) -> None:

@@ -684,9 +684,9 @@ class Store:
             if record.sha256 is not None:
                 wanted.setdefault(record.model_id, set()).add(record.sha256)
         found: dict[tuple[str, str], int] = {}
+        query = _PG_FIRST_IDS if conn.dialect.name == "postgresql" else _FIRST_IDS
         for model_id, shas in wanted.items():
             for chunk in _chunks(sorted(shas), _lookup_chunk(conn)):
-                query = _PG_FIRST_IDS if conn.dialect.name == "postgresql" else _FIRST_IDS
                 for sha, first in conn.execute(query, {"model_id": model_id, "shas": list(chunk)}):
                     found[(sha, model_id)] = int(first)
         return found
@@ -756,8 +756,8 @@ class Store:
 
         def body(conn: Connection) -> dict[str, StoredResult]:
             out: dict[str, StoredResult] = {}
+            query = _PG_FIRST_ROWS if conn.dialect.name == "postgresql" else _FIRST_ROWS
             for chunk in _chunks(shas, _lookup_chunk(conn)):
-                query = _PG_FIRST_ROWS if conn.dialect.name == "postgresql" else _FIRST_ROWS
                 for row in conn.execute(query, {"model_id": model_id, "shas": list(chunk)}).mappings():
                     out[row["sha256"]] = StoredResult(
                         id=row["id"], file=row["file"], sha256=row["sha256"], model_id=row["model_id"],
@@ -795,14 +795,13 @@ class Store:
         same transaction (the pipeline releases the files' claims with it)."""
         if not pairs and also is None:
             return
-        params = [{"row_id": row_id, "new_location": safe_text(location)} for row_id, location in pairs]
+        located = {row_id: safe_text(location) for row_id, location in pairs}  # a row twice: the last one wins
 
         def body(conn: Connection) -> None:
-            if params and conn.dialect.name == "postgresql":
-                latest = {p["row_id"]: p["new_location"] for p in params}  # a row twice: the last one wins
-                conn.execute(_PG_SET_LOCATIONS, {"id": list(latest), "location": list(latest.values())})
-            elif params:
-                conn.execute(_SET_LOCATION, params)
+            if located and conn.dialect.name == "postgresql":
+                conn.execute(_PG_SET_LOCATIONS, {"id": list(located), "location": list(located.values())})
+            elif located:
+                conn.execute(_SET_LOCATION, [{"row_id": i, "new_location": loc} for i, loc in located.items()])
             if also is not None:
                 also(conn)
 
