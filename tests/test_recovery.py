@@ -161,6 +161,36 @@ def test_a_row_whose_file_is_still_in_the_inbox_is_left_alone(store: Store, cfg:
     assert locations(store)[ids["waiting.jpg"]] == str(cfg.inbox_path / "waiting.jpg")
 
 
+@pytest.mark.parametrize("worker_ids", ["host:pid", "stable"])
+def test_a_crashed_worker_s_file_still_in_the_inbox_is_looked_at_again_once_moved(
+        store: Store, cfg: Config, worker_ids: str) -> None:
+    """Found by the crash soak in CI: worker A recorded a.jpg and was killed before moving it; B's start-up
+    recovery found the file still in the inbox and marked A stopped; B moved the file and was killed before
+    recording where. The next start looked only at B's rows, and A's row named the inbox for good. A dead
+    run with a file still waiting is not marked stopped, so the run after the one that moves it looks again.
+    With a stable id (run --instance, service.worker_id) the next process's heartbeat keeps the dead run's
+    started_at, so that the id's rows since then are still looked at."""
+    first, second, third = ("host-a:1", "host-a:2", "host-a:3") if worker_ids == "host:pid" else ("host-a@1",) * 3
+    own = (lambda worker: worker) if worker_ids == "stable" else (lambda worker: "")
+    folders = (str(cfg.processed_path), str(cfg.failed_path))
+    path = cfg.inbox_path / "a.jpg"
+    path.write_bytes(b"a")
+    ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, worker=first, folders=folders,
+                         ctimes={"a.jpg": path.stat().st_ctime_ns})
+    with sqlite3.connect(store.path) as db:
+        started_a = db.execute("SELECT started_at FROM workers WHERE worker_id = ?", (first,)).fetchone()[0]
+    assert recover_locations(store, cfg, HOST, own(second)) == 0  # B starts: the file waits, B will move it
+    assert not stopped(store, first)
+    store.heartbeat(second, HOST, dead_pid(), 0, folders=folders)  # B runs, moves a.jpg, is killed
+    path.rename(cfg.processed_path / "a.jpg")
+    with sqlite3.connect(store.path) as db:
+        started = dict(db.execute("SELECT worker_id, started_at FROM workers").fetchall())
+    assert started[second] == started_a or worker_ids == "host:pid"
+    assert recover_locations(store, cfg, HOST, own(third)) == 1
+    assert locations(store) == {ids["a.jpg"]: str(cfg.processed_path / "a.jpg")}
+    assert stopped(store, first) and stopped(store, second)
+
+
 def test_names_that_are_not_utf8_are_found_on_disk(store: Store, cfg: Config,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     """Such a name is stored with \\xNN escapes (store.safe_text); recovery looked for the escaped text on

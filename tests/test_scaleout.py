@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from conftest import distinct_jpegs, make_model, write_with_trailers
+from conftest import dead_pid, distinct_jpegs, make_model, write_with_trailers
 from pgserver import postgres_server
 from PIL import Image
 from sqlalchemy.engine import make_url
@@ -283,6 +283,34 @@ def test_a_drop_recorded_by_a_dead_worker_is_moved_by_another_without_a_second_r
     assert not any(inbox.iterdir())
     assert query(pg_url, "SELECT count(*), sum(takeovers) FROM claims") == [(0, None)]
     assert "took over 1 files from workers whose lease lapsed (1 of them already recorded" in workers.log(proc)
+
+
+@pytest.mark.timeout(90)
+def test_a_restart_under_a_stable_id_records_where_its_crashed_process_moved_a_file(
+        tmp_path: Path, pg_url: str, workers: Workers) -> None:
+    """Process 1 of instance 1 recorded a.jpg, moved it to processed/ and was killed before recording where
+    (its workers row unstopped, its pid gone). The restart's first heartbeat used to come before recovery
+    and give the id's row its own pid and start: recovery then looked only at rows since that moment, and
+    a.jpg's row named the inbox for good."""
+    site = make_site(tmp_path / "site")
+    host = os.uname().nodename
+    worker_id = f"{host}@1"
+    (site / "processed").mkdir()
+    (site / "processed" / "a.jpg").write_bytes(b"a photo")
+    with Store(pg_url) as store:
+        store.heartbeat(worker_id, host, dead_pid(), 1,
+                        folders=(str(site / "processed"), str(site / "failed")))
+        (row_id,) = store.add_results([ResultRecord(
+            file="a.jpg", location=str(Path(os.path.realpath(site / "inbox")) / "a.jpg"), status="ok",
+            category="red", confidence=0.9, sha256=hashlib.sha256(b"a photo").hexdigest(), model_id="m" * 64,
+            model_name="tiny", worker=worker_id, host=host)])
+    (crashed_start,), = query(pg_url, "SELECT started_at FROM workers")
+    proc = workers.start(site, pg_url, "--once", "--instance", "1")
+    assert proc.wait(timeout=60) == 0, workers.log(proc)
+    assert "recorded where 1 file(s) went that a crashed worker had moved" in workers.log(proc)
+    assert query(pg_url, "SELECT id, location FROM results") == [(row_id, str(site / "processed" / "a.jpg"))]
+    (pid, started, stopped), = query(pg_url, "SELECT pid, started_at, stopped_at FROM workers")
+    assert pid == proc.pid and started > crashed_start and stopped is not None  # its own run, stopped cleanly
 
 
 # One live process per worker id ------------------------------------------------------------------------------

@@ -142,6 +142,10 @@ class Worker:
             if config.service.lock:
                 self.worker_lock = WorkerIdLock(self.store, self.worker_id, stopping=lambda: self.stop_requested)
                 self.worker_lock.acquire()
+            # Before this process's first heartbeat, which would name it in the id's row: recovery reads
+            # there the run of this id that crashed (its pid, its start).
+            recover_locations(self.store, config, self.host, self.worker_id)
+            if config.service.lock:
                 # The id's row names this process from now on, not only once the model is warm (tens of
                 # seconds on a GPU): a restart after a host reset during start-up then finds a gone process
                 # holding the id and waits for its session to end, instead of refusing an unknown holder.
@@ -157,7 +161,7 @@ class Worker:
         self.make_folders()
         if self.store is None:
             self.store = self.open_store()
-        recover_locations(self.store, config, self.host, self.worker_id)  # rows a crashed worker left in the inbox
+            recover_locations(self.store, config, self.host, self.worker_id)  # rows a crashed worker left in the inbox
         self.model.warm_up(config.batch.max_batch)
         info = self.model.info
         self.metrics.set_model(info.model_id, info.name, info.version)

@@ -20,7 +20,13 @@ between the two leaves the inbox name as a second link to the file in processed/
 next pass would refuse as a hard-linked file and record again as `failed`. Recovery finishes such a
 move: it removes the inbox name once it has checked it is the same file (device and inode) as a name
 disposition gives that file, and records that place. Then the dead
-workers are marked stopped, so that the next start does not look again. Best effort: a database error
+workers are marked stopped, so that the next start does not look again; except a dead worker with a
+recorded file still waiting in the inbox (killed between its commit and its move). The pipeline of this
+worker moves that file (Store.find_drop finds its row), and a kill between that move and its
+`set_locations` would leave the row naming the inbox; with the dead worker marked stopped, no later start
+would look at its rows again (the crash soak found it). So it stays unstopped, shown "stale" by `workers`,
+until a start finds none of its files waiting. A stable worker id keeps such a run's started_at
+(Store.heartbeat), so that its rows since then are still looked at. Best effort: a database error
 is logged and start-up goes on (the files themselves are safe either way).
 """
 
@@ -103,6 +109,8 @@ def _recover(store: Store, config: Config, host: str, own_id: str) -> int:
             return 0
         stale = []
         half_moved = []  # (row, lstat of its inbox name): a move by link then unlink cut between the two
+        waiting: set[str] = set()  # dead workers with a recorded file still in the inbox, to be moved
+        deletes = config.files.on_success == "delete"
         for worker_id, _, started_at, folders in dead:
             query = sa.select(results.c.id, results.c.file, results.c.sha256, results.c.status,
                               results.c.location, results.c.ctime_ns).where(
@@ -121,6 +129,8 @@ def _recover(store: Store, config: Config, host: str, own_id: str) -> int:
                     # Gone, or the name now holds a later drop; except where the worker left ok files in the
                     # inbox for good (or deleted them: the two look alike here), whose ctime a chmod changes.
                     stale.append((row, [name for _, name in spellings] if left is None else [file], folders))
+                elif folders.processed is not None or row.status == "failed" or deletes:
+                    waiting.add(worker_id)  # committed, not moved yet: a worker will move (or delete) it
 
         assigned: set[Path] = set()
 
@@ -154,6 +164,8 @@ def _recover(store: Store, config: Config, host: str, own_id: str) -> int:
         conn.execution_options(**{BEGIN_MODE: "immediate"})
         with conn.begin():
             for worker_id, pid, started_at, _ in dead:  # the very run found dead, not a later one of its id
+                if worker_id in waiting:
+                    continue
                 conn.execute(
                     sa.update(workers)
                     .where(workers.c.worker_id == worker_id, workers.c.pid == pid,

@@ -813,13 +813,17 @@ class Store:
                   folders: tuple[str, str] | None = None) -> None:
         """Upsert this worker's row: heartbeat_at = now, its processed count; `stopped=True` on a clean
         shutdown. started_at is kept across heartbeats of one process and reset when the pid changes
-        (a restart under a configured worker id), unless given. `folders`: (processed_dir, failed_dir)
-        where it moves files, processed_dir "" when ok files stay or are deleted."""
+        (a restart under a configured worker id) after a stop, unless given; kept when the earlier process
+        was never marked stopped (it crashed, and start-up recovery left it for later: a file of its run
+        still waits in the inbox), so that recovery still looks at the id's rows since that run began.
+        `folders`: (processed_dir, failed_dir) where it moves files, processed_dir "" when ok files stay or
+        are deleted."""
         now = utcnow()
 
         def body(conn: Connection) -> None:
             current = conn.execute(
-                sa.select(workers.c.pid, workers.c.started_at).where(workers.c.worker_id == worker_id)
+                sa.select(workers.c.pid, workers.c.started_at, workers.c.stopped_at)
+                .where(workers.c.worker_id == worker_id)
             ).first()
             values = {
                 "host": safe_text(host), "pid": int(pid), "heartbeat_at": now, "processed": int(processed),
@@ -833,7 +837,7 @@ class Store:
             else:
                 if started_at is not None:
                     values["started_at"] = started_at
-                elif current.pid != int(pid):
+                elif current.pid != int(pid) and current.stopped_at is not None:
                     values["started_at"] = now
                 conn.execute(sa.update(workers).where(workers.c.worker_id == worker_id).values(**values))
 
