@@ -32,11 +32,13 @@ from pgserver import postgres_server
 from PIL import Image
 from sqlalchemy.engine import make_url
 
+from worker import config as config_mod
 from worker.claims import Claims, drop_key
 from worker.cli import main as cli_main
-from worker.daemon import HEARTBEAT_S
+from worker.daemon import HEARTBEAT_S, Worker
 from worker.lock import worker_id_key
 from worker.migrations import LATEST_VERSION, MIGRATIONS, WORKER_ID_LOCK_CLASS, Migration, migrate
+from worker.model import Model
 from worker.query import stats
 from worker.store import ResultRecord, Store
 
@@ -311,6 +313,30 @@ def test_a_restart_under_a_stable_id_records_where_its_crashed_process_moved_a_f
     assert query(pg_url, "SELECT id, location FROM results") == [(row_id, str(site / "processed" / "a.jpg"))]
     (pid, started, stopped), = query(pg_url, "SELECT pid, started_at, stopped_at FROM workers")
     assert pid == proc.pid and started > crashed_start and stopped is not None  # its own run, stopped cleanly
+
+
+@pytest.mark.timeout(90)
+def test_a_starting_worker_s_row_is_not_marked_stopped(tmp_path: Path, pg_url: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The id's row names the process as soon as it holds the id. Recovery used to come after that heartbeat,
+    take the row for the id's crashed process and mark it stopped until start-up's last heartbeat: a restart
+    after a kill in that window read "stopped", took the holder for a live process and refused with exit 2
+    (the rare failure of test_a_restarted_instance_waits_for_the_session_its_gone_process_left). The row is
+    read while the model warms up, the step between the two (a spy on the real warm-up: the window is too
+    short to hit with a kill)."""
+    site = make_site(tmp_path / "site", worker_id="vm@1")
+    cfg = config_mod.load(site / "config.toml", {"database.url": pg_url})
+    seen = []
+    warm_up = Model.warm_up
+
+    def reading_the_row(self: Model, batch: int) -> None:
+        seen.append(query(pg_url, "SELECT pid, stopped_at FROM workers WHERE worker_id = 'vm@1'"))
+        warm_up(self, batch)
+
+    monkeypatch.setattr(Model, "warm_up", reading_the_row)
+    for _ in range(2):  # a first start, then a restart with a row of its id there
+        assert Worker(cfg).run(once=True) == 0
+    assert seen == [[(os.getpid(), None)]] * 2
 
 
 # One live process per worker id ------------------------------------------------------------------------------
