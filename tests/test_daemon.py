@@ -8,6 +8,7 @@ bursts); they read the results with plain sqlite3 while the worker writes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -160,6 +161,31 @@ def test_run_once_processes_a_mixed_folder_and_returns(site: Path) -> None:
     assert [p.name for p in inbox.rglob("*") if p.is_file()] == ["upload.jpg.part"]
     workers = query(site, "SELECT processed, stopped_at IS NOT NULL, processed_dir, failed_dir FROM workers")
     assert workers == [(6, 1, str(site / "processed"), str(site / "failed"))]  # where recovery would look
+
+
+def test_a_run_that_stops_with_a_recorded_file_unmoved_is_looked_at_again(
+        site: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A stable id stops cleanly with a recorded file it could not move (a file where its processed/sub
+    folder should be). Its workers row is left unstopped: the next run moves the file, and a kill before it
+    records where would otherwise leave the row naming the inbox, with no later start looking (recovery
+    looks only at unstopped rows). The next run takes the rows over (same started_at), moves the file,
+    and marks the id stopped."""
+    inbox = site / "inbox"
+    write_image(inbox / "sub" / "a.jpg", (255, 0, 0), noise_seed=1)
+    (site / "processed").mkdir()
+    (site / "processed" / "sub").write_text("in the way")
+    cfg = config_mod.load(site / "config.toml", {"service.worker_id": "w@1"})
+    with caplog.at_level(logging.INFO, logger="worker.daemon"):
+        Worker(cfg).run(once=True)
+    assert "1 recorded file(s) still wait in the inbox and 0 moved file(s) have no recorded place: the next " \
+           "start looks at this worker's rows again" in caplog.messages
+    (started, stopped), = query(site, "SELECT started_at, stopped_at FROM workers")
+    assert stopped is None and (inbox / "sub" / "a.jpg").exists()
+    (site / "processed" / "sub").unlink()
+    assert Worker(cfg).run(once=True) == 0
+    moved = str(site / "processed" / "sub" / "a.jpg")
+    assert query(site, "SELECT file, location FROM results") == [("sub/a.jpg", moved)]
+    assert query(site, "SELECT started_at, stopped_at IS NOT NULL FROM workers") == [(started, 1)]
 
 
 def test_output_folders_inside_the_inbox_are_refused(site: Path) -> None:

@@ -80,25 +80,25 @@ def test_a_moved_file_gets_its_place_and_the_worker_is_marked_stopped(store: Sto
     (cfg.processed_path / "sub").mkdir()
     (cfg.processed_path / "a.jpg").write_bytes(b"a")
     (cfg.processed_path / "sub" / "b.jpg").write_bytes(b"b")
-    assert recover_locations(store, cfg, HOST) == 2
+    assert recover_locations(store, cfg, HOST).fixed == 2
     assert locations(store) == {ids["a.jpg"]: str(cfg.processed_path / "a.jpg"),
                                 ids["sub/b.jpg"]: str(cfg.processed_path / "sub" / "b.jpg")}
     assert stopped(store, "host-a:1")
-    assert recover_locations(store, cfg, HOST) == 0  # looked at once: the next start does not look again
+    assert recover_locations(store, cfg, HOST).fixed == 0  # looked at once: the next start does not look again
 
 
 def test_the_numbered_copy_with_the_same_content_is_chosen(store: Store, cfg: Config) -> None:
     (cfg.processed_path / "a.jpg").write_bytes(b"an earlier drop of another photo")
     (cfg.processed_path / "a (1).jpg").write_bytes(b"this one")
     ids = crashed_worker(store, cfg, {"a.jpg": b"this one"})
-    assert recover_locations(store, cfg, HOST) == 1
+    assert recover_locations(store, cfg, HOST).fixed == 1
     assert locations(store)[ids["a.jpg"]] == str(cfg.processed_path / "a (1).jpg")
 
 
 def test_a_failed_row_is_looked_for_in_failed(store: Store, cfg: Config) -> None:
     ids = crashed_worker(store, cfg, {"bad.jpg": b"text"}, status="failed")
     (cfg.failed_path / "bad.jpg").write_bytes(b"text")
-    assert recover_locations(store, cfg, HOST) == 1
+    assert recover_locations(store, cfg, HOST).fixed == 1
     assert locations(store)[ids["bad.jpg"]] == str(cfg.failed_path / "bad.jpg")
 
 
@@ -107,7 +107,7 @@ def test_a_file_found_nowhere_is_recorded_as_gone_with_a_warning(store: Store, c
     ids = crashed_worker(store, cfg, {"lost.jpg": b"x"})
     (cfg.processed_path / "lost.jpg").write_bytes(b"other content")  # same name, not the same photo
     with caplog.at_level(logging.WARNING, logger="worker.recovery"):
-        assert recover_locations(store, cfg, HOST) == 1
+        assert recover_locations(store, cfg, HOST).fixed == 1
     assert locations(store)[ids["lost.jpg"]] == ""
     assert caplog.messages == [f"lost.jpg (row {ids['lost.jpg']}) was recorded in the inbox by a worker that "
                                f"crashed, and is neither there nor in {cfg.processed_path}"]
@@ -127,7 +127,7 @@ def test_a_dead_worker_s_files_are_looked_for_in_its_own_folders(store: Store, c
     (theirs["processed"] / "a.jpg").write_bytes(b"a")
     (theirs["failed"] / "bad.jpg").write_bytes(b"text")
     (cfg.processed_path / "a.jpg").write_bytes(b"a")  # the same bytes in this worker's folder: not its file
-    assert recover_locations(store, cfg, HOST) == 2
+    assert recover_locations(store, cfg, HOST).fixed == 2
     assert locations(store) == {ok["a.jpg"]: str(theirs["processed"] / "a.jpg"),
                                 bad["bad.jpg"]: str(theirs["failed"] / "bad.jpg")}
 
@@ -139,7 +139,7 @@ def test_a_worker_that_did_not_move_ok_files_is_not_given_one(store: Store, cfg:
     ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, folders=("", str(cfg.failed_path)))
     (cfg.processed_path / "a.jpg").write_bytes(b"a")
     with caplog.at_level(logging.WARNING, logger="worker.recovery"):
-        assert recover_locations(store, cfg, HOST) == 1
+        assert recover_locations(store, cfg, HOST).fixed == 1
     assert locations(store)[ids["a.jpg"]] == ""
     assert caplog.messages == [f"a.jpg (row {ids['a.jpg']}) was recorded in the inbox by a worker that crashed, "
                                "and is neither there nor in its processed folder (it did not move ok files)"]
@@ -157,7 +157,7 @@ def test_a_worker_records_processed_dir_empty_when_it_does_not_move_ok_files(cfg
 def test_a_row_whose_file_is_still_in_the_inbox_is_left_alone(store: Store, cfg: Config) -> None:
     ids = crashed_worker(store, cfg, {"waiting.jpg": b"w"})
     (cfg.inbox_path / "waiting.jpg").write_bytes(b"w")  # never moved: the next pass moves it
-    assert recover_locations(store, cfg, HOST) == 0
+    assert recover_locations(store, cfg, HOST).fixed == 0
     assert locations(store)[ids["waiting.jpg"]] == str(cfg.inbox_path / "waiting.jpg")
 
 
@@ -179,16 +179,76 @@ def test_a_crashed_worker_s_file_still_in_the_inbox_is_looked_at_again_once_move
                          ctimes={"a.jpg": path.stat().st_ctime_ns})
     with sqlite3.connect(store.path) as db:
         started_a = db.execute("SELECT started_at FROM workers WHERE worker_id = ?", (first,)).fetchone()[0]
-    assert recover_locations(store, cfg, HOST, own(second)) == 0  # B starts: the file waits, B will move it
+    assert recover_locations(store, cfg, HOST, own(second)).fixed == 0  # B starts: the file waits, B will move it
     assert not stopped(store, first)
     store.heartbeat(second, HOST, dead_pid(), 0, folders=folders)  # B runs, moves a.jpg, is killed
     path.rename(cfg.processed_path / "a.jpg")
     with sqlite3.connect(store.path) as db:
         started = dict(db.execute("SELECT worker_id, started_at FROM workers").fetchall())
     assert started[second] == started_a or worker_ids == "host:pid"
-    assert recover_locations(store, cfg, HOST, own(third)) == 1
+    assert recover_locations(store, cfg, HOST, own(third)).fixed == 1
     assert locations(store) == {ids["a.jpg"]: str(cfg.processed_path / "a.jpg")}
     assert stopped(store, first) and stopped(store, second)
+
+
+@pytest.mark.parametrize(("on_success", "status", "with_ctime", "waits"), [
+    ("move", "ok", True, True),
+    ("move", "ok", False, True),  # a row from before schema version 4: no ctime to compare
+    ("move", "failed", True, True),
+    ("delete", "ok", True, True),
+    ("leave", "failed", True, True),
+    ("leave", "ok", True, False),  # left in the inbox for good: nothing to move, the worker is done
+])
+def test_a_dead_worker_stays_unstopped_while_a_file_of_it_waits_to_be_moved(
+        store: Store, tmp_path: Path, on_success: str, status: str, with_ctime: bool, waits: bool) -> None:
+    cfg = config_mod.load(None, {"inbox.path": str(tmp_path / "inbox"), "files.on_success": on_success,
+                                 "files.processed_dir": str(tmp_path / "processed"),
+                                 "files.failed_dir": str(tmp_path / "failed")})
+    cfg.inbox_path.mkdir()
+    path = cfg.inbox_path / "a.jpg"
+    path.write_bytes(b"a")
+    crashed_worker(store, cfg, {"a.jpg": b"a"}, status=status, folders=recovery.worker_folders(cfg),
+                   ctimes={"a.jpg": path.stat().st_ctime_ns} if with_ctime else None)
+    recovered = recover_locations(store, cfg, HOST)
+    assert (recovered.fixed, recovered.inherited) == (0, ())  # not this worker's own id
+    assert stopped(store, "host-a:1") is not waits
+
+
+def test_a_dead_worker_of_another_inbox_is_left_to_that_inbox_s_workers(store: Store, cfg: Config,
+                                                                           tmp_path: Path) -> None:
+    """One database, two inboxes: a worker of the other inbox sees none of this dead worker's rows, which
+    name its own inbox, so it cannot tell whether a file of it waits there. Its folders say it is not of
+    this inbox: it is left unstopped for its own inbox's next start."""
+    other = {"inbox.path": str(tmp_path / "two" / "inbox"), "files.processed_dir": str(tmp_path / "two" / "processed"),
+             "files.failed_dir": str(tmp_path / "two" / "failed")}
+    two = config_mod.load(None, other)
+    two.inbox_path.mkdir(parents=True)
+    path = cfg.inbox_path / "a.jpg"
+    path.write_bytes(b"a")
+    crashed_worker(store, cfg, {"a.jpg": b"a"}, folders=recovery.worker_folders(cfg),
+                   ctimes={"a.jpg": path.stat().st_ctime_ns})
+    crashed_worker(store, two, {}, worker="host-a:2", folders=recovery.worker_folders(two))
+    assert recover_locations(store, two, HOST).fixed == 0
+    assert not stopped(store, "host-a:1")  # another inbox's, with a file waiting there
+    assert stopped(store, "host-a:2")  # this inbox's (its folders), nothing of it waits
+    path.rename(cfg.processed_path / "a.jpg")  # moved by the next worker of inbox one, killed before recording
+    assert recover_locations(store, cfg, HOST).fixed == 1
+    assert stopped(store, "host-a:1")
+
+
+def test_the_rows_of_this_id_s_crashed_run_still_waiting_are_handed_over(store: Store, cfg: Config) -> None:
+    """A stable id: the process that takes the id over learns which of its crashed run's files still wait,
+    so that it can tell at its clean stop whether they were moved (`still_waiting`)."""
+    for name in ("a.jpg", "b.jpg"):
+        (cfg.inbox_path / name).write_bytes(name.encode())
+    ids = crashed_worker(store, cfg, {"a.jpg": b"a.jpg", "b.jpg": b"b.jpg"}, worker="host-a@1",
+                         folders=recovery.worker_folders(cfg))
+    recovered = recover_locations(store, cfg, HOST, own_id="host-a@1")
+    assert recovered == recovery.Recovered(0, (ids["a.jpg"], ids["b.jpg"]))
+    assert recovery.still_waiting(store, cfg, recovered.inherited) == 2
+    store.set_locations([(ids["a.jpg"], str(cfg.processed_path / "a.jpg"))])
+    assert recovery.still_waiting(store, cfg, recovered.inherited) == 1
+    assert recovery.still_waiting(store, cfg, ()) == 0
 
 
 def test_names_that_are_not_utf8_are_found_on_disk(store: Store, cfg: Config,
@@ -202,7 +262,7 @@ def test_names_that_are_not_utf8_are_found_on_disk(store: Store, cfg: Config,
     (cfg.processed_path / "sub").mkdir()
     (cfg.processed_path / moved).write_bytes(b"m")
     with caplog.at_level(logging.WARNING, logger="worker.recovery"):
-        assert recover_locations(store, cfg, HOST) == 1
+        assert recover_locations(store, cfg, HOST).fixed == 1
     assert caplog.messages == []
     assert locations(store) == {ids[waiting]: str(cfg.inbox_path / "caf\\xe9.jpg"),
                                 ids[moved]: str(cfg.processed_path / "sub" / "\\xff.jpg")}
@@ -212,7 +272,7 @@ def test_a_row_whose_file_is_still_in_the_inbox_unchanged_is_left_alone(store: S
     path = cfg.inbox_path / "a.jpg"
     path.write_bytes(b"a")
     ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, ctimes={"a.jpg": path.stat().st_ctime_ns})
-    assert recover_locations(store, cfg, HOST) == 0
+    assert recover_locations(store, cfg, HOST).fixed == 0
     assert locations(store)[ids["a.jpg"]] == str(path)
 
 
@@ -224,7 +284,7 @@ def test_a_left_file_whose_metadata_changed_is_left_alone(store: Store, cfg: Con
     ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, ctimes={"a.jpg": path.stat().st_ctime_ns},
                          folders=("", str(cfg.failed_path)))
     path.chmod(0o600)
-    assert recover_locations(store, cfg, HOST) == 0
+    assert recover_locations(store, cfg, HOST).fixed == 0
     assert locations(store)[ids["a.jpg"]] == str(path)
 
 
@@ -239,7 +299,7 @@ def test_a_later_upload_of_the_same_name_and_bytes_is_not_taken_for_the_moved_fi
     ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, ctimes={"a.jpg": moved.stat().st_ctime_ns})
     upload_path = cfg.inbox_path / "a.jpg"
     (shutil.copy2 if upload == "cp -p" else shutil.copyfile)(moved, upload_path)
-    assert recover_locations(store, cfg, HOST) == 1
+    assert recover_locations(store, cfg, HOST).fixed == 1
     assert locations(store)[ids["a.jpg"]] == str(moved)
     assert upload_path.read_bytes() == b"a"
 
@@ -251,7 +311,7 @@ def test_live_workers_and_other_hosts_are_not_touched(store: Store, cfg: Config)
         other = crashed_worker(store, cfg, {"b.jpg": b"b"}, worker="host-b:1", host="host-b")
         (cfg.processed_path / "a.jpg").write_bytes(b"a")
         (cfg.processed_path / "b.jpg").write_bytes(b"b")
-        assert recover_locations(store, cfg, HOST) == 0
+        assert recover_locations(store, cfg, HOST).fixed == 0
         assert locations(store) == {live["a.jpg"]: str(cfg.inbox_path / "a.jpg"),
                                     other["b.jpg"]: str(cfg.inbox_path / "b.jpg")}
         assert not stopped(store, "host-a:live") and not stopped(store, "host-b:1")
@@ -268,8 +328,8 @@ def test_an_earlier_process_of_this_worker_s_own_id_is_dead_whatever_its_pid(sto
     try:
         ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, worker="host-a@1", pid=alive.pid)
         (cfg.processed_path / "a.jpg").write_bytes(b"a")
-        assert recover_locations(store, cfg, HOST) == 0  # for another worker, a live process
-        assert recover_locations(store, cfg, HOST, own_id="host-a@1") == 1
+        assert recover_locations(store, cfg, HOST).fixed == 0  # for another worker, a live process
+        assert recover_locations(store, cfg, HOST, own_id="host-a@1").fixed == 1
         assert locations(store) == {ids["a.jpg"]: str(cfg.processed_path / "a.jpg")}
         assert stopped(store, "host-a@1")
     finally:
@@ -284,14 +344,14 @@ def test_a_pid_last_seen_before_this_host_booted_is_another_process_s(store: Sto
     try:
         ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, worker="host-a:9", pid=later.pid)
         (cfg.processed_path / "a.jpg").write_bytes(b"a")
-        assert recover_locations(store, cfg, HOST) == 0  # seen since the boot: its process runs
+        assert recover_locations(store, cfg, HOST).fixed == 0  # seen since the boot: its process runs
         booted = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                       if line.startswith("btime "))
         before_boot = datetime.fromtimestamp(booted - 60, UTC)
         with sqlite3.connect(store.path) as db:
             db.execute("UPDATE workers SET heartbeat_at = ?", (before_boot.replace(tzinfo=None).isoformat(" "),))
         assert recovery.pid_alive(later.pid) and not recovery.pid_alive(later.pid, seen_at=before_boot)
-        assert recover_locations(store, cfg, HOST) == 1
+        assert recover_locations(store, cfg, HOST).fixed == 1
         assert locations(store) == {ids["a.jpg"]: str(cfg.processed_path / "a.jpg")}
     finally:
         later.kill()
@@ -302,7 +362,7 @@ def test_with_on_success_delete_an_ok_row_is_recorded_as_gone(store: Store, tmp_
     cfg = config_mod.load(None, {"inbox.path": str(tmp_path / "inbox"), "files.on_success": "delete"})
     cfg.inbox_path.mkdir()
     ids = crashed_worker(store, cfg, {"a.jpg": b"a"})
-    assert recover_locations(store, cfg, HOST) == 1
+    assert recover_locations(store, cfg, HOST).fixed == 1
     assert locations(store)[ids["a.jpg"]] == ""
 
 
@@ -312,7 +372,7 @@ def test_a_database_error_is_logged_and_start_up_goes_on(store: Store, cfg: Conf
     with sqlite3.connect(store.path) as db:
         db.execute("ALTER TABLE workers RENAME TO workers_gone")  # what recovery reads is not there
     with caplog.at_level(logging.WARNING, logger="worker.recovery"):
-        assert recover_locations(store, cfg, HOST) == 0
+        assert recover_locations(store, cfg, HOST).fixed == 0
     assert len(caplog.messages) == 1
     assert caplog.messages[0].startswith("cannot check the locations recorded by crashed workers: ")
     assert "no such table: workers" in caplog.messages[0]
@@ -334,7 +394,7 @@ def test_a_move_cut_between_link_and_unlink_is_finished(store: Store, cfg: Confi
     os.link(cfg.inbox_path / "a.jpg", cfg.processed_path / "a (1).jpg")
     os.link(cfg.inbox_path / "sub" / "b.jpg", cfg.processed_path / "sub" / "b.jpg")
     with caplog.at_level(logging.INFO, logger="worker.recovery"):
-        assert recover_locations(store, cfg, HOST) == 2
+        assert recover_locations(store, cfg, HOST).fixed == 2
     assert sorted(p.name for p in cfg.inbox_path.rglob("*")) == ["sub"]  # no hidden name left behind either
     assert locations(store) == {ids["a.jpg"]: str(cfg.processed_path / "a (1).jpg"),
                                 ids["sub/b.jpg"]: str(cfg.processed_path / "sub" / "b.jpg")}
@@ -355,7 +415,7 @@ def test_a_hard_link_of_the_users_own_is_left_alone(store: Store, cfg: Config, t
     (tmp_path / "elsewhere.jpg").write_bytes(b"a")
     os.link(tmp_path / "elsewhere.jpg", cfg.inbox_path / "a.jpg")
     (cfg.processed_path / "a.jpg").write_bytes(b"a")
-    assert recover_locations(store, cfg, HOST) == 0
+    assert recover_locations(store, cfg, HOST).fixed == 0
     assert os.stat(cfg.inbox_path / "a.jpg").st_nlink == 2
     assert locations(store)[ids["a.jpg"]] == str(cfg.inbox_path / "a.jpg")
     assert stopped(store, "host-a:1")
@@ -379,7 +439,7 @@ def test_an_upload_that_takes_the_name_meanwhile_is_kept(store: Store, cfg: Conf
         real(src, dst)
 
     monkeypatch.setattr(recovery, "_rename_noreplace", upload_then_rename)
-    assert recover_locations(store, cfg, HOST) == 1
+    assert recover_locations(store, cfg, HOST).fixed == 1
     assert sorted(p.name for p in cfg.inbox_path.iterdir()) == ["a.jpg"]
     assert (cfg.inbox_path / "a.jpg").read_bytes() == b"a new upload of the same name"
     assert (cfg.processed_path / "a.jpg").read_bytes() == b"a"

@@ -415,13 +415,16 @@ def test_instances_of_one_config_share_the_inbox_under_ids_of_their_own(
     assert (again.returncode, again.stdout) == (2, "") and "waiting up to" not in again.stderr  # its holder runs
     assert again.stderr.startswith(f"fashion-worker: error: another worker with id '{host}@2' (host {host}, "
                                    f"pid {procs[1].pid}, "), again.stderr
+    # The refused process leaves the id's row as it was: it used to record its own stop there, so that the
+    # running worker's row named a process that had exited, marked stopped, until its next heartbeat.
+    assert query(pg_url, f"SELECT pid, stopped_at FROM workers WHERE worker_id = '{host}@2'") == [(procs[1].pid, None)]
     staged = burst_recorded_once(tmp_path, site / "inbox", pg_url, 40, {f"{host}@1", f"{host}@2"})
     assert sorted(p.name for p in (site / "processed").iterdir()) == sorted(p.name for p in staged)
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
-    assert query(pg_url, "SELECT worker_id, pid FROM workers ORDER BY worker_id") == [
-        (f"{host}@1", procs[0].pid), (f"{host}@2", procs[1].pid)]
+        assert proc.wait(timeout=20) == 0, workers.log(proc)
+    assert query(pg_url, "SELECT worker_id, pid, stopped_at IS NOT NULL FROM workers ORDER BY worker_id") == [
+        (f"{host}@1", procs[0].pid, True), (f"{host}@2", procs[1].pid, True)], [workers.log(p) for p in procs]
 
 
 @pytest.mark.timeout(120)

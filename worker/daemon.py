@@ -46,7 +46,7 @@ from worker.metrics import Metrics
 from worker.model import Model
 from worker.notify import Notifier
 from worker.pipeline import Pipeline
-from worker.recovery import recover_locations, worker_folders
+from worker.recovery import recover_locations, still_waiting, worker_folders
 from worker.store import Store
 from worker.watch import InboxWatcher
 
@@ -112,6 +112,8 @@ class Worker:
         self._feeder_dead_logged = False
         self._started = False  # start-up completed: its end is logged too
         self.id_taken: str | None = None  # why the worker stopped: another process took its worker id
+        self._reported = False  # this process has named itself in the workers row
+        self._inherited: tuple[int, ...] = ()  # rows of this id's crashed run whose files waited at start-up
 
     # The whole run ------------------------------------------------------------------------------------
     def run(self, once: bool = False) -> int:
@@ -144,7 +146,7 @@ class Worker:
                 self.worker_lock.acquire()
             # Before this process's first heartbeat, which would name it in the id's row: recovery reads
             # there the run of this id that crashed (its pid, its start).
-            recover_locations(self.store, config, self.host, self.worker_id)
+            self._inherited = recover_locations(self.store, config, self.host, self.worker_id).inherited
             if config.service.lock:
                 # The id's row names this process from now on, not only once the model is warm (tens of
                 # seconds on a GPU): a restart after a host reset during start-up then finds a gone process
@@ -161,7 +163,8 @@ class Worker:
         self.make_folders()
         if self.store is None:
             self.store = self.open_store()
-            recover_locations(self.store, config, self.host, self.worker_id)  # rows a crashed worker left in the inbox
+            # Rows a crashed worker left naming the inbox.
+            self._inherited = recover_locations(self.store, config, self.host, self.worker_id).inherited
         self.model.warm_up(config.batch.max_batch)
         info = self.model.info
         self.metrics.set_model(info.model_id, info.name, info.version)
@@ -300,9 +303,12 @@ class Worker:
             with _logged("giving back claims"):
                 self.claims.close()
         if self.store is not None:
-            if self.id_taken is None:  # else the workers row is the other process's now
+            # Only a process that named itself in the workers row records its stop there: a second process
+            # refused the id would otherwise mark the running one's row stopped; and after id_taken the row
+            # is the other process's.
+            if self._reported and self.id_taken is None:
                 with _logged("recording the stop"):
-                    self._heartbeat(stopped=True)
+                    self._heartbeat(stopped=self._nothing_waiting())
             if self.worker_lock is not None:
                 self.worker_lock.release()
             self.store.close()
@@ -312,6 +318,19 @@ class Worker:
         self.notifier.close()
         if self._started and self.pipeline is not None:
             log.info("stopped; %d results recorded since start", self.pipeline.counters.rows)
+
+    def _nothing_waiting(self) -> bool:
+        """At a clean stop: whether no recorded file of this run (or of the crashed run of this id it took
+        over) waits in the inbox, and every moved file's place is recorded. Otherwise the workers row is
+        left unstopped: the next start's recovery then looks at its rows again (worker.recovery), since the
+        run that moves those files could be killed before recording where."""
+        assert self.store is not None
+        unmoved, unrecorded = self.pipeline.left_behind() if self.pipeline is not None else (0, 0)
+        inherited = still_waiting(self.store, self.config, self._inherited)
+        if unmoved or unrecorded or inherited:
+            log.info("%d recorded file(s) still wait in the inbox and %d moved file(s) have no recorded place: "
+                     "the next start looks at this worker's rows again", unmoved + inherited, unrecorded)
+        return not (unmoved or unrecorded or inherited)
 
     def request_stop(self) -> None:
         """Finish the batch in progress, then leave the loop (what SIGTERM does; also for tests)."""
@@ -353,6 +372,7 @@ class Worker:
         try:
             self.store.heartbeat(self.worker_id, self.host, os.getpid(), processed, stopped=stopped,
                                  folders=worker_folders(self.config))
+            self._reported = True
         except StoreError as exc:
             log.warning("cannot record the heartbeat: %s", exc)
 

@@ -477,6 +477,11 @@ class Pipeline:
                 log.error("%d rows still name the inbox although their files were moved: %s",
                           len(self._stale_locations), exc)
 
+    def left_behind(self) -> tuple[int, int]:
+        """(files whose row is committed but whose move failed, rows whose file was moved but whose new
+        place could not be recorded): what a stop leaves for the next run."""
+        return len(self._unmoved), len(self._stale_locations)
+
     def wake(self) -> None:
         """Make a waiting `process_next` return at once (used by signal handlers)."""
         with self._cond:

@@ -26,7 +26,11 @@ worker moves that file (Store.find_drop finds its row), and a kill between that 
 `set_locations` would leave the row naming the inbox; with the dead worker marked stopped, no later start
 would look at its rows again (the crash soak found it). So it stays unstopped, shown "stale" by `workers`,
 until a start finds none of its files waiting. A stable worker id keeps such a run's started_at
-(Store.heartbeat), so that its rows since then are still looked at. Best effort: a database error
+(Store.heartbeat), so that its rows since then are still looked at, and the process that took the id
+over does not mark it stopped at its clean stop while those files still wait (`still_waiting`); nor
+does a worker whose own moves failed (its files wait in the inbox for the next run to move). A dead
+worker with no rows naming this inbox and other folders than this worker's is another inbox's (one
+database can serve several): it is left for that inbox's workers. Best effort: a database error
 is logged and start-up goes on (the files themselves are safe either way).
 """
 
@@ -82,19 +86,46 @@ def _folders(processed_dir: str | None, failed_dir: str | None, config: Config) 
     return Folders(Path(processed_dir) if processed_dir else None, Path(failed_dir))
 
 
-def recover_locations(store: Store, config: Config, host: str, own_id: str = "") -> int:
-    """Fix rows left naming the inbox by workers of `host` that died; return how many were fixed. `own_id`:
-    this worker's id, whose row (if any, before this process's first heartbeat) is an earlier, dead process
-    of that id, whatever its pid says now (a stable id, run --instance or service.worker_id)."""
+@dataclass(frozen=True)
+class Recovered:
+    """What start-up recovery did: `fixed` rows got the place their file went; `inherited`: the rows of
+    this worker id's own dead run whose files still wait in the inbox (a stable id: this process takes
+    that run's workers row over, and must not mark it stopped while they wait, see `still_waiting`)."""
+
+    fixed: int = 0
+    inherited: tuple[int, ...] = ()
+
+
+def recover_locations(store: Store, config: Config, host: str, own_id: str = "") -> Recovered:
+    """Fix rows left naming the inbox by workers of `host` that died. `own_id`: this worker's id, whose row
+    (if any, before this process's first heartbeat) is an earlier, dead process of that id, whatever its
+    pid says now (a stable id, run --instance or service.worker_id)."""
     try:
         return _recover(store, config, host, own_id)
     except (SQLAlchemyError, StoreError) as exc:
         log.warning("cannot check the locations recorded by crashed workers: %s", " ".join(str(exc).split()))
+        return Recovered()
+
+
+def still_waiting(store: Store, config: Config, row_ids: tuple[int, ...]) -> int:
+    """How many of `row_ids` still name a place in the inbox (their files not moved yet); all of them when
+    the database cannot say (logged)."""
+    if not row_ids:
         return 0
+    inbox = os.path.realpath(config.inbox_path)
+    try:
+        with store.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(results).where(
+                results.c.id.in_(row_ids), results.c.location.startswith(inbox + os.sep, autoescape=True),
+            )).scalar_one()
+    except SQLAlchemyError as exc:
+        log.warning("cannot check the files of this worker id's crashed run: %s", " ".join(str(exc).split()))
+        return len(row_ids)
 
 
-def _recover(store: Store, config: Config, host: str, own_id: str) -> int:
+def _recover(store: Store, config: Config, host: str, own_id: str) -> Recovered:
     inbox = os.path.realpath(config.inbox_path)  # the pipeline records paths under the real inbox path
+    ours = _folders(*worker_folders(config), config)
     with store.engine.connect() as conn:
         dead = [
             (row.worker_id, row.pid, row.started_at, _folders(row.processed_dir, row.failed_dir, config))
@@ -106,10 +137,11 @@ def _recover(store: Store, config: Config, host: str, own_id: str) -> int:
             if row.worker_id == own_id or not pid_alive(row.pid, seen_at=row.heartbeat_at)
         ]
         if not dead:
-            return 0
+            return Recovered()
         stale = []
         half_moved = []  # (row, lstat of its inbox name): a move by link then unlink cut between the two
-        waiting: set[str] = set()  # dead workers with a recorded file still in the inbox, to be moved
+        waiting: dict[str, list[int]] = {}  # dead worker -> its rows whose file still waits in the inbox
+        seen: set[str] = set()  # dead workers with rows naming this inbox
         deletes = config.files.on_success == "delete"
         for worker_id, _, started_at, folders in dead:
             query = sa.select(results.c.id, results.c.file, results.c.sha256, results.c.status,
@@ -119,6 +151,7 @@ def _recover(store: Store, config: Config, host: str, own_id: str) -> int:
                 results.c.location.startswith(inbox + os.sep, autoescape=True),
             )
             for row in conn.execute(query):
+                seen.add(worker_id)
                 spellings = _spellings(row.location, row.file)
                 location, file, left = next(((loc, name, st) for loc, name in spellings
                                              if (st := lstat_or_none(loc)) is not None), (row.location, row.file, None))
@@ -130,7 +163,8 @@ def _recover(store: Store, config: Config, host: str, own_id: str) -> int:
                     # inbox for good (or deleted them: the two look alike here), whose ctime a chmod changes.
                     stale.append((row, [name for _, name in spellings] if left is None else [file], folders))
                 elif folders.processed is not None or row.status == "failed" or deletes:
-                    waiting.add(worker_id)  # committed, not moved yet: a worker will move (or delete) it
+                    # Committed, not moved yet: a worker will move (or delete) it.
+                    waiting.setdefault(worker_id, []).append(row.id)
 
         assigned: set[Path] = set()
 
@@ -163,16 +197,16 @@ def _recover(store: Store, config: Config, host: str, own_id: str) -> int:
     with store.engine.connect() as conn:
         conn.execution_options(**{BEGIN_MODE: "immediate"})
         with conn.begin():
-            for worker_id, pid, started_at, _ in dead:  # the very run found dead, not a later one of its id
-                if worker_id in waiting:
-                    continue
+            for worker_id, pid, started_at, folders in dead:  # the very run found dead, not a later one of its id
+                if worker_id in waiting or (worker_id not in seen and folders != ours):
+                    continue  # files of it wait here; or, by its folders, another inbox's worker: left to them
                 conn.execute(
                     sa.update(workers)
                     .where(workers.c.worker_id == worker_id, workers.c.pid == pid,
                            workers.c.started_at == started_at, workers.c.stopped_at.is_(None))
                     .values(stopped_at=workers.c.heartbeat_at)
                 )
-    return len(fixes)
+    return Recovered(len(fixes), tuple(waiting.get(own_id, ())) if own_id else ())
 
 
 def _spellings(location: str, file: str) -> list[tuple[str, str]]:
