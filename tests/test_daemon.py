@@ -163,17 +163,22 @@ def test_run_once_processes_a_mixed_folder_and_returns(site: Path) -> None:
     assert workers == [(6, 1, str(site / "processed"), str(site / "failed"))]  # where recovery would look
 
 
+@pytest.mark.parametrize("outcome", ["processed", "failed"])
 def test_a_run_that_stops_with_a_recorded_file_unmoved_is_looked_at_again(
-        site: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A stable id stops cleanly with a recorded file it could not move (a file where its processed/sub
-    folder should be). Its workers row is left unstopped: the next run moves the file, and a kill before it
-    records where would otherwise leave the row naming the inbox, with no later start looking (recovery
-    looks only at unstopped rows). The next run takes the rows over (same started_at), moves the file,
-    and marks the id stopped."""
+        site: Path, caplog: pytest.LogCaptureFixture, outcome: str) -> None:
+    """A stable id stops cleanly with a recorded file it could not move (a file where its processed/sub or
+    failed/sub folder should be; the failed one an empty file, refused before it is read). Its workers row
+    is left unstopped: the next run moves the file, and a kill before it records where would otherwise
+    leave the row naming the inbox, with no later start looking (recovery looks only at unstopped rows).
+    The next run takes the rows over (same started_at), moves the file, and marks the id stopped."""
     inbox = site / "inbox"
-    write_image(inbox / "sub" / "a.jpg", (255, 0, 0), noise_seed=1)
-    (site / "processed").mkdir()
-    (site / "processed" / "sub").write_text("in the way")
+    if outcome == "processed":
+        write_image(inbox / "sub" / "a.jpg", (255, 0, 0), noise_seed=1)
+    else:
+        (inbox / "sub").mkdir()
+        (inbox / "sub" / "a.jpg").write_bytes(b"")
+    (site / outcome).mkdir()
+    (site / outcome / "sub").write_text("in the way")
     cfg = config_mod.load(site / "config.toml", {"service.worker_id": "w@1"})
     with caplog.at_level(logging.INFO, logger="worker.daemon"):
         Worker(cfg).run(once=True)
@@ -181,9 +186,9 @@ def test_a_run_that_stops_with_a_recorded_file_unmoved_is_looked_at_again(
            "start looks at this worker's rows again" in caplog.messages
     (started, stopped), = query(site, "SELECT started_at, stopped_at FROM workers")
     assert stopped is None and (inbox / "sub" / "a.jpg").exists()
-    (site / "processed" / "sub").unlink()
+    (site / outcome / "sub").unlink()
     assert Worker(cfg).run(once=True) == 0
-    moved = str(site / "processed" / "sub" / "a.jpg")
+    moved = str(site / outcome / "sub" / "a.jpg")
     assert query(site, "SELECT file, location FROM results") == [("sub/a.jpg", moved)]
     assert query(site, "SELECT started_at, stopped_at IS NOT NULL FROM workers") == [(started, 1)]
 

@@ -236,6 +236,19 @@ def test_a_dead_worker_of_another_inbox_is_left_to_that_inbox_s_workers(store: S
     assert stopped(store, "host-a:1")
 
 
+def test_a_dead_worker_with_other_folders_but_rows_here_is_this_inbox_s(store: Store, cfg: Config,
+                                                                         tmp_path: Path) -> None:
+    """Its folders changed since (another processed_dir), but its rows name this inbox: it is this inbox's
+    worker, its file is found in its own folder, and it is marked stopped."""
+    old = tmp_path / "old-processed"
+    old.mkdir()
+    ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, folders=(str(old), str(cfg.failed_path)))
+    (old / "a.jpg").write_bytes(b"a")
+    assert recover_locations(store, cfg, HOST).fixed == 1
+    assert locations(store) == {ids["a.jpg"]: str(old / "a.jpg")}
+    assert stopped(store, "host-a:1")
+
+
 def test_the_rows_of_this_id_s_crashed_run_still_waiting_are_handed_over(store: Store, cfg: Config) -> None:
     """A stable id: the process that takes the id over learns which of its crashed run's files still wait,
     so that it can tell at its clean stop whether they were moved (`still_waiting`)."""

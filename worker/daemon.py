@@ -325,12 +325,12 @@ class Worker:
         left unstopped: the next start's recovery then looks at its rows again (worker.recovery), since the
         run that moves those files could be killed before recording where."""
         assert self.store is not None
-        unmoved, unrecorded = self.pipeline.left_behind() if self.pipeline is not None else (0, 0)
-        inherited = still_waiting(self.store, self.config, self._inherited)
-        if unmoved or unrecorded or inherited:
+        stuck, unrecorded = self.pipeline.left_behind() if self.pipeline is not None else ([], 0)
+        waiting = still_waiting(self.store, self.config, (*self._inherited, *stuck))
+        if waiting or unrecorded:
             log.info("%d recorded file(s) still wait in the inbox and %d moved file(s) have no recorded place: "
-                     "the next start looks at this worker's rows again", unmoved + inherited, unrecorded)
-        return not (unmoved or unrecorded or inherited)
+                     "the next start looks at this worker's rows again", waiting, unrecorded)
+        return not (waiting or unrecorded)
 
     def request_stop(self) -> None:
         """Finish the batch in progress, then leave the loop (what SIGTERM does; also for tests)."""

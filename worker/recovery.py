@@ -113,11 +113,12 @@ def still_waiting(store: Store, config: Config, row_ids: tuple[int, ...]) -> int
     if not row_ids:
         return 0
     inbox = os.path.realpath(config.inbox_path)
+    ids = sorted(set(row_ids))
     try:
         with store.engine.connect() as conn:
-            return conn.execute(sa.select(sa.func.count()).select_from(results).where(
-                results.c.id.in_(row_ids), results.c.location.startswith(inbox + os.sep, autoescape=True),
-            )).scalar_one()
+            return sum(conn.execute(sa.select(sa.func.count()).select_from(results).where(
+                results.c.id.in_(chunk), results.c.location.startswith(inbox + os.sep, autoescape=True),
+            )).scalar_one() for chunk in (ids[at:at + 500] for at in range(0, len(ids), 500)))
     except SQLAlchemyError as exc:
         log.warning("cannot check the files of this worker id's crashed run: %s", " ".join(str(exc).split()))
         return len(row_ids)
