@@ -120,7 +120,7 @@ def still_waiting(store: Store, config: Config, row_ids: tuple[int, ...]) -> int
                 results.c.id.in_(chunk), results.c.location.startswith(inbox + os.sep, autoescape=True),
             )).scalar_one() for chunk in (ids[at:at + 500] for at in range(0, len(ids), 500)))
     except SQLAlchemyError as exc:
-        log.warning("cannot check the files of this worker id's crashed run: %s", " ".join(str(exc).split()))
+        log.warning("cannot check whether recorded files still wait in the inbox: %s", " ".join(str(exc).split()))
         return len(row_ids)
 
 
