@@ -425,8 +425,8 @@ class Pipeline:
         # row id). The retry takes the file for its row by these, not by its ctime, which a chmod or touch
         # during the back-off changes (Store.find_drop would then see a later file).
         self._unmoved: dict[Path, tuple[int, int, str | None, int]] = {}
-        # Rows whose file's disposal failed, in order, until it succeeds (what a stop leaves, left_behind).
-        self._stuck_rows: dict[int, None] = {}
+        # Rows whose file's disposal failed, until it succeeds (what a stop leaves, left_behind).
+        self._stuck_rows: set[int] = set()
         # The watcher's InboxWatcher.being_written, set once it exists: a file a writer has open is not read.
         self.being_written: Callable[[Path, os.stat_result | None], bool] | None = None
         self._failed_at = float("-inf")  # monotonic time of the last failed commit or inference
@@ -1111,7 +1111,7 @@ class Pipeline:
                             ", the file there now is queued" if exc.replaced else "")
                 if self.claims is None or exc.copied_to is not None:
                     locations.append((p.row_id, GONE if exc.copied_to is None else str(exc.copied_to)))
-                self._stuck_rows.pop(p.row_id, None)
+                self._stuck_rows.discard(p.row_id)
                 finished.append(p)
                 if exc.replaced:
                     self._look_again(p.item.path)
@@ -1123,11 +1123,11 @@ class Pipeline:
                                 if self.claims is not None else "")
                     if self.claims is None:
                         locations.append((p.row_id, GONE))
-                    self._stuck_rows.pop(p.row_id, None)
+                    self._stuck_rows.discard(p.row_id)
                     finished.append(p)  # with claims, the worker that moved it records where to
                     continue
                 self.counters.disposition_errors += 1
-                self._stuck_rows[p.row_id] = None
+                self._stuck_rows.add(p.row_id)
                 if p.read_as is not None:
                     self._unmoved.pop(p.item.path, None)
                     self._unmoved[p.item.path] = (*p.read_as[:2], p.sha256, p.row_id)
@@ -1140,7 +1140,7 @@ class Pipeline:
                 continue
             self._retries.pop(p.item.path, None)
             self._unmoved.pop(p.item.path, None)
-            self._stuck_rows.pop(p.row_id, None)
+            self._stuck_rows.discard(p.row_id)
             location = DELETED if dest is None else str(dest)
             if location != str(p.item.path):
                 locations.append((p.row_id, location))

@@ -112,20 +112,23 @@ def still_waiting(store: Store, config: Config, row_ids: tuple[int, ...]) -> int
     the database cannot say (logged)."""
     if not row_ids:
         return 0
-    inbox = os.path.realpath(config.inbox_path)
     ids = sorted(set(row_ids))
     try:
         with store.engine.connect() as conn:
             return sum(conn.execute(sa.select(sa.func.count()).select_from(results).where(
-                results.c.id.in_(chunk), results.c.location.startswith(inbox + os.sep, autoescape=True),
+                results.c.id.in_(chunk), _names_the_inbox(config),
             )).scalar_one() for chunk in (ids[at:at + 500] for at in range(0, len(ids), 500)))
     except SQLAlchemyError as exc:
         log.warning("cannot check whether recorded files still wait in the inbox: %s", " ".join(str(exc).split()))
         return len(row_ids)
 
 
+def _names_the_inbox(config: Config) -> sa.ColumnElement[bool]:
+    """Rows whose location is a path in the inbox (the pipeline records paths under its real path)."""
+    return results.c.location.startswith(os.path.realpath(config.inbox_path) + os.sep, autoescape=True)
+
+
 def _recover(store: Store, config: Config, host: str, own_id: str) -> Recovered:
-    inbox = os.path.realpath(config.inbox_path)  # the pipeline records paths under the real inbox path
     ours = _folders(*worker_folders(config), config)
     with store.engine.connect() as conn:
         dead = [
@@ -149,7 +152,7 @@ def _recover(store: Store, config: Config, host: str, own_id: str) -> Recovered:
                               results.c.location, results.c.ctime_ns).where(
                 results.c.worker == worker_id,
                 results.c.processed_at >= started_at,
-                results.c.location.startswith(inbox + os.sep, autoescape=True),
+                _names_the_inbox(config),
             )
             for row in conn.execute(query):
                 seen.add(worker_id)
@@ -207,7 +210,7 @@ def _recover(store: Store, config: Config, host: str, own_id: str) -> Recovered:
                            workers.c.started_at == started_at, workers.c.stopped_at.is_(None))
                     .values(stopped_at=workers.c.heartbeat_at)
                 )
-    return Recovered(len(fixes), tuple(waiting.get(own_id, ())) if own_id else ())
+    return Recovered(len(fixes), tuple(waiting.get(own_id, ())))
 
 
 def _spellings(location: str, file: str) -> list[tuple[str, str]]:
