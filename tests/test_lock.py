@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from pgserver import postgres_server
 from sqlalchemy.engine import make_url
 
 from worker.exceptions import InboxLocked, WorkerIdStillHeld
-from worker.lock import InboxLock, WorkerIdLock, lock_path, uses_claims, worker_id_key
+from worker.lock import InboxLock, WorkerIdLock, lock_path, session_name, uses_claims, worker_id_key
 from worker.migrations import WORKER_ID_LOCK_CLASS
 from worker.store import Store
 
@@ -125,7 +126,14 @@ def test_worker_id_lock_on_postgresql() -> None:
         first.acquire()
         with pytest.raises(InboxLocked) as refused:
             WorkerIdLock(store, "web1").acquire()
-        assert str(refused.value).startswith("another worker with id 'web1' (host host-a, pid 4242, last heartbeat ")
+        # The row names another process than the one whose session holds the lock: that one has not reported.
+        assert str(refused.value).startswith(f"another worker with id 'web1' (this host, pid {os.getpid()}, "
+                                             "starting: it has not reported yet) is already running against ")
+        store.heartbeat("web1", socket.gethostname(), os.getpid(), 0)
+        with pytest.raises(InboxLocked) as refused:
+            WorkerIdLock(store, "web1").acquire()
+        assert str(refused.value).startswith(
+            f"another worker with id 'web1' (host {socket.gethostname()}, pid {os.getpid()}, last heartbeat ")
         with WorkerIdLock(store, "web2"):  # another id: no conflict
             pass
         # The database drops the lock's connection (restart, network cut): check() takes the lock again.
@@ -271,4 +279,58 @@ def test_the_session_of_a_gone_process_of_this_host_is_waited_for_and_no_other(
             with WorkerIdLock(store, "web1@1", wait_s=30) as lock:
                 assert lock.held
         finally:
+            holder.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(60)
+def test_a_holder_session_that_names_its_process_is_judged_by_that_process(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The id's row lags its lock: a restarted worker takes the lock, then start-up recovery reads the row as
+    its gone predecessor left it (a dead pid) before the new process writes its own. A second start then
+    took the holder for that gone process, waited 40 s and exited 75. The lock's session names its process
+    (application_name), so the holder is judged by it: running, or of another host, refused at once (2);
+    gone, waited for whatever the row says; its pid running again as another process since the row's last
+    heartbeat, waited for too."""
+    host = socket.gethostname()
+    with postgres_server() as url, Store(url) as store:
+        own = WorkerIdLock(store, "web1@1")
+        with own, own.store.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT application_name FROM pg_stat_activity "
+                                        "WHERE application_name LIKE 'fashion-worker %'")).scalars().all() == [
+                session_name()]
+        holder = sa.create_engine(url).connect().execution_options(isolation_level="AUTOCOMMIT")
+
+        def holder_named(name: str) -> None:
+            holder.execute(sa.text("SELECT set_config('application_name', :name, false)"), {"name": name})
+
+        later = subprocess.Popen(["sleep", "60"])
+        try:
+            holder.execute(sa.text("SELECT pg_advisory_lock(:cls, :key)"),
+                           {"cls": WORKER_ID_LOCK_CLASS, "key": worker_id_key("web1@1")})
+            store.heartbeat("web1@1", host, dead_pid(), 0)  # the gone predecessor's row, not stopped
+            for name in (session_name(os.getpid()), session_name(dead_pid(), host="web9")):
+                holder_named(name)
+                caplog.clear()
+                with pytest.raises(InboxLocked) as refused:
+                    WorkerIdLock(store, "web1@1", wait_s=30).acquire()
+                assert not isinstance(refused.value, WorkerIdStillHeld) and "waiting up to" not in caplog.text, name
+            gone = dead_pid()
+            holder_named(session_name(gone))
+            store.heartbeat("web1@1", host, os.getpid(), 0, stopped=True)  # alone, this row would mean: refuse
+            with pytest.raises(WorkerIdStillHeld) as held:
+                WorkerIdLock(store, "web1@1", wait_s=0.6).acquire()
+            assert f"(pid {gone}, gone) after 0.6 s" in str(held.value)
+            assert f"(pid {gone}), which is gone; waiting up to 0.6 s" in caplog.text
+            # The session names `later`, a process that started after the row's last heartbeat of that pid.
+            holder_named(session_name(later.pid))
+            store.heartbeat("web1@1", host, later.pid, 0)
+            last_seen = datetime.now(UTC) - timedelta(seconds=20)
+            with store.engine.begin() as conn:
+                conn.execute(sa.text("UPDATE workers SET heartbeat_at = :at"), {"at": last_seen.replace(tzinfo=None)})
+            with pytest.raises(WorkerIdStillHeld):
+                WorkerIdLock(store, "web1@1", wait_s=0.6).acquire()
+        finally:
+            later.kill()
+            later.wait()
             holder.close()

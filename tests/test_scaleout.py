@@ -506,6 +506,36 @@ def test_a_worker_gone_during_its_start_up_is_waited_for_by_its_restart(
 
 
 @pytest.mark.timeout(120)
+def test_a_second_start_before_the_first_wrote_its_row_is_refused_at_once(
+        tmp_path: Path, pg_url: str, workers: Workers) -> None:
+    """A restart under a stable id holds the id's lock through its start-up recovery before it writes the
+    id's row, which meanwhile still names its gone predecessor. A second process started under that id
+    then took the holder for the gone one: it waited 40 s and exited 75, which systemd restarts on. The
+    lock's session names the process holding it: the second is refused at once, exit 2, one line. (The
+    window is held open: the first is stopped with SIGSTOP and the row given a gone pid, as during that
+    recovery.)"""
+    site = make_site(tmp_path / "site")
+    first = workers.start(site, pg_url, "--instance", "1")
+    workers.wait_ready(first)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        engine = sa.create_engine(pg_url)
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE workers SET pid = :pid"), {"pid": dead_pid()})
+        engine.dispose()
+        second = workers.start(site, pg_url, "--instance", "1")
+        assert second.wait(timeout=30) == 2, workers.log(second)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert workers.log(second) == (
+        f"fashion-worker: error: another worker with id '{os.uname().nodename}@1' (this host, pid {first.pid}, "
+        f"starting: it has not reported yet) is already running against {make_url(pg_url).render_as_string()}; "
+        "give each worker its own service.worker_id (empty = HOST:PID)\n")
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=20) == 0, workers.log(first)
+
+
+@pytest.mark.timeout(120)
 def test_a_worker_whose_id_another_process_took_stops_with_one_line(
         tmp_path: Path, pg_url: str, workers: Workers) -> None:
     """A network cut long enough to end the session that holds a worker's id lock, while another process

@@ -23,7 +23,10 @@ refuses with InboxLocked naming the holder. PostgreSQL releases the lock when th
 ends (a process killed by any signal closes its socket at once; a host that vanishes is noticed through
 the TCP keepalives this connection asks the server for, within about half a minute). A worker restarted
 under the same id on the same host while the server still keeps its gone process's session (a host reset)
-waits for that session to end rather than refusing (GONE_HOLDER_WAIT_S).
+waits for that session to end rather than refusing (GONE_HOLDER_WAIT_S). The lock's session names its
+process in its application_name (`session_name`: pid and a tag of the host), so a restart tells a gone
+holder from a running one even before the holder has written its row in the workers table (it does so
+after start-up recovery, which reads the row as the id's previous process left it).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import socket
 import struct
 import time
@@ -63,6 +67,16 @@ KEEPALIVE_SETTINGS = {"tcp_keepalives_idle": 10, "tcp_keepalives_interval": 5, "
 # it looks.
 GONE_HOLDER_WAIT_S = 40.0
 GONE_HOLDER_POLL_S = 0.5
+
+
+def session_name(pid: int | None = None, host: str | None = None) -> str:
+    """The application_name of a worker's id-lock session: "fashion-worker PID@TAG", TAG 12 hex digits of a
+    hash of the host name (application_name keeps 63 bytes, a host name may be longer)."""
+    tag = hashlib.sha256((host or socket.gethostname()).encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return f"fashion-worker {os.getpid() if pid is None else pid}@{tag}"
+
+
+_SESSION_NAME = re.compile(r"fashion-worker (\d+)@([0-9a-f]{12})")
 
 
 def uses_claims(database_url: str) -> bool:
@@ -198,6 +212,7 @@ class WorkerIdLock:
         try:
             for name, value in KEEPALIVE_SETTINGS.items():
                 conn.exec_driver_sql(f"SET {name} = {int(value)}")
+            conn.execute(sa.text("SELECT set_config('application_name', :name, false)"), {"name": session_name()})
             got = conn.execute(sa.text("SELECT pg_try_advisory_lock(:cls, :key)"),
                                {"cls": WORKER_ID_LOCK_CLASS, "key": worker_id_key(self.worker_id)}).scalar()
         except BaseException:
@@ -217,6 +232,22 @@ class WorkerIdLock:
             return conn.execute(sa.text(
                 "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = :cls "
                 "AND objid = :obj AND objsubid = 2"), {"cls": WORKER_ID_LOCK_CLASS, "obj": key % 2**32}).scalar()
+
+    def _holder_process(self) -> tuple[int, bool] | None:
+        """(pid, of this host) of the worker process whose session holds the lock, by the name that session
+        gives itself (`session_name`); None when nobody holds it or the holder's name is not a worker's (an
+        older version's, or hidden from this database user)."""
+        key = worker_id_key(self.worker_id)
+        with self.store.engine.connect() as conn:
+            name = conn.execute(sa.text(
+                "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = :cls AND l.objid = :obj "
+                "AND l.objsubid = 2"), {"cls": WORKER_ID_LOCK_CLASS, "obj": key % 2**32}).scalar()
+        match = _SESSION_NAME.fullmatch(name or "")
+        if match is None:
+            return None
+        pid = int(match[1])
+        return pid, session_name(pid) == match[0]
 
     def _retake(self) -> Connection | None:
         """Take the lock again after its connection was lost; None when another process holds it.
@@ -265,19 +296,30 @@ class WorkerIdLock:
         the server's keepalives (about 25 s, KEEPALIVE_SETTINGS). A worker restarted under the same id (run
         --instance, service.worker_id) waits for that, up to wait_s, then exits with WorkerIdStillHeld
         (75, which systemd restarts on) rather than InboxLocked (2, which it does not). None at once when
-        the holder may run: its row stopped cleanly (a new process holds the id, not yet reported), or is of
-        another host, or its process runs, or it has not reported."""
+        the holder may run: its session names a running process or another host; or, for a session that
+        does not name its process, the id's row stopped cleanly (a new process holds the id, not yet
+        reported), is of another host, names a running process, or is missing."""
         if self.wait_s <= 0:
             return None
+        holder = self._holder_process()
         with self.store.engine.connect() as conn:
             row = conn.execute(sa.select(workers.c.host, workers.c.pid, workers.c.heartbeat_at, workers.c.stopped_at)
                                .where(workers.c.worker_id == self.worker_id)).first()
-        if (row is None or row.stopped_at is not None or row.host != socket.gethostname()
+        here = socket.gethostname()
+        if holder is not None:
+            pid, of_this_host = holder
+            # The row's heartbeat, where it is that process's, tells a pid handed out again since (recovery.pid_alive).
+            seen = row.heartbeat_at if row is not None and (row.host, row.pid) == (here, pid) else None
+            if not of_this_host or pid_alive(pid, seen_at=seen):
+                return None
+        elif (row is None or row.stopped_at is not None or row.host != here
                 or pid_alive(row.pid, seen_at=row.heartbeat_at)):
             return None
+        else:
+            pid = row.pid
         log.warning("worker id %r is still held by the database session of its earlier process on this host "
                     "(pid %d), which is gone; waiting up to %g s for the server to end that session",
-                    self.worker_id, row.pid, self.wait_s)
+                    self.worker_id, pid, self.wait_s)
         deadline = time.monotonic() + self.wait_s
         while time.monotonic() < deadline and not self.stopping():
             time.sleep(GONE_HOLDER_POLL_S)
@@ -288,16 +330,24 @@ class WorkerIdLock:
         self._wanted = False
         raise WorkerIdStillHeld(
             f"worker id {self.worker_id!r} is still held by the database session of its earlier process on this "
-            f"host (pid {row.pid}, gone) after {self.wait_s:g} s; the server ends it once its keepalives give up "
-            "(or: SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2)")
+            f"host (pid {pid}, gone) after {self.wait_s:g} s; the server ends it once its keepalives give up "
+            f"(or: SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND classid = "
+            f"{WORKER_ID_LOCK_CLASS} AND objid = {worker_id_key(self.worker_id) % 2**32} AND objsubid = 2)")
 
     def _holder(self) -> str:
+        """Who holds the id, for a message: the id's row, unless the holder's session names another
+        process (one that holds the lock and has not written the row yet)."""
         try:
+            holder = self._holder_process()
             with self.store.engine.connect() as conn:
                 row = conn.execute(sa.select(workers.c.host, workers.c.pid, workers.c.heartbeat_at)
                                    .where(workers.c.worker_id == self.worker_id)).first()
         except SQLAlchemyError:
-            row = None
+            holder, row = None, None
+        if holder is not None and (row is None or row.pid != holder[0] or (row.host == socket.gethostname())
+                                   != holder[1]):
+            pid, here = holder
+            return f"{'this host' if here else 'another host'}, pid {pid}, starting: it has not reported yet"
         if row is None:
             return "it has not reported yet"
         return f"host {row.host}, pid {row.pid}, last heartbeat {row.heartbeat_at.isoformat(timespec='seconds')}"
