@@ -13,7 +13,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -369,6 +369,40 @@ def test_a_pid_last_seen_before_this_host_booted_is_another_process_s(store: Sto
     finally:
         later.kill()
         later.wait()
+
+
+def test_a_pid_last_seen_before_its_process_started_is_another_process_s(store: Store, cfg: Config) -> None:
+    """The row's pid runs now, but that process started after the worker's last heartbeat (the kernel
+    handed the dead worker's pid out again): dead. Seen within the slack of that start: taken as running."""
+    before = datetime.now(UTC)
+    later = subprocess.Popen(["sleep", "60"])
+    try:
+        ids = crashed_worker(store, cfg, {"a.jpg": b"a"}, worker="host-a:9", pid=later.pid)
+        (cfg.processed_path / "a.jpg").write_bytes(b"a")
+        assert recover_locations(store, cfg, HOST).fixed == 0  # heartbeat after its start: its process runs
+        last_seen = before - timedelta(seconds=recovery.PID_REUSE_SLACK_S + 5)
+        assert last_seen.timestamp() > recovery._boot_time()  # (else the boot-time rule would decide)
+        assert recovery.pid_alive(later.pid, seen_at=before - timedelta(seconds=recovery.PID_REUSE_SLACK_S - 2))
+        assert not recovery.pid_alive(later.pid, seen_at=last_seen)
+        with sqlite3.connect(store.path) as db:
+            db.execute("UPDATE workers SET heartbeat_at = ?", (last_seen.replace(tzinfo=None).isoformat(" "),))
+        assert recover_locations(store, cfg, HOST).fixed == 1
+        assert locations(store) == {ids["a.jpg"]: str(cfg.processed_path / "a.jpg")}
+        assert stopped(store, "host-a:9")
+    finally:
+        later.kill()
+        later.wait()
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_under_the_name_looked_at_does_not_block_start_up(store: Store, cfg: Config) -> None:
+    """A FIFO in processed/ under the name disposition would have given the file: skipped, not opened for
+    reading (which blocks until someone writes), and the numbered name after it is found."""
+    ids = crashed_worker(store, cfg, {"a.jpg": b"a"})
+    os.mkfifo(cfg.processed_path / "a.jpg")
+    (cfg.processed_path / "a (1).jpg").write_bytes(b"a")
+    assert recover_locations(store, cfg, HOST).fixed == 1
+    assert locations(store) == {ids["a.jpg"]: str(cfg.processed_path / "a (1).jpg")}
 
 
 def test_with_on_success_delete_an_ok_row_is_recorded_as_gone(store: Store, tmp_path: Path) -> None:

@@ -316,6 +316,20 @@ def test_find_drop_and_set_locations(any_store: Store) -> None:
     any_store.set_locations([])
 
 
+def test_correct_locations_changes_only_rows_still_naming_what_was_read(any_store: Store) -> None:
+    """Crash recovery's write: a row a live worker recorded meanwhile keeps the place that worker gave it."""
+    a, b = "a" * 64, "b" * 64
+    first, second = any_store.add_results([record("a.jpg", a, location="/inbox/a.jpg"),
+                                           record("b.jpg", b, location="/inbox/b.jpg")])
+    any_store.set_locations([(second, "/processed/b (1).jpg")])  # the live worker's move, recorded first
+    assert any_store.correct_locations([(first, "/inbox/a.jpg", "/processed/a.jpg"),
+                                        (second, "/inbox/b.jpg", "/processed/b.jpg")]) == 1
+    with any_store.engine.connect() as conn:
+        assert dict(conn.execute(sa.select(results.c.id, results.c.location)).all()) == {
+            first: "/processed/a.jpg", second: "/processed/b (1).jpg"}
+    assert any_store.correct_locations([]) == 0
+
+
 def test_find_drop_tells_the_recorded_file_from_another_of_the_same_name_and_bytes(any_store: Store) -> None:
     a = "a" * 64
     ctime = 1_795_000_000_123_456_789  # ns: the file read, as the worker recorded it

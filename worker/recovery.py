@@ -53,7 +53,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from worker.config import Config
 from worker.disposition import _candidates, _rename_noreplace, unique_destination
 from worker.exceptions import StoreError
-from worker.files import lstat_or_none
+from worker.files import FILE_FLAGS, lstat_or_none
 from worker.migrations import BEGIN_MODE
 from worker.store import Store, results, safe_text, stored_names, workers
 
@@ -61,6 +61,10 @@ log = logging.getLogger(__name__)
 
 GONE = ""  # as worker.pipeline.GONE: the file is nowhere to be found
 MAX_NUMBERED = 10_000  # how many "name (n).ext" variants are looked at, at most
+# A process that started this long after a worker's last heartbeat holds that worker's pid anew. The slack
+# covers /proc/stat's whole-second boot time and a small forward step of the clock; a pid handed out again
+# within it of the dead worker's last heartbeat (it would take pid_max forks in between) goes unnoticed.
+PID_REUSE_SLACK_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,7 @@ def _recover(store: Store, config: Config, host: str, own_id: str) -> Recovered:
         fixes = []
         for row, names, folders in stale:
             found = next((f for name in names if (f := _find(name, row.sha256, row.status, folders, named))), None)
-            fixes.append((row.id, GONE if found is None else str(found)))
+            fixes.append((row.id, row.location, GONE if found is None else str(found)))
             if found is not None:
                 assigned.add(found)
             else:
@@ -192,12 +196,11 @@ def _recover(store: Store, config: Config, host: str, own_id: str) -> Recovered:
         for row, location, file, left, folders in half_moved:
             found = _finish_move(Path(location), left, file, row.status, folders, named)
             if found is not None:
-                fixes.append((row.id, str(found)))
+                fixes.append((row.id, row.location, str(found)))
                 assigned.add(found)
-    if fixes:
-        store.set_locations(fixes)
-        log.info("recorded where %d file(s) went that a crashed worker had moved without saying so",
-                 len(fixes))
+    fixed = store.correct_locations(fixes)
+    if fixed:
+        log.info("recorded where %d file(s) went that a crashed worker had moved without saying so", fixed)
     with store.engine.connect() as conn:
         conn.execution_options(**{BEGIN_MODE: "immediate"})
         with conn.begin():
@@ -210,7 +213,7 @@ def _recover(store: Store, config: Config, host: str, own_id: str) -> Recovered:
                            workers.c.started_at == started_at, workers.c.stopped_at.is_(None))
                     .values(stopped_at=workers.c.heartbeat_at)
                 )
-    return Recovered(len(fixes), tuple(waiting.get(own_id, ())))
+    return Recovered(fixed, tuple(waiting.get(own_id, ())))
 
 
 def _spellings(location: str, file: str) -> list[tuple[str, str]]:
@@ -282,35 +285,61 @@ def _same_file(path: Path, left: os.stat_result) -> bool:
 
 
 def _sha256(path: Path) -> str | None:
+    """The sha256 of the regular file at `path`; None for anything else (a FIFO there must not block
+    start-up: opened non-blocking, like the pipeline's reads) or when it cannot be read."""
     digest = hashlib.sha256()
     try:
-        with open(path, "rb") as handle:
+        fd = os.open(path, FILE_FLAGS)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with open(fd, "rb", closefd=False) as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
     except OSError:
         return None
+    finally:
+        os.close(fd)
     return digest.hexdigest()
 
 
 def pid_alive(pid: int, *, seen_at: datetime | None = None) -> bool:
     """Whether the worker process `pid` of this host still runs: not when no process has that pid, nor
     when it is a zombie (killed, not yet reaped), nor when the worker was last `seen_at` (its heartbeat,
-    by this host's clock) before this host booted: the pid is then another process's. A process this one
-    may not look at (another user's, hidden by ProtectProc=invisible) is taken as running."""
+    by this host's clock) before this host booted, or more than PID_REUSE_SLACK_S before the process now
+    holding the pid started: the pid is then another process's (the kernel hands pids out again once they
+    wrap at pid_max). A process this one may not look at (another user's, hidden by ProtectProc=invisible)
+    is taken as running."""
+    booted = _boot_time()
+    seen = None
     if seen_at is not None:
-        seen = seen_at if seen_at.tzinfo else seen_at.replace(tzinfo=UTC)
-        with contextlib.suppress(OSError, ValueError, StopIteration):
-            booted = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                          if line.startswith("btime "))
-            if seen.timestamp() < booted:
-                return False
+        seen = (seen_at if seen_at.tzinfo else seen_at.replace(tzinfo=UTC)).timestamp()
+        if booted is not None and seen < booted:
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process: alive
         pass
-    with contextlib.suppress(OSError, IndexError):
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return True
+    if fields[0] in ("Z", "X"):
+        return False
+    if seen is not None and booted is not None and len(fields) > 19:
+        started = booted + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime: ticks since boot
+        if started > seen + PID_REUSE_SLACK_S:
             return False
     return True
+
+
+def _boot_time() -> int | None:
+    """When this host booted, seconds since the epoch by its clock (/proc/stat btime); None if unknown."""
+    with contextlib.suppress(OSError, ValueError, StopIteration, IndexError):
+        return next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    return None

@@ -169,6 +169,7 @@ _SET_DUPLICATE = (sa.update(results).where(results.c.id == sa.bindparam("row_id"
                   .values(duplicate_of=sa.bindparam("first_id")))
 _SET_LOCATION = (sa.update(results).where(results.c.id == sa.bindparam("row_id"))
                  .values(location=sa.bindparam("new_location")))
+_CORRECT_LOCATION = _SET_LOCATION.where(results.c.location == sa.bindparam("was"))
 
 
 # PostgreSQL: a batch's values travel as one array per column, read back as rows by unnest(), so that each
@@ -806,6 +807,18 @@ class Store:
                 also(conn)
 
         self._write(f"updating {len(pairs)} locations", body)
+
+    def correct_locations(self, fixes: list[tuple[int, str, str]]) -> int:
+        """Record where files went that a crashed worker moved without saying so, [(row id, the location
+        the row was read naming, the file's place now)], each only while the row still names what was read:
+        a live worker that recorded the move meanwhile (another instance's pipeline moving a drop it found
+        committed) knows where it put the file. One transaction; returns how many rows changed."""
+        def body(conn: Connection) -> int:
+            return sum(conn.execute(_CORRECT_LOCATION, {"row_id": row_id, "was": safe_text(was),
+                                                         "new_location": safe_text(now)}).rowcount
+                       for row_id, was, now in fixes)
+
+        return self._write(f"correcting {len(fixes)} locations", body) if fixes else 0
 
     # Workers --------------------------------------------------------------------------------------
     def heartbeat(self, worker_id: str, host: str, pid: int, processed: int, *,
