@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import socket
@@ -11,17 +12,17 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from conftest import dead_pid
-from pgserver import postgres_server
+from pgserver import fresh_database, postgres_server
 from sqlalchemy.engine import make_url
 
+from worker import recovery
 from worker.exceptions import InboxLocked, WorkerIdStillHeld
-from worker.lock import InboxLock, WorkerIdLock, lock_path, session_name, uses_claims, worker_id_key
+from worker.lock import Holder, InboxLock, WorkerIdLock, lock_path, session_name, uses_claims, worker_id_key
 from worker.migrations import WORKER_ID_LOCK_CLASS
 from worker.store import Store
 
@@ -282,6 +283,20 @@ def test_the_session_of_a_gone_process_of_this_host_is_waited_for_and_no_other(
             holder.close()
 
 
+def worker_session(pid: int, start: int | None, *, host: str | None = None, boot: str | None = None) -> str:
+    """A worker's id-lock session name (worker.lock.session_name) for another process, host or boot."""
+    tag = hashlib.sha256((host or socket.gethostname()).encode()).hexdigest()[:12]
+    return f"fashion-worker {pid}@{tag} {(boot or recovery.boot_id())[:8]} {start}"
+
+
+def test_the_session_name_names_this_process_of_this_boot_and_host() -> None:
+    assert session_name() == worker_session(os.getpid(), recovery.process_start())
+    assert len(session_name().encode()) <= 63  # what PostgreSQL keeps of an application_name
+    started = int(Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    assert recovery.process_start() == started and recovery.same_process(os.getpid(), started)
+    assert not recovery.same_process(os.getpid(), started + 1) and not recovery.same_process(dead_pid(), started)
+
+
 @pytest.mark.postgres
 @pytest.mark.timeout(60)
 def test_a_holder_session_that_names_its_process_is_judged_by_that_process(
@@ -289,9 +304,9 @@ def test_a_holder_session_that_names_its_process_is_judged_by_that_process(
     """The id's row lags its lock: a restarted worker takes the lock, then start-up recovery reads the row as
     its gone predecessor left it (a dead pid) before the new process writes its own. A second start then
     took the holder for that gone process, waited 40 s and exited 75. The lock's session names its process
-    (application_name), so the holder is judged by it: running, or of another host, refused at once (2);
-    gone, waited for whatever the row says; its pid running again as another process since the row's last
-    heartbeat, waited for too."""
+    (application_name: pid, host, boot, start), so the holder is judged by it, whatever the row says:
+    running, or of another host, refused at once (2); gone, its pid free or held by a later process (on
+    this boot or after a reboot: another start or boot), waited for."""
     host = socket.gethostname()
     with postgres_server() as url, Store(url) as store:
         own = WorkerIdLock(store, "web1@1")
@@ -300,37 +315,51 @@ def test_a_holder_session_that_names_its_process_is_judged_by_that_process(
                                         "WHERE application_name LIKE 'fashion-worker %'")).scalars().all() == [
                 session_name()]
         holder = sa.create_engine(url).connect().execution_options(isolation_level="AUTOCOMMIT")
-
-        def holder_named(name: str) -> None:
-            holder.execute(sa.text("SELECT set_config('application_name', :name, false)"), {"name": name})
-
         later = subprocess.Popen(["sleep", "60"])
         try:
             holder.execute(sa.text("SELECT pg_advisory_lock(:cls, :key)"),
                            {"cls": WORKER_ID_LOCK_CLASS, "key": worker_id_key("web1@1")})
-            store.heartbeat("web1@1", host, dead_pid(), 0)  # the gone predecessor's row, not stopped
-            for name in (session_name(os.getpid()), session_name(dead_pid(), host="web9")):
-                holder_named(name)
-                caplog.clear()
-                with pytest.raises(InboxLocked) as refused:
-                    WorkerIdLock(store, "web1@1", wait_s=30).acquire()
-                assert not isinstance(refused.value, WorkerIdStillHeld) and "waiting up to" not in caplog.text, name
-            gone = dead_pid()
-            holder_named(session_name(gone))
-            store.heartbeat("web1@1", host, os.getpid(), 0, stopped=True)  # alone, this row would mean: refuse
-            with pytest.raises(WorkerIdStillHeld) as held:
-                WorkerIdLock(store, "web1@1", wait_s=0.6).acquire()
-            assert f"(pid {gone}, gone) after 0.6 s" in str(held.value)
-            assert f"(pid {gone}), which is gone; waiting up to 0.6 s" in caplog.text
-            # The session names `later`, a process that started after the row's last heartbeat of that pid.
-            holder_named(session_name(later.pid))
-            store.heartbeat("web1@1", host, later.pid, 0)
-            last_seen = datetime.now(UTC) - timedelta(seconds=20)
-            with store.engine.begin() as conn:
-                conn.execute(sa.text("UPDATE workers SET heartbeat_at = :at"), {"at": last_seen.replace(tzinfo=None)})
-            with pytest.raises(WorkerIdStillHeld):
-                WorkerIdLock(store, "web1@1", wait_s=0.6).acquire()
+            later_start = recovery.process_start(later.pid)
+            other_boot = "0" * 8 if not recovery.boot_id().startswith("0" * 8) else "f" * 8
+            running = {"this process": session_name(), "a running one": worker_session(later.pid, later_start),
+                       "another host's": worker_session(dead_pid(), 1, host="web9")}
+            gone = {"pid free": worker_session(dead_pid(), 1), "pid reused": worker_session(later.pid, later_start - 1),
+                    "last boot's": worker_session(later.pid, later_start, boot=other_boot)}
+            # Rows that alone meant: wait; refuse.
+            for row in ({"pid": dead_pid()}, {"pid": os.getpid(), "stopped": True}):
+                store.heartbeat("web1@1", host, row["pid"], 0, stopped=row.get("stopped", False))
+                for what, name in running.items():
+                    holder.execute(sa.text("SELECT set_config('application_name', :name, false)"), {"name": name})
+                    caplog.clear()
+                    with pytest.raises(InboxLocked) as refused:
+                        WorkerIdLock(store, "web1@1", wait_s=30).acquire()
+                    assert not isinstance(refused.value, WorkerIdStillHeld), (what, row)
+                    assert "waiting up to" not in caplog.text, (what, row)
+                for what, name in gone.items():
+                    holder.execute(sa.text("SELECT set_config('application_name', :name, false)"), {"name": name})
+                    caplog.clear()
+                    with pytest.raises(WorkerIdStillHeld) as held:
+                        WorkerIdLock(store, "web1@1", wait_s=0.3).acquire()
+                    pid = int(name.split()[1].split("@")[0])
+                    assert f"(pid {pid}, gone) after 0.3 s" in str(held.value), (what, row)
+                    assert f"(pid {pid}), which is gone; waiting up to 0.3 s" in caplog.text, (what, row)
         finally:
             later.kill()
             later.wait()
             holder.close()
+
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(60)
+def test_the_same_id_held_in_another_database_of_the_server_is_not_this_ones_holder() -> None:
+    """Advisory locks are per database and pg_locks lists the whole server's: a staging database on the same
+    server with a worker under the same id must not be taken for this database's holder (it made a worker
+    that lost its lock's connection take its own lingering session for another process's, and stop)."""
+    with postgres_server() as url, Store(url) as store, Store(fresh_database(url)) as staging:
+        with WorkerIdLock(staging, "web1@1"), WorkerIdLock(store, "web1@1") as lock:
+            assert lock.held and lock._holder_backend() == lock._backend
+            assert lock._holder_process() == Holder(os.getpid(), here=True, gone=False)
+        with WorkerIdLock(staging, "web1@1"):
+            own = WorkerIdLock(store, "web1@1")
+            assert own._holder_backend() is None and own._holder_process() is None

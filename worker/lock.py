@@ -24,9 +24,10 @@ ends (a process killed by any signal closes its socket at once; a host that vani
 the TCP keepalives this connection asks the server for, within about half a minute). A worker restarted
 under the same id on the same host while the server still keeps its gone process's session (a host reset)
 waits for that session to end rather than refusing (GONE_HOLDER_WAIT_S). The lock's session names its
-process in its application_name (`session_name`: pid and a tag of the host), so a restart tells a gone
-holder from a running one even before the holder has written its row in the workers table (it does so
-after start-up recovery, which reads the row as the id's previous process left it).
+process in its application_name (`session_name`: pid, a tag of the host, the boot and the process's start),
+so a restart tells a gone holder from a running one exactly, no clock involved, even before the holder has
+written its row in the workers table (it does so after start-up recovery, which reads the row as the id's
+previous process left it).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -51,7 +53,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from worker.exceptions import InboxLocked, StoreError, WorkerIdStillHeld
 from worker.migrations import WORKER_ID_LOCK_CLASS
-from worker.recovery import pid_alive
+from worker.recovery import boot_id, pid_alive, process_start, same_process
 from worker.store import Store, hide_password, workers
 
 log = logging.getLogger(__name__)
@@ -69,14 +71,22 @@ GONE_HOLDER_WAIT_S = 40.0
 GONE_HOLDER_POLL_S = 0.5
 
 
-def session_name(pid: int | None = None, host: str | None = None) -> str:
-    """The application_name of a worker's id-lock session: "fashion-worker PID@TAG", TAG 12 hex digits of a
-    hash of the host name (application_name keeps 63 bytes, a host name may be longer)."""
-    tag = hashlib.sha256((host or socket.gethostname()).encode("utf-8", "surrogateescape")).hexdigest()[:12]
-    return f"fashion-worker {os.getpid() if pid is None else pid}@{tag}"
+def session_name() -> str:
+    """The application_name of this process's id-lock session: "fashion-worker PID@HOST BOOT START", HOST 12
+    hex digits of a hash of the host name (application_name keeps 63 bytes, a host name may be longer),
+    BOOT the first 8 of this boot's id, START the process's start in clock ticks since boot. Together they
+    name this one process for good: a pid handed out again, on this boot or after a reboot, is not it."""
+    return f"fashion-worker {os.getpid()}@{_host_tag()} {boot_id()[:8]} {process_start()}"
 
 
-_SESSION_NAME = re.compile(r"fashion-worker (\d+)@([0-9a-f]{12})")
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+# pg_locks rows (as l) of a worker id's lock: advisory locks are per database, pg_locks lists the server's.
+_HELD_BY = ("l.locktype = 'advisory' AND l.granted AND l.classid = :cls AND l.objid = :obj AND l.objsubid = 2 "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+_SESSION_NAME = re.compile(r"fashion-worker (\d+)@([0-9a-f]{12}) ([0-9a-f-]{0,8}) (\d+|None)")
 
 
 def uses_claims(database_url: str) -> bool:
@@ -187,6 +197,16 @@ def worker_id_key(worker_id: str) -> int:
     return struct.unpack(">i", digest[:4])[0]
 
 
+@dataclass(frozen=True)
+class Holder:
+    """The process whose session holds a worker id: its pid, whether it is of this host, and whether it
+    is gone (a process of this host that no longer runs, its session left to the server's keepalives)."""
+
+    pid: int
+    here: bool
+    gone: bool
+
+
 class WorkerIdLock:
     """PostgreSQL: `with WorkerIdLock(store, worker_id):` holds the worker id, or raises InboxLocked naming
     the host and pid of the process that holds it (from the workers table). See the module docstring."""
@@ -222,6 +242,7 @@ class WorkerIdLock:
         if got:
             self._backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
             return conn
+        conn.invalidate()  # not back to the pool: its session carries the lock's name and keepalives
         conn.close()
         return None
 
@@ -229,25 +250,27 @@ class WorkerIdLock:
         """The server process of the session that holds the lock now (None: nobody)."""
         key = worker_id_key(self.worker_id)
         with self.store.engine.connect() as conn:
-            return conn.execute(sa.text(
-                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = :cls "
-                "AND objid = :obj AND objsubid = 2"), {"cls": WORKER_ID_LOCK_CLASS, "obj": key % 2**32}).scalar()
+            return conn.execute(sa.text(f"SELECT l.pid FROM pg_locks l WHERE {_HELD_BY}"),
+                                {"cls": WORKER_ID_LOCK_CLASS, "obj": key % 2**32}).scalar()
 
-    def _holder_process(self) -> tuple[int, bool] | None:
-        """(pid, of this host) of the worker process whose session holds the lock, by the name that session
-        gives itself (`session_name`); None when nobody holds it or the holder's name is not a worker's (an
-        older version's, or hidden from this database user)."""
+    def _holder_process(self) -> Holder | None:
+        """The worker process whose session holds the lock, by the name that session gives itself
+        (`session_name`); None when nobody holds it or its session does not name a worker process (an older
+        version's, or another program's)."""
         key = worker_id_key(self.worker_id)
         with self.store.engine.connect() as conn:
             name = conn.execute(sa.text(
-                "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-                "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = :cls AND l.objid = :obj "
-                "AND l.objsubid = 2"), {"cls": WORKER_ID_LOCK_CLASS, "obj": key % 2**32}).scalar()
+                f"SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE {_HELD_BY}"),
+                {"cls": WORKER_ID_LOCK_CLASS, "obj": key % 2**32}).scalar()
         match = _SESSION_NAME.fullmatch(name or "")
         if match is None:
             return None
-        pid = int(match[1])
-        return pid, session_name(pid) == match[0]
+        pid, here, boot, start = int(match[1]), match[2] == _host_tag(), match[3], match[4]
+        if not here:
+            return Holder(pid, here=False, gone=False)
+        if start == "None" or not boot:  # that process could not say when it started: judged by its pid alone
+            return Holder(pid, here=True, gone=not pid_alive(pid))
+        return Holder(pid, here=True, gone=boot != boot_id()[:8] or not same_process(pid, int(start)))
 
     def _retake(self) -> Connection | None:
         """Take the lock again after its connection was lost; None when another process holds it.
@@ -302,20 +325,17 @@ class WorkerIdLock:
         if self.wait_s <= 0:
             return None
         holder = self._holder_process()
-        with self.store.engine.connect() as conn:
-            row = conn.execute(sa.select(workers.c.host, workers.c.pid, workers.c.heartbeat_at, workers.c.stopped_at)
-                               .where(workers.c.worker_id == self.worker_id)).first()
-        here = socket.gethostname()
         if holder is not None:
-            pid, of_this_host = holder
-            # The row's heartbeat, where it is that process's, tells a pid handed out again since (recovery.pid_alive).
-            seen = row.heartbeat_at if row is not None and (row.host, row.pid) == (here, pid) else None
-            if not of_this_host or pid_alive(pid, seen_at=seen):
+            if not holder.gone:
                 return None
-        elif (row is None or row.stopped_at is not None or row.host != here
-                or pid_alive(row.pid, seen_at=row.heartbeat_at)):
-            return None
+            pid = holder.pid
         else:
+            with self.store.engine.connect() as conn:
+                row = conn.execute(sa.select(workers.c.host, workers.c.pid, workers.c.heartbeat_at,
+                                             workers.c.stopped_at).where(workers.c.worker_id == self.worker_id)).first()
+            if (row is None or row.stopped_at is not None or row.host != socket.gethostname()
+                    or pid_alive(row.pid, seen_at=row.heartbeat_at)):
+                return None
             pid = row.pid
         log.warning("worker id %r is still held by the database session of its earlier process on this host "
                     "(pid %d), which is gone; waiting up to %g s for the server to end that session",
@@ -328,11 +348,12 @@ class WorkerIdLock:
                 log.info("worker id %r is free again", self.worker_id)
                 return conn
         self._wanted = False
+        held_by = _HELD_BY.replace(":cls", str(WORKER_ID_LOCK_CLASS)).replace(
+            ":obj", str(worker_id_key(self.worker_id) % 2**32))
         raise WorkerIdStillHeld(
             f"worker id {self.worker_id!r} is still held by the database session of its earlier process on this "
             f"host (pid {pid}, gone) after {self.wait_s:g} s; the server ends it once its keepalives give up "
-            f"(or: SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND classid = "
-            f"{WORKER_ID_LOCK_CLASS} AND objid = {worker_id_key(self.worker_id) % 2**32} AND objsubid = 2)")
+            f"(or, in that database: SELECT pg_terminate_backend(l.pid) FROM pg_locks l WHERE {held_by})")
 
     def _holder(self) -> str:
         """Who holds the id, for a message: the id's row, unless the holder's session names another
@@ -344,10 +365,10 @@ class WorkerIdLock:
                                    .where(workers.c.worker_id == self.worker_id)).first()
         except SQLAlchemyError:
             holder, row = None, None
-        if holder is not None and (row is None or row.pid != holder[0] or (row.host == socket.gethostname())
-                                   != holder[1]):
-            pid, here = holder
-            return f"{'this host' if here else 'another host'}, pid {pid}, starting: it has not reported yet"
+        if holder is not None and (row is None or (row.pid, row.host == socket.gethostname())
+                                   != (holder.pid, holder.here)):
+            where = "this host" if holder.here else "another host"
+            return f"{where}, pid {holder.pid}, starting: it has not reported yet"
         if row is None:
             return "it has not reported yet"
         return f"host {row.host}, pid {row.pid}, last heartbeat {row.heartbeat_at.isoformat(timespec='seconds')}"

@@ -55,16 +55,17 @@ from worker.disposition import _candidates, _rename_noreplace, unique_destinatio
 from worker.exceptions import StoreError
 from worker.files import FILE_FLAGS, lstat_or_none
 from worker.migrations import BEGIN_MODE
-from worker.store import Store, results, safe_text, stored_names, workers
+from worker.store import Store, chunks, results, safe_text, stored_names, workers
 
 log = logging.getLogger(__name__)
 
 GONE = ""  # as worker.pipeline.GONE: the file is nowhere to be found
 MAX_NUMBERED = 10_000  # how many "name (n).ext" variants are looked at, at most
 # A process that started this long after a worker's last heartbeat holds that worker's pid anew. The slack
-# covers /proc/stat's whole-second boot time and a small forward step of the clock; a pid handed out again
-# within it of the dead worker's last heartbeat (it would take pid_max forks in between) goes unnoticed.
-PID_REUSE_SLACK_S = 5.0
+# covers /proc/stat's whole-second boot time and forward steps of the clock (a live worker whose clock
+# jumped further since its last heartbeat looks dead until its next one); a pid handed out again within it
+# of the dead worker's last heartbeat (it would take pid_max forks in between) goes unnoticed.
+PID_REUSE_SLACK_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def still_waiting(store: Store, config: Config, row_ids: tuple[int, ...]) -> int
         with store.engine.connect() as conn:
             return sum(conn.execute(sa.select(sa.func.count()).select_from(results).where(
                 results.c.id.in_(chunk), _names_the_inbox(config),
-            )).scalar_one() for chunk in (ids[at:at + 500] for at in range(0, len(ids), 500)))
+            )).scalar_one() for chunk in chunks(ids, 500))  # 500 bound parameters a statement: far below SQLite's limit
     except SQLAlchemyError as exc:
         log.warning("cannot check whether recorded files still wait in the inbox: %s", " ".join(str(exc).split()))
         return len(row_ids)
@@ -227,7 +228,13 @@ def _find(file: str, sha256: str | None, status: str, folders: Folders,
           named: Callable[[Path], bool]) -> Path | None:
     """Where disposition would have put `file`: the first existing candidate with the same content that no
     other row names; None when there is none (or the file was deleted: on_success = "delete")."""
-    return _placed(file, status, folders, named, lambda path: sha256 is None or _sha256(path) == sha256)
+    def same(path: Path) -> bool:
+        if sha256 is not None:
+            return _sha256(path) == sha256  # None for anything but a regular file
+        st = lstat_or_none(path)
+        return st is not None and stat.S_ISREG(st.st_mode)
+
+    return _placed(file, status, folders, named, same)
 
 
 def _placed(file: str, status: str, folders: Folders, named: Callable[[Path], bool],
@@ -318,23 +325,53 @@ def pid_alive(pid: int, *, seen_at: datetime | None = None) -> bool:
         seen = (seen_at if seen_at.tzinfo else seen_at.replace(tzinfo=UTC)).timestamp()
         if booted is not None and seen < booted:
             return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    fields = _process_fields(pid)
+    if fields is None:
         return False
-    except PermissionError:  # someone else's process: alive
-        pass
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return True
-    if fields[0] in ("Z", "X"):
-        return False
-    if seen is not None and booted is not None and len(fields) > 19:
+    if fields and seen is not None and booted is not None:
         started = booted + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime: ticks since boot
         if started > seen + PID_REUSE_SLACK_S:
             return False
     return True
+
+
+def same_process(pid: int, start_ticks: int) -> bool:
+    """Whether `pid` is still the very process that started at `start_ticks` (process_start) on this boot:
+    exact, no clock involved. A process this one may not look at is taken as that one."""
+    fields = _process_fields(pid)
+    return fields is not None and (not fields or int(fields[19]) == start_ticks)
+
+
+def process_start(pid: int | None = None) -> int | None:
+    """When process `pid` (this one by default) started, in clock ticks since boot (/proc/PID/stat field
+    22): with boot_id(), it names one process for good, whatever the pid becomes later. None if unknown."""
+    fields = _process_fields(os.getpid() if pid is None else pid)
+    return int(fields[19]) if fields else None
+
+
+def boot_id() -> str:
+    """This boot of the host (/proc/sys/kernel/random/boot_id), "" if unknown."""
+    with contextlib.suppress(OSError):
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return ""
+
+
+def _process_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields from the state on (field 3 at index 0) of a running process; None when no
+    process has that pid or it is a zombie; [] when it runs but cannot be looked at (another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # someone else's process: running
+        pass
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+    if fields[0] in ("Z", "X"):
+        return None
+    return fields if len(fields) > 19 else []
 
 
 def _boot_time() -> int | None:

@@ -687,7 +687,7 @@ class Store:
         found: dict[tuple[str, str], int] = {}
         query = _PG_FIRST_IDS if conn.dialect.name == "postgresql" else _FIRST_IDS
         for model_id, shas in wanted.items():
-            for chunk in _chunks(sorted(shas), _lookup_chunk(conn)):
+            for chunk in chunks(sorted(shas), _lookup_chunk(conn)):
                 for sha, first in conn.execute(query, {"model_id": model_id, "shas": list(chunk)}):
                     found[(sha, model_id)] = int(first)
         return found
@@ -758,7 +758,7 @@ class Store:
         def body(conn: Connection) -> dict[str, StoredResult]:
             out: dict[str, StoredResult] = {}
             query = _PG_FIRST_ROWS if conn.dialect.name == "postgresql" else _FIRST_ROWS
-            for chunk in _chunks(shas, _lookup_chunk(conn)):
+            for chunk in chunks(shas, _lookup_chunk(conn)):
                 for row in conn.execute(query, {"model_id": model_id, "shas": list(chunk)}).mappings():
                     out[row["sha256"]] = StoredResult(
                         id=row["id"], file=row["file"], sha256=row["sha256"], model_id=row["model_id"],
@@ -863,6 +863,7 @@ def _lookup_chunk(conn: Connection) -> int:
     return 1 << 30 if conn.dialect.name == "postgresql" else 500
 
 
-def _chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
+def chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
+    """`items` in consecutive slices of at most `size`."""
     for start in range(0, len(items), size):
         yield items[start:start + size]
