@@ -249,22 +249,27 @@ def test_the_session_of_a_gone_process_of_this_host_is_waited_for_and_no_other(
     """A session holds worker id 'web1@1' as a gone process's would (a host reset: the server keeps it until
     its keepalives give up). A restarted worker waits for it when the id's row names this host and a pid
     that no longer runs; it refuses at once when the row stopped cleanly (a new process holds the id and has
-    not reported yet), names a running pid or another host. A wait that runs out exits 75, which systemd
-    restarts on; `doctor` (wait_s=0) never waits."""
+    not reported yet), names a running pid or another host. A row naming this very process's pid is an
+    earlier process's (a container's PID 1 restarted): waited for. A wait that runs out exits 75, which
+    systemd restarts on; `doctor` (wait_s=0) never waits. (The holder's session gives no worker name: an
+    older version's, judged by the row.)"""
     host = socket.gethostname()
     with postgres_server() as url, Store(url) as store:
         holder = sa.create_engine(url).connect().execution_options(isolation_level="AUTOCOMMIT")
+        running = subprocess.Popen(["sleep", "60"])
         try:
             holder.execute(sa.text("SELECT pg_advisory_lock(:cls, :key)"),
                            {"cls": WORKER_ID_LOCK_CLASS, "key": worker_id_key("web1@1")})
-            store.heartbeat("web1@1", host, dead_pid(), 0)
-            with pytest.raises(WorkerIdStillHeld) as held:
-                WorkerIdLock(store, "web1@1", wait_s=0.6).acquire()
-            assert held.value.exit_code == 75
-            assert str(held.value).startswith("worker id 'web1@1' is still held by the database session of its "
-                                              "earlier process on this host (pid ")
-            assert "waiting up to 0.6 s for the server to end that session" in caplog.text
-            for row in ({"pid": dead_pid(), "stopped": True}, {"pid": os.getpid()}, {"host": "web9"}):
+            for pid in (dead_pid(), os.getpid()):
+                store.heartbeat("web1@1", host, pid, 0)
+                caplog.clear()
+                with pytest.raises(WorkerIdStillHeld) as held:
+                    WorkerIdLock(store, "web1@1", wait_s=0.6).acquire()
+                assert held.value.exit_code == 75
+                assert str(held.value).startswith("worker id 'web1@1' is still held by the database session of its "
+                                                  f"earlier process on this host (pid {pid}, gone) after 0.6 s")
+                assert "waiting up to 0.6 s for the server to end that session" in caplog.text
+            for row in ({"pid": dead_pid(), "stopped": True}, {"pid": running.pid}, {"host": "web9"}):
                 caplog.clear()
                 store.heartbeat("web1@1", row.get("host", host), row.get("pid", dead_pid()), 0,
                                 stopped=row.get("stopped", False))
@@ -280,13 +285,15 @@ def test_the_session_of_a_gone_process_of_this_host_is_waited_for_and_no_other(
             with WorkerIdLock(store, "web1@1", wait_s=30) as lock:
                 assert lock.held
         finally:
+            running.kill()
+            running.wait()
             holder.close()
 
 
 def worker_session(pid: int, start: int | None, *, host: str | None = None, boot: str | None = None) -> str:
     """A worker's id-lock session name (worker.lock.session_name) for another process, host or boot."""
     tag = hashlib.sha256((host or socket.gethostname()).encode()).hexdigest()[:12]
-    return f"fashion-worker {pid}@{tag} {(boot or recovery.boot_id())[:8]} {start}"
+    return f"fashion-worker {pid}@{tag} {(recovery.boot_id() if boot is None else boot)[:8]} {start}"
 
 
 def test_the_session_name_names_this_process_of_this_boot_and_host() -> None:
@@ -322,9 +329,13 @@ def test_a_holder_session_that_names_its_process_is_judged_by_that_process(
             later_start = recovery.process_start(later.pid)
             other_boot = "0" * 8 if not recovery.boot_id().startswith("0" * 8) else "f" * 8
             running = {"this process": session_name(), "a running one": worker_session(later.pid, later_start),
-                       "another host's": worker_session(dead_pid(), 1, host="web9")}
+                       "another host's": worker_session(dead_pid(), 1, host="no-such-host.invalid"),
+                       # A host that could not read its start or boot: judged by the pid alone.
+                       "start unknown": worker_session(later.pid, None), "boot unknown": worker_session(
+                           later.pid, later_start, boot="")}
             gone = {"pid free": worker_session(dead_pid(), 1), "pid reused": worker_session(later.pid, later_start - 1),
-                    "last boot's": worker_session(later.pid, later_start, boot=other_boot)}
+                    "last boot's": worker_session(later.pid, later_start, boot=other_boot),
+                    "start unknown, pid free": worker_session(dead_pid(), None)}
             # Rows that alone meant: wait; refuse.
             for row in ({"pid": dead_pid()}, {"pid": os.getpid(), "stopped": True}):
                 store.heartbeat("web1@1", host, row["pid"], 0, stopped=row.get("stopped", False))
@@ -343,6 +354,10 @@ def test_a_holder_session_that_names_its_process_is_judged_by_that_process(
                     pid = int(name.split()[1].split("@")[0])
                     assert f"(pid {pid}, gone) after 0.3 s" in str(held.value), (what, row)
                     assert f"(pid {pid}), which is gone; waiting up to 0.3 s" in caplog.text, (what, row)
+                    with pytest.raises(InboxLocked) as refused:  # doctor's check: no wait, the holder named
+                        WorkerIdLock(store, "web1@1", wait_s=0).acquire()
+                    assert (f"(this host, pid {pid}, gone: the server keeps its session until its keepalives "
+                            "give up) is already running") in str(refused.value), (what, row)
         finally:
             later.kill()
             later.wait()

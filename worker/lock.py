@@ -80,6 +80,9 @@ def session_name() -> str:
 
 
 def _host_tag() -> str:
+    # The host name alone: two containers given one host name and pid namespaces of their own, under one
+    # worker id, see each other's pids as gone or another process's; the second then waits for the first's
+    # session and exits 75 instead of 2 at once (it never runs beside it: the lock stays held).
     return hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
@@ -268,9 +271,10 @@ class WorkerIdLock:
         pid, here, boot, start = int(match[1]), match[2] == _host_tag(), match[3], match[4]
         if not here:
             return Holder(pid, here=False, gone=False)
-        if start == "None" or not boot:  # that process could not say when it started: judged by its pid alone
-            return Holder(pid, here=True, gone=not pid_alive(pid))
-        return Holder(pid, here=True, gone=boot != boot_id()[:8] or not same_process(pid, int(start)))
+        ours = boot_id()[:8]
+        if start == "None" or not boot or not ours:  # its start or boot is not known: judged by its pid alone
+            return Holder(pid, here=True, gone=pid == os.getpid() or not pid_alive(pid))
+        return Holder(pid, here=True, gone=boot != ours or not same_process(pid, int(start)))
 
     def _retake(self) -> Connection | None:
         """Take the lock again after its connection was lost; None when another process holds it.
@@ -334,8 +338,8 @@ class WorkerIdLock:
                 row = conn.execute(sa.select(workers.c.host, workers.c.pid, workers.c.heartbeat_at,
                                              workers.c.stopped_at).where(workers.c.worker_id == self.worker_id)).first()
             if (row is None or row.stopped_at is not None or row.host != socket.gethostname()
-                    or pid_alive(row.pid, seen_at=row.heartbeat_at)):
-                return None
+                    or (row.pid != os.getpid() and pid_alive(row.pid, seen_at=row.heartbeat_at))):
+                return None  # (a row naming this pid is an earlier process's: this one does not hold the id)
             pid = row.pid
         log.warning("worker id %r is still held by the database session of its earlier process on this host "
                     "(pid %d), which is gone; waiting up to %g s for the server to end that session",
@@ -367,6 +371,8 @@ class WorkerIdLock:
             holder, row = None, None
         if holder is not None and (row is None or (row.pid, row.host == socket.gethostname())
                                    != (holder.pid, holder.here)):
+            if holder.gone:
+                return f"this host, pid {holder.pid}, gone: the server keeps its session until its keepalives give up"
             where = "this host" if holder.here else "another host"
             return f"{where}, pid {holder.pid}, starting: it has not reported yet"
         if row is None:

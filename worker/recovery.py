@@ -337,9 +337,11 @@ def pid_alive(pid: int, *, seen_at: datetime | None = None) -> bool:
 
 def same_process(pid: int, start_ticks: int) -> bool:
     """Whether `pid` is still the very process that started at `start_ticks` (process_start) on this boot:
-    exact, no clock involved. A process this one may not look at is taken as that one."""
+    exact, no clock involved. False also for a process this one may not look at (another user's, hidden by
+    ProtectProc=invisible): the caller, a start finding its worker id held, then waits for the session to
+    end, which is safe, rather than refusing for good."""
     fields = _process_fields(pid)
-    return fields is not None and (not fields or int(fields[19]) == start_ticks)
+    return bool(fields) and int(fields[19]) == start_ticks
 
 
 def process_start(pid: int | None = None) -> int | None:
@@ -368,6 +370,8 @@ def _process_fields(pid: int) -> list[str] | None:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
+        return []
+    if not fields:
         return []
     if fields[0] in ("Z", "X"):
         return None
