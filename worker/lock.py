@@ -249,22 +249,23 @@ class WorkerIdLock:
         conn.close()
         return None
 
+    def _lock_keys(self) -> dict[str, int]:
+        """The id's lock as pg_locks shows it, for _HELD_BY: classid and objid (the second key, unsigned)."""
+        return {"cls": WORKER_ID_LOCK_CLASS, "obj": worker_id_key(self.worker_id) % 2**32}
+
     def _holder_backend(self) -> int | None:
         """The server process of the session that holds the lock now (None: nobody)."""
-        key = worker_id_key(self.worker_id)
         with self.store.engine.connect() as conn:
-            return conn.execute(sa.text(f"SELECT l.pid FROM pg_locks l WHERE {_HELD_BY}"),
-                                {"cls": WORKER_ID_LOCK_CLASS, "obj": key % 2**32}).scalar()
+            return conn.execute(sa.text(f"SELECT l.pid FROM pg_locks l WHERE {_HELD_BY}"), self._lock_keys()).scalar()
 
     def _holder_process(self) -> Holder | None:
         """The worker process whose session holds the lock, by the name that session gives itself
         (`session_name`); None when nobody holds it or its session does not name a worker process (an older
         version's, or another program's)."""
-        key = worker_id_key(self.worker_id)
         with self.store.engine.connect() as conn:
             name = conn.execute(sa.text(
                 f"SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE {_HELD_BY}"),
-                {"cls": WORKER_ID_LOCK_CLASS, "obj": key % 2**32}).scalar()
+                self._lock_keys()).scalar()
         match = _SESSION_NAME.fullmatch(name or "")
         if match is None:
             return None
@@ -352,8 +353,8 @@ class WorkerIdLock:
                 log.info("worker id %r is free again", self.worker_id)
                 return conn
         self._wanted = False
-        held_by = _HELD_BY.replace(":cls", str(WORKER_ID_LOCK_CLASS)).replace(
-            ":obj", str(worker_id_key(self.worker_id) % 2**32))
+        keys = self._lock_keys()
+        held_by = _HELD_BY.replace(":cls", str(keys["cls"])).replace(":obj", str(keys["obj"]))
         raise WorkerIdStillHeld(
             f"worker id {self.worker_id!r} is still held by the database session of its earlier process on this "
             f"host (pid {pid}, gone) after {self.wait_s:g} s; the server ends it once its keepalives give up "

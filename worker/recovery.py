@@ -152,12 +152,13 @@ def _recover(store: Store, config: Config, host: str, own_id: str) -> Recovered:
         waiting: dict[str, list[int]] = {}  # dead worker -> its rows whose file still waits in the inbox
         seen: set[str] = set()  # dead workers with rows naming this inbox
         deletes = config.files.on_success == "delete"
+        in_inbox = _names_the_inbox(config)
         for worker_id, _, started_at, folders in dead:
             query = sa.select(results.c.id, results.c.file, results.c.sha256, results.c.status,
                               results.c.location, results.c.ctime_ns).where(
                 results.c.worker == worker_id,
                 results.c.processed_at >= started_at,
-                _names_the_inbox(config),
+                in_inbox,
             )
             for row in conn.execute(query):
                 seen.add(worker_id)
@@ -319,10 +320,10 @@ def pid_alive(pid: int, *, seen_at: datetime | None = None) -> bool:
     holding the pid started: the pid is then another process's (the kernel hands pids out again once they
     wrap at pid_max). A process this one may not look at (another user's, hidden by ProtectProc=invisible)
     is taken as running."""
-    booted = _boot_time()
-    seen = None
+    seen = booted = None
     if seen_at is not None:
         seen = (seen_at if seen_at.tzinfo else seen_at.replace(tzinfo=UTC)).timestamp()
+        booted = _boot_time()
         if booted is not None and seen < booted:
             return False
     fields = _process_fields(pid)
